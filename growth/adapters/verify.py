@@ -1,0 +1,110 @@
+"""`b2b verify`: run a source and a grown HF model on the same inputs and compare outputs.
+
+Logits are compared where the model has a head; a headless model's hidden states are
+mapped back to the source's units through the hidden map (every map keeps source unit j
+at target index j, so the first d_small units are the source's).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import GrowthError
+from .hf import EXACT_TOLERANCE, MODEL_CLASSES, read_config, resolve
+
+DEFAULT_TEXT = (
+    "Growing a small pretrained transformer into a larger one reuses what the small one "
+    "learned. The grown model starts from the knowledge of its seed and trains faster than "
+    "a model initialised at random, which is the whole point of bert2BERT."
+)
+HEADED = ("logits", "prediction_logits", "seq_relationship_logits")
+
+
+def load_model(path: Path):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    cfg = read_config(path)
+    name = (cfg.get("architectures") or ["?"])[0]
+    if name not in MODEL_CLASSES:
+        raise GrowthError(f"{path}: model class {name!r} is not supported; use one of {sorted(MODEL_CLASSES)}")
+    try:
+        model = getattr(transformers, name).from_pretrained(path, dtype=torch.float32)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise GrowthError(f"{path}: could not load the model ({str(err).splitlines()[0]})") from None
+    return model.eval(), cfg
+
+
+def sample_inputs(path: Path, cfg: dict, text: str | None) -> torch.Tensor:
+    """Token ids of `text` (default: a fixed paragraph) when the source has a tokenizer,
+    else fixed random ids."""
+    limit = min(64, cfg.get("max_position_embeddings") or cfg.get("n_positions") or 64)
+    if (path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file() or text is not None:
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise GrowthError(f"{path}: tokenizer does not load ({str(err).splitlines()[0]})") from None
+        return tok(text or DEFAULT_TEXT, return_tensors="pt", truncation=True, max_length=limit)["input_ids"]
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg["vocab_size"], (2, min(32, limit)), generator=gen)
+
+
+def outputs(model, ids: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    found = {k: out[k] for k in HEADED if k in out}
+    if found:
+        return found
+    return {k: out[k][..., :hidden] for k in ("last_hidden_state", "pooler_output") if out.get(k) is not None}
+
+
+def differences(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    diff = (a.double() - b.double()).abs()
+    scale = a.double().abs()
+    return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+            "max_rel": (diff.max() / scale.max().clamp_min(1e-30)).item(),
+            "mean_rel": (diff.mean() / scale.mean().clamp_min(1e-30)).item()}
+
+
+def compare(src: str | Path, grown: str | Path, text: str | None = None) -> dict[str, dict[str, float]]:
+    src, grown = resolve(src), resolve(grown)
+    src_model, src_cfg = load_model(src)
+    grown_model, _ = load_model(grown)
+    if type(src_model) is not type(grown_model):
+        raise GrowthError(f"{type(src_model).__name__} vs {type(grown_model).__name__}: not the same architecture")
+    hidden = src_model.config.hidden_size
+    ids = sample_inputs(src, src_cfg, text)
+    a, b = outputs(src_model, ids, hidden), outputs(grown_model, ids, hidden)
+    return {k: differences(a[k], b[k]) for k in a}
+
+
+def verify(src: str | Path, grown: str | Path, text_file: str | None = None, log=print) -> int:
+    """Print the differences; return 1 when growth.json calls the growth exact and it is not."""
+    grown_path = resolve(grown)
+    manifest_file = grown_path / "growth.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+    text = None
+    if text_file is not None:
+        try:
+            text = Path(text_file).read_text()
+        except OSError as err:
+            raise GrowthError(f"--text {text_file}: {err.strerror}") from None
+    report = compare(src, grown_path, text)
+    for name, d in report.items():
+        log(f"{name:>24}: max abs {d['max_abs']:.3e}  mean abs {d['mean_abs']:.3e}  "
+            f"max rel {d['max_rel']:.3e}  mean rel {d['mean_rel']:.3e}")
+    worst = max(d["max_rel"] for d in report.values())
+    if manifest is None:
+        log("no growth.json: nothing is claimed exact")
+        return 0
+    if manifest.get("exact"):
+        ok = worst <= EXACT_TOLERANCE
+        log(f"growth.json says exact: {'OK' if ok else 'FAILED'} "
+            f"(max rel {worst:.3e}, tolerance {EXACT_TOLERANCE:g})")
+        return 0 if ok else 1
+    log(f"growth.json says not exact: {manifest.get('exact_reason')}")
+    return 0

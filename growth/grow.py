@@ -1,0 +1,227 @@
+"""Width and depth growth of a state dict, driven by the architecture's schema.
+
+Pure tensor code: names and tensors in, names and tensors out. `Grower` yields the grown
+parameters one at a time from a getter, so a format adapter can read and write them
+shard by shard; `grow_state_dict` is the in-memory convenience on top.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from .errors import GrowthError
+from .maps import AxisMap, layer_axis_maps, layer_map, prefix_map
+from .schema import Param, Schema
+from .shape import Shape, check_growable
+
+WIDTH_METHODS = ("fpi", "aki", "direct", "exact")
+DEPTH_METHODS = ("stack", "identity")
+FAN_OUT_NEW_UNITS = ("a_out", "q_out", "qkv_out", "f_out")  # the axes AKI fills from layer l+1
+
+
+def axis_size(role: str | None, shape: Shape) -> int | None:
+    return {None: None, "h_out": shape.hidden, "h_in": shape.hidden, "a_out": shape.hidden,
+            "q_out": shape.hidden, "a_in": shape.hidden, "qkv_out": 3 * shape.hidden,
+            "f_out": shape.ffn, "f_in": shape.ffn}[role]
+
+
+def check_source(shapes: Mapping[str, tuple], schema: Schema, source: Shape) -> None:
+    """Every key known, every grown axis the size the config says, every layer complete."""
+    seen: dict[int, set] = {}
+    for name, shape in shapes.items():
+        param = schema.lookup(name)
+        if param is None:
+            continue
+        layer, template = schema.split(name)
+        if layer is not None:
+            if layer >= source.layers:
+                raise GrowthError(f"{name}: layer {layer} but the config has {source.layers} layers")
+            seen.setdefault(layer, set()).add(template)
+        if len(shape) != len(param.axes):
+            raise GrowthError(f"{name}: shape {tuple(shape)} has {len(shape)} axes, expected {len(param.axes)}")
+        for dim, role in enumerate(param.axes):
+            expected = axis_size(role, source)
+            if expected is not None and shape[dim] != expected:
+                raise GrowthError(f"{name}: shape {tuple(shape)} does not match the config "
+                                  f"({source}): axis {dim} should be {expected}")
+    layer_templates = {t for t in schema.params if "{L}" in t}
+    for layer in range(source.layers):
+        missing = layer_templates - seen.get(layer, set())
+        if missing:
+            raise GrowthError(f"layer {layer} is missing {sorted(missing)[:3]}: partial or corrupt checkpoint")
+
+
+def _init_like(param: Param, shape: tuple, dtype, gen: torch.Generator, std: float) -> torch.Tensor:
+    if param.kind in ("norm_w", "head_norm_w"):
+        return torch.ones(shape, dtype=dtype)
+    if param.kind in ("weight", "proj_w", "output"):
+        return (torch.randn(shape, generator=gen) * std).to(dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _scale(t: torch.Tensor, dim: int, scale: torch.Tensor) -> torch.Tensor:
+    view = [1] * t.dim()
+    view[dim] = -1
+    if t.dtype in (torch.float32, torch.float64):
+        return t.mul_(scale.to(t.dtype).view(view))
+    return (t.float() * scale.float().view(view)).to(t.dtype)
+
+
+def widen(w: torch.Tensor, axes: tuple, maps: Mapping[str, AxisMap], scaled: bool = True) -> torch.Tensor:
+    """Gather every grown axis by its map; fan-in axes (and queries) also get their scale."""
+    out = w
+    for dim, role in enumerate(axes):
+        if role is None:
+            continue
+        m = maps[role]
+        out = out.index_select(dim, m.index)
+        if scaled and m.scale is not None:
+            out = _scale(out, dim, m.scale)
+    return out
+
+
+class Grower:
+    def __init__(self, schema: Schema, source: Shape, target: Shape, width: str = "fpi",
+                 depth: str = "stack", seed: int = 0, tied: bool = True, init_std: float = 0.02):
+        if width not in WIDTH_METHODS:
+            raise GrowthError(f"unknown width method {width!r}: choose one of {WIDTH_METHODS}")
+        if depth not in DEPTH_METHODS:
+            raise GrowthError(f"unknown depth method {depth!r}: choose one of {DEPTH_METHODS}")
+        check_growable(source, target)
+        if depth == "identity" and target.layers > source.layers and not schema.pre_ln:
+            raise GrowthError(f"--depth identity is exact only for pre-LayerNorm models; "
+                              f"{schema.model_type} is post-LN, where a block with zero output "
+                              "projections still applies its LayerNorm. Use --depth stack")
+        if width == "exact" and target.hidden % source.hidden:
+            raise GrowthError(f"--width exact needs an integer hidden ratio so that LayerNorm "
+                              f"statistics are unchanged; {source.hidden} -> {target.hidden} is not. "
+                              "Use --width fpi (approximately function-preserving)")
+        self.schema, self.source, self.target = schema, source, target
+        self.width, self.depth, self.seed, self.tied, self.init_std = width, depth, seed, tied, init_std
+        self.order = layer_map(source.layers, target.layers)
+
+        gen = torch.Generator().manual_seed(seed)
+        kind = "exact" if width == "exact" else "random"
+        self.hidden = prefix_map(source.hidden, target.hidden, kind, gen)
+        self.layer_maps = [
+            layer_axis_maps(self.hidden,
+                            prefix_map(source.heads, target.heads, kind, gen),
+                            prefix_map(source.head_dim, target.head_dim, kind, gen),
+                            prefix_map(source.ffn, target.ffn, kind, gen))
+            for _ in range(source.layers)]
+        if width == "direct":
+            self.layer_maps = [_direct_maps(source, target)] * source.layers
+        self.init_gen = torch.Generator().manual_seed(seed + 1)
+
+    # -- what the result is -------------------------------------------------------------
+
+    def exactness(self) -> tuple[bool, str]:
+        s, t = self.source, self.target
+        width_grows = (s.hidden, s.heads, s.head_dim, s.ffn) != (t.hidden, t.heads, t.head_dim, t.ffn)
+        reasons = []
+        if width_grows:
+            if self.width == "direct":
+                reasons.append("direct width initialises new units randomly")
+            elif self.width == "aki" and (t.heads > s.heads or t.ffn > s.ffn):
+                reasons.append("aki fills new heads/FFN units from layer l+1")
+            if not self.hidden.uniform:
+                reasons.append(f"hidden ratio {t.hidden}/{s.hidden} is not an integer, so "
+                               "LayerNorm statistics change (bounded, see docs/growth.md)")
+        if t.layers > s.layers and self.depth == "stack":
+            reasons.append("stacked layers change the function")
+        return (not reasons), "; ".join(reasons) or "function-preserving"
+
+    def manifest(self) -> dict:
+        exact, why = self.exactness()
+        return {
+            "architecture": self.schema.model_type,
+            "source_shape": vars_of(self.source), "target_shape": vars_of(self.target),
+            "width": self.width, "depth": self.depth, "seed": self.seed,
+            "tied_output": ("tied: the LayerNorm feeding the output embedding is divided by the "
+                            "hidden copy counts" if self.tied else "untied"),
+            "layer_map": self.order,
+            "hidden_map": self.hidden.index.tolist(),
+            "exact": exact, "exact_reason": why,
+        }
+
+    # -- the growth itself --------------------------------------------------------------
+
+    def _grow_one(self, name: str, param: Param, get: Callable[[str], torch.Tensor],
+                  layer: int | None) -> torch.Tensor:
+        maps = self.layer_maps[layer if layer is not None else 0]  # non-layer params use h_* only
+        w = get(name)
+        if self.width == "direct":
+            copy = widen(w, param.axes, maps, scaled=False)
+            keep = torch.ones(copy.shape, dtype=torch.bool)
+            for dim, role in enumerate(param.axes):
+                if role is not None:
+                    view = [1] * copy.dim()
+                    view[dim] = -1
+                    keep &= ~maps[role].is_new.view(view)
+            init = _init_like(param, copy.shape, copy.dtype, self.init_gen, self.init_std)
+            return torch.where(keep, copy, init)
+
+        out = widen(w, param.axes, maps)
+        if self.width == "aki" and layer is not None and layer + 1 < self.source.layers:
+            for dim, role in enumerate(param.axes):
+                if role in FAN_OUT_NEW_UNITS:
+                    new = maps[role].is_new.nonzero().squeeze(1)
+                    if new.numel():
+                        upper = widen(get(name.replace(f"{self.schema.layer_prefix}{layer}.",
+                                                       f"{self.schema.layer_prefix}{layer + 1}.", 1)),
+                                      param.axes, maps)
+                        out.index_copy_(dim, new, upper.index_select(dim, new))
+        if self.tied and param.kind.startswith("head_norm"):
+            out = _scale(out, 0, 1.0 / self.hidden.counts)
+        return out
+
+    def items(self, names: list[str], get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Grown (name, tensor) pairs, one tensor in memory at a time beyond the source.
+
+        Layers are widened once per source layer and copied to every target layer that
+        stacks it."""
+        prefix = self.schema.layer_prefix
+        by_layer: dict[int, list[tuple[str, Param]]] = {}
+        for name in names:
+            param = self.schema.lookup(name)
+            if param is None or (self.tied and param.kind == "output"):
+                continue
+            layer, _ = self.schema.split(name)
+            if layer is None:
+                yield name, self._grow_one(name, param, get, None)
+            else:
+                by_layer.setdefault(layer, []).append((name, param))
+        for src_layer in range(self.source.layers):
+            targets = [t for t, s in enumerate(self.order) if s == src_layer]
+            for name, param in by_layer.get(src_layer, []):
+                grown = self._grow_one(name, param, get, src_layer)
+                for i, t in enumerate(targets):
+                    out = grown if i == 0 else grown.clone()
+                    if self.depth == "identity" and t >= self.source.layers and param.kind.startswith("proj"):
+                        out = torch.zeros_like(grown)
+                    yield name.replace(f"{prefix}{src_layer}.", f"{prefix}{t}.", 1), out
+
+
+def _direct_maps(source: Shape, target: Shape) -> dict[str, AxisMap]:
+    """DirectCopy: the small matrix goes to the top-left block of every grown axis."""
+    def block(small: int, large: int) -> AxisMap:
+        m = prefix_map(small, large, "exact", None)
+        return AxisMap(m.index, None, m.is_new)
+    h, f = block(source.hidden, target.hidden), block(source.ffn, target.ffn)
+    qkv = AxisMap(torch.cat([h.index + k * source.hidden for k in range(3)]), None, h.is_new.repeat(3))
+    return {"h_out": h, "h_in": h, "a_out": h, "q_out": h, "a_in": h, "qkv_out": qkv,
+            "f_out": f, "f_in": f}
+
+
+def vars_of(shape: Shape) -> dict:
+    return {"layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads, "ffn": shape.ffn}
+
+
+def grow_state_dict(state_dict: Mapping[str, torch.Tensor], schema: Schema, source: Shape,
+                    target: Shape, **options) -> tuple[dict[str, torch.Tensor], dict]:
+    """Grow an in-memory state dict; returns (grown state dict, manifest)."""
+    check_source({k: tuple(v.shape) for k, v in state_dict.items()}, schema, source)
+    grower = Grower(schema, source, target, **options)
+    return dict(grower.items(list(state_dict), state_dict.__getitem__)), grower.manifest()

@@ -1,0 +1,104 @@
+"""Index maps g: target units -> source units, with g(i) = i for the first (source) units.
+
+Every map here is balanced: the new units take source units without replacement, pass
+after pass, so the copy counts C(j) differ by at most one. At an integer ratio every
+unit is copied the same number of times, which is what keeps LayerNorm statistics (and
+so the function) unchanged. `fpi` draws each pass as a random permutation (the paper's
+random map); `exact` is the symmetric map g(i) = i mod d_small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .errors import GrowthError
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexMap:
+    index: torch.Tensor   # [large] int64: source unit of each target unit
+    small: int
+
+    @property
+    def large(self) -> int:
+        return self.index.numel()
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """C(g(i)) for every target unit i: how many target units share its source unit."""
+        return torch.bincount(self.index, minlength=self.small).to(torch.float64)[self.index]
+
+    @property
+    def is_new(self) -> torch.Tensor:
+        return torch.arange(self.large) >= self.small
+
+    @property
+    def uniform(self) -> bool:
+        return self.large % self.small == 0
+
+
+def prefix_map(small: int, large: int, kind: str, gen: torch.Generator) -> IndexMap:
+    if large < small:
+        raise GrowthError(f"cannot map {small} units onto {large}: target is smaller")
+    extra = large - small
+    if kind == "exact":
+        new = torch.arange(small, large) % small
+    elif kind == "random":
+        passes = math.ceil(extra / small) if extra else 0
+        new = torch.cat([torch.randperm(small, generator=gen) for _ in range(passes)]
+                        or [torch.empty(0, dtype=torch.long)])[:extra]
+    else:
+        raise GrowthError(f"unknown map kind {kind!r}")
+    return IndexMap(torch.cat([torch.arange(small), new]), small)
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisMap:
+    """How one tensor axis is grown: gather `index`, multiply by `scale` (None = 1),
+    and for AKI/DirectCopy, which target units are new."""
+    index: torch.Tensor
+    scale: torch.Tensor | None
+    is_new: torch.Tensor
+
+
+def attention_map(heads: IndexMap, head_dim: IndexMap) -> IndexMap:
+    """Composite map over the flat attention axis (head, dim) -> source (g_h(head), g_d(dim))."""
+    index = (heads.index[:, None] * head_dim.small + head_dim.index[None, :]).reshape(-1)
+    return IndexMap(index, heads.small * head_dim.small)
+
+
+def layer_axis_maps(hidden: IndexMap, heads: IndexMap, head_dim: IndexMap,
+                    ffn: IndexMap) -> dict[str, AxisMap]:
+    """The axis roles of the schema, resolved for one layer.
+
+    fan-out ('*_out'): copy rows.  fan-in ('*_in'): copy and divide by C(g(i)).
+    'q_out' also compensates head_dim growth: q.k sums over the copies of each dim, so
+    the query copies are divided by their count, and the 1/sqrt(head_dim) the target
+    applies is undone by sqrt(d_t / d_s).
+    """
+    attn = attention_map(heads, head_dim)
+    new_head = heads.is_new[:, None].expand(heads.large, head_dim.large).reshape(-1)
+    dim_counts = head_dim.counts.repeat(heads.large)
+    q_scale = math.sqrt(head_dim.large / head_dim.small) / dim_counts
+    ones = torch.ones(attn.large, dtype=torch.float64)
+    a_small = attn.small
+    return {
+        "h_out": AxisMap(hidden.index, None, hidden.is_new),
+        "h_in": AxisMap(hidden.index, 1.0 / hidden.counts, hidden.is_new),
+        "a_out": AxisMap(attn.index, None, new_head),
+        "q_out": AxisMap(attn.index, q_scale, new_head),
+        "a_in": AxisMap(attn.index, 1.0 / attn.counts, new_head),
+        "qkv_out": AxisMap(torch.cat([attn.index, attn.index + a_small, attn.index + 2 * a_small]),
+                           torch.cat([q_scale, ones, ones]), new_head.repeat(3)),
+        "f_out": AxisMap(ffn.index, None, ffn.is_new),
+        "f_in": AxisMap(ffn.index, 1.0 / ffn.counts, ffn.is_new),
+    }
+
+
+def layer_map(source_layers: int, target_layers: int) -> list[int]:
+    """StackBERT order [0..L-1, 0..L-1, ...]; a remainder copies the top source layers."""
+    whole, rest = divmod(target_layers, source_layers)
+    return list(range(source_layers)) * whole + list(range(source_layers - rest, source_layers))

@@ -1,0 +1,126 @@
+"""One explicit schema per architecture: for every parameter, the role of each axis.
+
+Axis roles (None: the axis is not grown, e.g. vocabulary or positions):
+  h_out / h_in     hidden (residual stream) as fan-out / fan-in; ONE map for the whole model
+  a_out / a_in     attention inner axis (heads x head_dim), fan-out / fan-in
+  q_out            query fan-out: like a_out, plus the head_dim score compensation
+  qkv_out          GPT-2's fused [q; k; v] fan-out
+  f_out / f_in     FFN intermediate units, fan-out / fan-in
+Tensor kinds: 'weight' (random init for new units under DirectCopy), 'bias' (zeros),
+'norm_w' / 'norm_b' (ones / zeros), 'head_norm_*' (the LayerNorm that feeds a tied output
+embedding: divided by the hidden counts, see docs/growth.md), 'proj_*' (a block's output
+projection, zeroed in identity-grown blocks), 'output' (the output embedding, absent when
+tied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from .errors import GrowthError
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    axes: tuple
+    kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    model_type: str
+    base_prefix: str          # prefix of the base model inside heads, e.g. "bert."
+    layer_prefix: str         # e.g. "encoder.layer."
+    pre_ln: bool              # pre-LayerNorm blocks admit exact identity depth growth
+    params: dict              # template name ({L} for the layer index) -> Param
+    dropped: tuple = ()       # buffers that old checkpoints saved and HF rebuilds
+
+    def split(self, name: str) -> tuple[int | None, str]:
+        """'bert.encoder.layer.3.output.dense.weight' -> (3, 'encoder.layer.{L}.output.dense.weight')."""
+        if name.startswith(self.base_prefix):
+            name = name[len(self.base_prefix):]
+        m = re.match(re.escape(self.layer_prefix) + r"(\d+)\.(.*)$", name)
+        if m:
+            return int(m.group(1)), f"{self.layer_prefix}{{L}}.{m.group(2)}"
+        return None, name
+
+    def lookup(self, name: str) -> Param | None:
+        """The Param of a state-dict key; None for a dropped buffer; error if unknown."""
+        layer, template = self.split(name)
+        if template in self.params:
+            return self.params[template]
+        if template in self.dropped:
+            return None
+        raise GrowthError(f"{self.model_type}: parameter {name!r} is not in the schema; "
+                          "this architecture variant is not supported")
+
+
+def _linear(name, out_role, in_role, kind="weight"):
+    """torch.nn.Linear: weight [out, in]."""
+    bias_kind = "proj_b" if kind == "proj_w" else "bias"
+    return {f"{name}.weight": Param((out_role, in_role), kind), f"{name}.bias": Param((out_role,), bias_kind)}
+
+
+def _conv1d(name, in_role, out_role, kind="weight"):
+    """HF GPT-2 Conv1D: weight [in, out]."""
+    bias_kind = "proj_b" if kind == "proj_w" else "bias"
+    return {f"{name}.weight": Param((in_role, out_role), kind), f"{name}.bias": Param((out_role,), bias_kind)}
+
+
+def _norm(name, kind="norm"):
+    return {f"{name}.weight": Param(("h_out",), f"{kind}_w"), f"{name}.bias": Param(("h_out",), f"{kind}_b")}
+
+
+L = "encoder.layer.{L}"
+BERT = Schema(
+    model_type="bert", base_prefix="bert.", layer_prefix="encoder.layer.", pre_ln=False,
+    params={
+        "embeddings.word_embeddings.weight": Param((None, "h_out"), "weight"),
+        "embeddings.position_embeddings.weight": Param((None, "h_out"), "weight"),
+        "embeddings.token_type_embeddings.weight": Param((None, "h_out"), "weight"),
+        **_norm("embeddings.LayerNorm"),
+        **_linear(f"{L}.attention.self.query", "q_out", "h_in"),
+        **_linear(f"{L}.attention.self.key", "a_out", "h_in"),
+        **_linear(f"{L}.attention.self.value", "a_out", "h_in"),
+        **_linear(f"{L}.attention.output.dense", "h_out", "a_in", "proj_w"),
+        **_norm(f"{L}.attention.output.LayerNorm"),
+        **_linear(f"{L}.intermediate.dense", "f_out", "h_in"),
+        **_linear(f"{L}.output.dense", "h_out", "f_in", "proj_w"),
+        **_norm(f"{L}.output.LayerNorm"),
+        **_linear("pooler.dense", "h_out", "h_in"),
+        **_linear("cls.predictions.transform.dense", "h_out", "h_in"),
+        **_norm("cls.predictions.transform.LayerNorm", "head_norm"),
+        "cls.predictions.decoder.weight": Param((None, "h_in"), "output"),
+        "cls.predictions.decoder.bias": Param((None,), "bias"),
+        "cls.predictions.bias": Param((None,), "bias"),
+        **_linear("cls.seq_relationship", None, "h_in"),
+    },
+    dropped=("embeddings.position_ids", "embeddings.token_type_ids"),
+)
+
+H = "h.{L}"
+GPT2 = Schema(
+    model_type="gpt2", base_prefix="transformer.", layer_prefix="h.", pre_ln=True,
+    params={
+        "wte.weight": Param((None, "h_out"), "weight"),
+        "wpe.weight": Param((None, "h_out"), "weight"),
+        **_norm(f"{H}.ln_1"),
+        **_conv1d(f"{H}.attn.c_attn", "h_in", "qkv_out"),
+        **_conv1d(f"{H}.attn.c_proj", "a_in", "h_out", "proj_w"),
+        **_norm(f"{H}.ln_2"),
+        **_conv1d(f"{H}.mlp.c_fc", "h_in", "f_out"),
+        **_conv1d(f"{H}.mlp.c_proj", "f_in", "h_out", "proj_w"),
+        **_norm("ln_f", "head_norm"),
+        "lm_head.weight": Param((None, "h_in"), "output"),
+    },
+    dropped=("h.{L}.attn.bias", "h.{L}.attn.masked_bias"),  # mask buffers of old GPT-2 files
+)
+
+SCHEMAS = {s.model_type: s for s in (BERT, GPT2)}
+
+
+def schema_for(model_type: str) -> Schema:
+    if model_type not in SCHEMAS:
+        raise GrowthError(f"unknown architecture {model_type!r}: supported are {sorted(SCHEMAS)}")
+    return SCHEMAS[model_type]
