@@ -140,7 +140,7 @@ class Grower:
             "source_shape": vars_of(self.source), "target_shape": vars_of(self.target),
             "width": self.width, "depth": self.depth, "seed": self.seed,
             "tied_output": ("tied: the LayerNorm feeding the output embedding is divided by the "
-                            "hidden copy counts" if self.tied else "untied"),
+                            "hidden copy counts" if self.tied else "untied or no output layer"),
             "layer_map": self.order,
             "hidden_map": self.hidden.index.tolist(),
             "exact": exact, "exact_reason": why,

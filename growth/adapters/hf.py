@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import GrowthError
-from ..grow import Grower, check_source
+from ..grow import Grower, check_source, grow_state_dict
 from ..schema import schema_for
 from ..shape import CONFIG_KEYS, Shape, parse_target, shape_from_config
 
@@ -82,13 +83,24 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
                 state.update(load_file(file))
             else:  # never unpickle code: weights_only refuses anything but tensors and containers
                 state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except pickle.UnpicklingError:
+            raise GrowthError(f"{file}: refusing to load: it needs arbitrary pickled code "
+                              "(only tensors are loaded, weights_only=True); convert it to safetensors") from None
         except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
             raise GrowthError(f"{file}: corrupt or truncated weights file ({str(err).splitlines()[0]})") from None
     return state
 
 
-def is_tied(cfg: dict) -> bool:
-    return bool(cfg.get("tie_word_embeddings", True))
+def model_class(cfg: dict, path: Path | str = "config") -> str:
+    name = (cfg.get("architectures") or [None])[0]
+    if name not in MODEL_CLASSES:
+        raise GrowthError(f"{path}: model class {name!r} is not supported; use one of {sorted(MODEL_CLASSES)}")
+    return name
+
+
+def has_tied_output(cfg: dict, class_name: str) -> bool:
+    """An output embedding tied to the input one (headless models have no output at all)."""
+    return class_name not in ("BertModel", "GPT2Model") and bool(cfg.get("tie_word_embeddings", True))
 
 
 def target_config(cfg: dict, target: Shape) -> dict:
@@ -124,7 +136,7 @@ def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi"
     source = shape_from_config(cfg)
     target = parse_target(to, source)
     schema = schema_for(cfg["model_type"])
-    tied = is_tied(cfg)
+    tied = has_tied_output(cfg, model_class(cfg, src))
     grower = Grower(schema, source, target, width=width, depth=depth, seed=seed, tied=tied,
                     init_std=float(cfg.get("initializer_range", 0.02)))
     files = weight_files(src)
@@ -165,3 +177,18 @@ def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi"
         raise
     log(f"wrote {out}")
     return manifest
+
+
+def grow_model(model, target: Shape, **options):
+    """Grow an in-memory HF model (same class, target shape); returns (model, manifest)."""
+    cfg = model.config.to_dict()
+    schema = schema_for(cfg.get("model_type"))
+    grown, manifest = grow_state_dict(model.state_dict(), schema, shape_from_config(cfg), target,
+                                      tied=has_tied_output(cfg, type(model).__name__), **options)
+    new = type(model)(type(model.config).from_dict(target_config(cfg, target)))
+    missing, unexpected = new.load_state_dict(grown, strict=False)
+    untied = [k for k in missing if schema.lookup(k) is None or schema.lookup(k).kind != "output"]
+    if untied or unexpected:
+        raise GrowthError(f"grown state dict does not fit {type(model).__name__}: "
+                          f"missing {untied[:3]}, unexpected {unexpected[:3]}")
+    return new.eval(), manifest

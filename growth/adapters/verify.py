@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GrowthError
-from .hf import EXACT_TOLERANCE, MODEL_CLASSES, read_config, resolve
+from .hf import EXACT_TOLERANCE, model_class, read_config, resolve
 
 DEFAULT_TEXT = (
     "Growing a small pretrained transformer into a larger one reuses what the small one "
@@ -28,9 +28,7 @@ def load_model(path: Path):
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     cfg = read_config(path)
-    name = (cfg.get("architectures") or ["?"])[0]
-    if name not in MODEL_CLASSES:
-        raise GrowthError(f"{path}: model class {name!r} is not supported; use one of {sorted(MODEL_CLASSES)}")
+    name = model_class(cfg, path)
     try:
         model = getattr(transformers, name).from_pretrained(path, dtype=torch.float32)
     except (OSError, RuntimeError, ValueError) as err:

@@ -1,0 +1,75 @@
+import os
+import random
+
+import pytest
+import torch
+import transformers
+from transformers import (BertConfig, BertForMaskedLM, BertForPreTraining, BertModel, GPT2Config,
+                          GPT2LMHeadModel, GPT2Model)
+
+from growth import Shape
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+CLASSES = {c.__name__: c for c in (BertModel, BertForMaskedLM, BertForPreTraining, GPT2Model, GPT2LMHeadModel)}
+VOCAB = 101
+
+
+def make_model(cls_name: str, shape: Shape, tied: bool = True, seed: int = 0):
+    """A tiny HF model with every parameter (LayerNorms included) randomised, so that a
+    growth bug cannot hide behind HF's ones/zeros initialisation."""
+    torch.manual_seed(seed)
+    if cls_name.startswith("Bert"):
+        cfg = BertConfig(vocab_size=VOCAB, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.heads, intermediate_size=shape.ffn,
+                         max_position_embeddings=64, tie_word_embeddings=tied)
+    else:
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=shape.hidden, n_layer=shape.layers, n_head=shape.heads,
+                         n_inner=shape.ffn, n_positions=64, tie_word_embeddings=tied,
+                         bos_token_id=0, eos_token_id=0)
+    model = CLASSES[cls_name](cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def model_outputs(model, ids, hidden=None):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    if "logits" in out:
+        return [out["logits"]]
+    if "prediction_logits" in out:
+        return [out["prediction_logits"], out["seq_relationship_logits"]]
+    return [out["last_hidden_state"][..., :hidden]]
+
+
+def max_rel(a, b):
+    return ((a.double() - b.double()).abs().max() / a.double().abs().max()).item()
+
+
+def random_growth(rng: random.Random, integer_hidden: bool = True, max_layers: int = 3):
+    """A source shape and a wider target: hidden ratio integer (or not), heads and FFN free."""
+    # hidden >= 8: a LayerNorm over 2 or 4 units is too ill-conditioned for a 1e-5 float32 check
+    heads, head_dim = rng.choice([2, 3, 4]), rng.choice([4, 6, 8])
+    source = Shape(rng.randint(1, max_layers), heads * head_dim, heads, rng.randint(8, 40))
+    while True:
+        if integer_hidden:
+            hidden = source.hidden * rng.choice([1, 2, 3])
+        else:
+            hidden = source.hidden + rng.randint(1, source.hidden - 1) if source.hidden > 1 else 3
+            if hidden % source.hidden == 0:
+                continue
+        options = [h for h in range(heads, hidden + 1) if hidden % h == 0 and hidden // h >= head_dim]
+        if options:
+            break
+    target = Shape(source.layers, hidden, rng.choice(options), source.ffn + rng.randint(0, 30))
+    return source, target
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))

@@ -1,0 +1,108 @@
+"""Width growth: exact and FPI preserve the function; FPI off-integer is bounded; AKI and
+DirectCopy fill new units as specified."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import make_model, max_rel, model_outputs, random_growth
+from growth import Grower, Shape, schema_for
+from growth.adapters.hf import grow_model
+
+HEADED = [("BertForMaskedLM", True), ("BertForMaskedLM", False), ("BertForPreTraining", True),
+          ("GPT2LMHeadModel", True), ("GPT2LMHeadModel", False)]
+HEADLESS = ["BertModel", "GPT2Model"]
+
+
+@pytest.mark.parametrize("width", ["exact", "fpi"])
+@pytest.mark.parametrize("cls,tied", HEADED + [(c, True) for c in HEADLESS])
+def test_integer_hidden_ratio_preserves_outputs(cls, tied, width, ids):
+    rng = random.Random(f"{cls}{tied}{width}")
+    for draw in range(3):
+        source, target = random_growth(rng, integer_hidden=True)
+        small = make_model(cls, source, tied, seed=draw)
+        grown, manifest = grow_model(small, target, width=width, seed=draw)
+        assert manifest["exact"], manifest["exact_reason"]
+        for a, b in zip(model_outputs(small, ids, source.hidden), model_outputs(grown, ids, source.hidden)):
+            assert max_rel(a, b) < 1e-5, (source, target)
+
+
+def test_head_dim_growth_is_compensated(ids):
+    """MiniLM-like H384/12 heads -> BERT_BASE-like 768/12 heads doubles head_dim."""
+    small = make_model("BertForMaskedLM", Shape(2, 24, 12, 48))
+    grown, _ = grow_model(small, Shape(2, 48, 12, 96), width="fpi")
+    assert max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("cls", ["BertForMaskedLM", "GPT2LMHeadModel"])
+def test_fpi_non_integer_ratio_is_bounded(cls, ids):
+    """Off an integer ratio only LayerNorm statistics move (docs/growth.md): copy counts
+    differ by at most one, and the logits stay within the documented bound."""
+    rng = random.Random(cls)
+    for draw in range(4):
+        source, target = random_growth(rng, integer_hidden=False)
+        small = make_model(cls, source, seed=draw)
+        grown, manifest = grow_model(small, target, width="fpi", seed=draw)
+        assert not manifest["exact"]
+        counts = torch.bincount(torch.tensor(manifest["hidden_map"]))
+        assert counts.max() - counts.min() <= 1
+        rel = max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0])
+        assert rel < 0.5, (source, target, rel)
+
+
+def test_fpi_weights_follow_the_formula():
+    """Fan-out copies, fan-in copies divided by the count: checked element by element."""
+    small = make_model("BertModel", Shape(1, 8, 2, 12))
+    target = Shape(1, 12, 3, 20)
+    grower = Grower(schema_for("bert"), Shape(1, 8, 2, 12), target, width="fpi", seed=5)
+    grown = dict(grower.items(list(small.state_dict()), small.state_dict().__getitem__))
+    w = small.state_dict()["encoder.layer.0.intermediate.dense.weight"]  # [ffn, hidden]
+    g_f = grower.layer_maps[0]["f_out"].index
+    g_h = grower.hidden.index
+    c_h = torch.bincount(g_h).double()[g_h]
+    expected = (w[g_f][:, g_h].double() / c_h).float()
+    assert torch.equal(grown["encoder.layer.0.intermediate.dense.weight"], expected)
+    assert torch.equal(grown["embeddings.word_embeddings.weight"], small.state_dict()["embeddings.word_embeddings.weight"][:, g_h])
+
+
+def test_aki_new_units_come_from_the_next_layer():
+    source, target = Shape(3, 8, 2, 12), Shape(3, 16, 4, 20)
+    small = make_model("BertForMaskedLM", source)
+    sd = small.state_dict()
+    aki = Grower(schema_for("bert"), source, target, width="aki", seed=3)
+    fpi = Grower(schema_for("bert"), source, target, width="fpi", seed=3)
+    got = dict(aki.items(list(sd), sd.__getitem__))
+    ref = dict(fpi.items(list(sd), sd.__getitem__))
+    g_h, c_h = aki.hidden.index, torch.bincount(aki.hidden.index).double()[aki.hidden.index]
+    for layer in range(source.layers):
+        maps = aki.layer_maps[layer]
+        for name, role, n_old in (("intermediate.dense", "f_out", source.ffn),
+                                  ("attention.self.key", "a_out", source.hidden)):
+            key = f"bert.encoder.layer.{layer}.{name}.weight"
+            new = maps[role].is_new
+            if role == "a_out":  # new heads: whole heads appended after the source's
+                assert new.nonzero().min() == source.heads * target.head_dim
+            assert torch.equal(got[key][~new], ref[key][~new])  # old units: as FPI
+            if layer + 1 < source.layers:
+                upper = sd[key.replace(f"layer.{layer}.", f"layer.{layer + 1}.")]
+                expected = (upper[maps[role].index][:, g_h].double() / c_h).float()
+                assert torch.equal(got[key][new], expected[new])
+                assert not torch.equal(got[key][new], ref[key][new])
+            else:  # top layer: FPI fallback
+                assert torch.equal(got[key], ref[key])
+
+
+def test_direct_copies_the_block_and_initialises_the_rest():
+    source, target = Shape(1, 8, 2, 12), Shape(1, 16, 4, 20)
+    small = make_model("BertModel", source)
+    sd = small.state_dict()
+    grower = Grower(schema_for("bert"), source, target, width="direct", seed=1)
+    got = dict(grower.items(list(sd), sd.__getitem__))
+    w = got["encoder.layer.0.intermediate.dense.weight"]
+    assert torch.equal(w[:12, :8], sd["encoder.layer.0.intermediate.dense.weight"])
+    assert 0.01 < w[12:].std() < 0.03  # fresh N(0, 0.02^2)
+    ln = got["encoder.layer.0.output.LayerNorm.weight"]
+    assert torch.equal(ln[:8], sd["encoder.layer.0.output.LayerNorm.weight"]) and torch.all(ln[8:] == 1)
+    assert torch.all(got["encoder.layer.0.output.LayerNorm.bias"][8:] == 0)
+    assert not grower.exactness()[0]
