@@ -177,11 +177,10 @@ class Grower:
             out = _scale(out, 0, 1.0 / self.hidden.counts)
         return out
 
-    def items(self, names: list[str], get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Grown (name, tensor) pairs, one tensor in memory at a time beyond the source.
-
-        Layers are widened once per source layer and copied to every target layer that
-        stacks it."""
+    def _jobs(self, names: list[str]) -> Iterator[tuple[str, str, Param, int | None, int | None]]:
+        """(target name, source name, param, source layer, target layer) in output order:
+        non-layer parameters, then each source layer's parameters for every target layer
+        that stacks it."""
         prefix = self.schema.layer_prefix
         by_layer: dict[int, list[tuple[str, Param]]] = {}
         for name in names:
@@ -190,18 +189,35 @@ class Grower:
                 continue
             layer, _ = self.schema.split(name)
             if layer is None:
-                yield name, self._grow_one(name, param, get, None)
+                yield name, name, param, None, None
             else:
                 by_layer.setdefault(layer, []).append((name, param))
         for src_layer in range(self.source.layers):
             targets = [t for t, s in enumerate(self.order) if s == src_layer]
             for name, param in by_layer.get(src_layer, []):
-                grown = self._grow_one(name, param, get, src_layer)
-                for i, t in enumerate(targets):
-                    out = grown if i == 0 else grown.clone()
-                    if self.depth == "identity" and t >= self.source.layers and param.kind.startswith("proj"):
-                        out = torch.zeros_like(grown)
-                    yield name.replace(f"{prefix}{src_layer}.", f"{prefix}{t}.", 1), out
+                for t in targets:
+                    yield name.replace(f"{prefix}{src_layer}.", f"{prefix}{t}.", 1), name, param, src_layer, t
+
+    def plan(self, shapes: Mapping[str, tuple]) -> list[tuple[str, str, tuple]]:
+        """(target name, source name, target shape) of every output, in the order of items()."""
+        return [(target_name, name, tuple(axis_size(role, self.target) or shapes[name][dim]
+                                          for dim, role in enumerate(param.axes)))
+                for target_name, name, param, _, _ in self._jobs(list(shapes))]
+
+    def items(self, names: list[str], get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Grown (name, tensor) pairs, computed one source parameter at a time.
+
+        A source layer is widened once; every target layer that stacks it gets the SAME
+        tensor object (clone before mutating, as grow_state_dict does)."""
+        last_name, grown = None, None
+        for target_name, name, param, src_layer, t in self._jobs(names):
+            if name != last_name:
+                last_name, grown = name, self._grow_one(name, param, get, src_layer)
+            if self.depth == "identity" and t is not None and t >= self.source.layers \
+                    and param.kind.startswith("proj"):
+                yield target_name, torch.zeros_like(grown)
+            else:
+                yield target_name, grown
 
 
 def _direct_maps(source: Shape, target: Shape) -> dict[str, AxisMap]:
@@ -224,4 +240,8 @@ def grow_state_dict(state_dict: Mapping[str, torch.Tensor], schema: Schema, sour
     """Grow an in-memory state dict; returns (grown state dict, manifest)."""
     check_source({k: tuple(v.shape) for k, v in state_dict.items()}, schema, source)
     grower = Grower(schema, source, target, **options)
-    return dict(grower.items(list(state_dict), state_dict.__getitem__)), grower.manifest()
+    grown, seen = {}, set()
+    for name, tensor in grower.items(list(state_dict), state_dict.__getitem__):
+        grown[name] = tensor.clone() if id(tensor) in seen else tensor
+        seen.add(id(tensor))
+    return grown, grower.manifest()

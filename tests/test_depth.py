@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_model, max_rel, model_outputs
-from growth import GrowthError, Grower, Shape, layer_map, schema_for
+from growth import GrowthError, Grower, Shape, grow_state_dict, layer_map, schema_for
 from growth.adapters.hf import grow_model
 
 
@@ -20,11 +20,11 @@ def test_stacked_layers_copy_their_source_layer(cls, prefix):
     source = Shape(3, 8, 2, 16)
     small = make_model(cls, source)
     sd = small.state_dict()
-    grower = Grower(schema_for("bert" if cls.startswith("Bert") else "gpt2"), source, Shape(7, 8, 2, 16), width="fpi")
-    got = dict(grower.items(list(sd), sd.__getitem__))
-    assert grower.order == [0, 1, 2, 0, 1, 2, 2]
+    schema = schema_for("bert" if cls.startswith("Bert") else "gpt2")
+    got, manifest = grow_state_dict(sd, schema, source, Shape(7, 8, 2, 16), width="fpi")
+    assert manifest["layer_map"] == [0, 1, 2, 0, 1, 2, 2]
     layer_keys = [k for k in sd if k.startswith(prefix + "0.")]
-    for t, s in enumerate(grower.order):
+    for t, s in enumerate(manifest["layer_map"]):
         for key in layer_keys:
             grown = got[key.replace(f"{prefix}0.", f"{prefix}{t}.")]
             assert torch.equal(grown, sd[key.replace(f"{prefix}0.", f"{prefix}{s}.")])

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ..errors import GrowthError
 from ..grow import Grower, check_source, grow_state_dict
 from ..schema import schema_for
 from ..shape import CONFIG_KEYS, Shape, parse_target, shape_from_config
+from .safetensors_io import LazyWeights, Weights, write_streaming
 
 MODEL_CLASSES = {"BertModel", "BertForMaskedLM", "BertForPreTraining", "GPT2Model", "GPT2LMHeadModel"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -75,20 +75,23 @@ def weight_files(path: Path) -> list[Path]:
     raise GrowthError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for file in weight_files(path):
-        try:
-            if file.suffix == ".safetensors":
-                state.update(load_file(file))
-            else:  # never unpickle code: weights_only refuses anything but tensors and containers
-                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-        except pickle.UnpicklingError:
-            raise GrowthError(f"{file}: refusing to load: it needs arbitrary pickled code "
-                              "(only tensors are loaded, weights_only=True); convert it to safetensors") from None
-        except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
-            raise GrowthError(f"{file}: corrupt or truncated weights file ({str(err).splitlines()[0]})") from None
-    return state
+def open_weights(path: Path) -> Weights:
+    """name -> tensor, read lazily (safetensors memory-mapped; a torch file with mmap)."""
+    files = weight_files(path)
+    try:
+        if files[0].suffix == ".safetensors":
+            return LazyWeights(files)
+        # never unpickle code: weights_only refuses anything but tensors and containers
+        state = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise GrowthError(f"{files[0]}: refusing to load: it needs arbitrary pickled code "
+                          "(only tensors are loaded, weights_only=True); convert it to safetensors") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+        raise GrowthError(f"{files[0].parent}: corrupt or truncated weights file "
+                          f"({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GrowthError(f"{files[0]}: not a state dict of tensors")
+    return Weights(state)
 
 
 def model_class(cfg: dict, path: Path | str = "config") -> str:
@@ -140,8 +143,9 @@ def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi"
     grower = Grower(schema, source, target, width=width, depth=depth, seed=seed, tied=tied,
                     init_std=float(cfg.get("initializer_range", 0.02)))
     files = weight_files(src)
-    state = load_weights(src)
-    check_source({k: tuple(v.shape) for k, v in state.items()}, schema, source)
+    weights = open_weights(src)
+    shapes = weights.shapes
+    check_source(shapes, schema, source)
     manifest = {"source": str(src), "source_sha256": sha256(files), **grower.manifest()}
     log(f"growing {cfg['model_type']} {source} -> {target} (width {width}, depth {depth}, seed {seed})")
 
@@ -149,10 +153,8 @@ def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        grown = dict(grower.items(list(state), state.__getitem__))
-        del state
-        save_file(grown, tmp / "model.safetensors", metadata={"format": "pt"})
-        del grown
+        plan = [(t, shape, weights.dtypes[s]) for t, s, shape in grower.plan(shapes)]
+        write_streaming(tmp / "model.safetensors", plan, grower.items(list(shapes), weights.__getitem__))
         (tmp / "config.json").write_text(json.dumps(target_config(cfg, target), indent=2) + "\n")
         for name in TOKENIZER_FILES:
             if (src / name).is_file():

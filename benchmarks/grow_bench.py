@@ -1,0 +1,103 @@
+"""Benchmark: grow a randomly initialised BERT_BASE (MLM head) into BERT_LARGE with
+`b2b grow`, next to a plain torch.save of the same target state dict, in the same run.
+
+Each phase runs in a fresh process so its peak RSS is its own:
+  grow: growth.adapters.hf.grow_directory (read source, grow, write safetensors + config)
+  save: load the grown state dict, then torch.save it (the time of torch.save alone)
+
+    .venv/bin/python benchmarks/grow_bench.py [--width fpi] [--workdir DIR]
+
+Goal (issue 2): growth time <= 2x the save time, growth peak RSS <= 2x the target's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def phase_source(src: str) -> dict:
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig()).save_pretrained(src)  # bert-base-uncased's shape
+    return {}
+
+
+def phase_grow(src: str, out: str, width: str) -> dict:
+    from growth.adapters.hf import grow_directory
+    start = time.perf_counter()
+    grow_directory(src, out, "bert-large", width=width, depth="stack", seed=0, log=lambda *_: None)
+    return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes()}
+
+
+def phase_save(grown: str, dest: str) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    state = load_file(Path(grown) / "model.safetensors")
+    start = time.perf_counter()
+    torch.save(state, dest)
+    return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(),
+            "target_bytes": sum(t.numel() * t.element_size() for t in state.values())}
+
+
+def run_phase(*args: str) -> dict:
+    os.sync()  # flush the previous phase's writes so they do not throttle this one
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--phase", *args], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"phase {args[0]} failed:\n{done.stderr}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", default="fpi")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--repeat", type=int, default=3, help="grow/save pairs to run (median reported)")
+    ap.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        name, *rest = args.phase
+        result = {"source": phase_source, "grow": phase_grow, "save": phase_save}[name](*rest)
+        print(json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        src, out, dest = (os.path.join(work, n) for n in ("bert-base", "bert-large", "target.pt"))
+        run_phase("source", src)
+        pairs = []
+        for _ in range(args.repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            pairs.append((run_phase("grow", src, out, args.width), run_phase("save", out, dest)))
+    for i, (grow, save) in enumerate(pairs):
+        print(f"run {i}: grow {grow['seconds']:.2f} s, save {save['seconds']:.2f} s, "
+              f"ratio {grow['seconds'] / save['seconds']:.2f}")
+    grow, save = sorted(pairs, key=lambda p: p[0]["seconds"] / p[1]["seconds"])[len(pairs) // 2]
+    gib = 2 ** 30
+    print(f"median run: bert-base -> bert-large, width {args.width}, depth stack, {os.cpu_count()} CPUs")
+    print(f"target state dict: {save['target_bytes'] / gib:.2f} GiB")
+    print(f"b2b grow:   {grow['seconds']:.2f} s in-process ({grow['process_seconds']:.2f} s with "
+          f"interpreter and imports), peak RSS {grow['peak_rss'] / gib:.2f} GiB")
+    print(f"torch.save: {save['seconds']:.2f} s, peak RSS {save['peak_rss'] / gib:.2f} GiB "
+          "(process holding the target state dict)")
+    print(f"ratios: time {grow['seconds'] / save['seconds']:.2f}x save (goal <= 2), "
+          f"peak RSS {grow['peak_rss'] / save['target_bytes']:.2f}x target size (goal <= 2)")
+
+
+if __name__ == "__main__":
+    main()
