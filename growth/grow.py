@@ -167,12 +167,14 @@ class Grower:
         if self.width == "aki" and layer is not None and layer + 1 < self.source.layers:
             for dim, role in enumerate(param.axes):
                 if role in FAN_OUT_NEW_UNITS:
-                    new = maps[role].is_new.nonzero().squeeze(1)
-                    if new.numel():
-                        upper = widen(get(name.replace(f"{self.schema.layer_prefix}{layer}.",
-                                                       f"{self.schema.layer_prefix}{layer + 1}.", 1)),
-                                      param.axes, maps)
-                        out.index_copy_(dim, new, upper.index_select(dim, new))
+                    m = maps[role]
+                    new = m.is_new.nonzero().squeeze(1)
+                    if new.numel():  # widen only the rows of layer l+1 that the new units take
+                        only_new = {**maps, role: AxisMap(m.index[new], None if m.scale is None else m.scale[new],
+                                                          m.is_new[new])}
+                        upper = get(name.replace(f"{self.schema.layer_prefix}{layer}.",
+                                                 f"{self.schema.layer_prefix}{layer + 1}.", 1))
+                        out.index_copy_(dim, new, widen(upper, param.axes, only_new))
         if self.tied and param.kind.startswith("head_norm"):
             out = _scale(out, 0, 1.0 / self.hidden.counts)
         return out
