@@ -56,16 +56,19 @@ class Schema:
                           "this architecture variant is not supported")
 
 
+def _dense(name, weight_axes, out_role, kind):
+    bias_kind = "proj_b" if kind == "proj_w" else "bias"
+    return {f"{name}.weight": Param(weight_axes, kind), f"{name}.bias": Param((out_role,), bias_kind)}
+
+
 def _linear(name, out_role, in_role, kind="weight"):
     """torch.nn.Linear: weight [out, in]."""
-    bias_kind = "proj_b" if kind == "proj_w" else "bias"
-    return {f"{name}.weight": Param((out_role, in_role), kind), f"{name}.bias": Param((out_role,), bias_kind)}
+    return _dense(name, (out_role, in_role), out_role, kind)
 
 
 def _conv1d(name, in_role, out_role, kind="weight"):
     """HF GPT-2 Conv1D: weight [in, out]."""
-    bias_kind = "proj_b" if kind == "proj_w" else "bias"
-    return {f"{name}.weight": Param((in_role, out_role), kind), f"{name}.bias": Param((out_role,), bias_kind)}
+    return _dense(name, (in_role, out_role), out_role, kind)
 
 
 def _norm(name, kind="norm"):
