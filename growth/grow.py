@@ -103,7 +103,7 @@ class Grower:
         self.order = layer_map(source.layers, target.layers)
 
         gen = torch.Generator().manual_seed(seed)
-        kind = "exact" if width == "exact" else "random"
+        kind = "random" if width in ("fpi", "aki") else "exact"  # direct: prefix blocks, i mod d
         self.hidden = prefix_map(source.hidden, target.hidden, kind, gen)
         self.layer_maps = [
             layer_axis_maps(self.hidden,
