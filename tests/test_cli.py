@@ -174,3 +174,12 @@ def test_weights_only_torch_file_is_accepted(tiny_dir, tmp_path, capsys):
     torch.save(state, tiny_dir / "pytorch_model.bin")
     code, _, err = run(capsys, "grow", tiny_dir, "--to", "hidden=32,heads=4", "--width", "exact", "--out", tmp_path / "g")
     assert code == 0, err
+
+
+def test_verify_runs_on_a_given_text(minilm_exact, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 3)
+    code, out, _ = run(capsys, "verify", "minilm", minilm_exact, "--text", text)
+    assert code == 0 and "says exact: OK" in out
+    code, _, err = run(capsys, "verify", "minilm", minilm_exact, "--text", tmp_path / "missing.txt")
+    assert code == 2 and "missing.txt" in err and len(err.strip().splitlines()) == 1
