@@ -105,14 +105,15 @@ class Grower:
         gen = torch.Generator().manual_seed(seed)
         kind = "random" if width in ("fpi", "aki") else "exact"  # direct: prefix blocks, i mod d
         self.hidden = prefix_map(source.hidden, target.hidden, kind, gen)
-        self.layer_maps = [
-            layer_axis_maps(self.hidden,
-                            prefix_map(source.heads, target.heads, kind, gen),
-                            prefix_map(source.head_dim, target.head_dim, kind, gen),
-                            prefix_map(source.ffn, target.ffn, kind, gen))
-            for _ in range(source.layers)]
         if width == "direct":
             self.layer_maps = [_direct_maps(source, target)] * source.layers
+        else:
+            self.layer_maps = [
+                layer_axis_maps(self.hidden,
+                                prefix_map(source.heads, target.heads, kind, gen),
+                                prefix_map(source.head_dim, target.head_dim, kind, gen),
+                                prefix_map(source.ffn, target.ffn, kind, gen))
+                for _ in range(source.layers)]
         self.init_gen = torch.Generator().manual_seed(seed + 1)
 
     # -- what the result is -------------------------------------------------------------
@@ -172,8 +173,7 @@ class Grower:
                     if new.numel():  # widen only the rows of layer l+1 that the new units take
                         only_new = {**maps, role: AxisMap(m.index[new], None if m.scale is None else m.scale[new],
                                                           m.is_new[new])}
-                        upper = get(name.replace(f"{self.schema.layer_prefix}{layer}.",
-                                                 f"{self.schema.layer_prefix}{layer + 1}.", 1))
+                        upper = get(self.schema.at_layer(name, layer, layer + 1))
                         out.index_copy_(dim, new, widen(upper, param.axes, only_new))
         if self.tied and param.kind.startswith("head_norm"):
             out = _scale(out, 0, 1.0 / self.hidden.counts)
@@ -183,7 +183,6 @@ class Grower:
         """(target name, source name, param, source layer, target layer) in output order:
         non-layer parameters, then each source layer's parameters for every target layer
         that stacks it."""
-        prefix = self.schema.layer_prefix
         by_layer: dict[int, list[tuple[str, Param]]] = {}
         for name in names:
             param = self.schema.lookup(name)
@@ -198,7 +197,7 @@ class Grower:
             targets = [t for t, s in enumerate(self.order) if s == src_layer]
             for name, param in by_layer.get(src_layer, []):
                 for t in targets:
-                    yield name.replace(f"{prefix}{src_layer}.", f"{prefix}{t}.", 1), name, param, src_layer, t
+                    yield self.schema.at_layer(name, src_layer, t), name, param, src_layer, t
 
     def plan(self, shapes: Mapping[str, tuple]) -> list[tuple[str, str, tuple]]:
         """(target name, source name, target shape) of every output, in the order of items()."""

@@ -45,6 +45,10 @@ class Schema:
             return int(m.group(1)), f"{self.layer_prefix}{{L}}.{m.group(2)}"
         return None, name
 
+    def at_layer(self, name: str, layer: int, new_layer: int) -> str:
+        """The same parameter in another layer: '...layer.3.x' -> '...layer.7.x'."""
+        return name.replace(f"{self.layer_prefix}{layer}.", f"{self.layer_prefix}{new_layer}.", 1)
+
     def lookup(self, name: str) -> Param | None:
         """The Param of a state-dict key; None for a dropped buffer; error if unknown."""
         layer, template = self.split(name)

@@ -75,9 +75,8 @@ def weight_files(path: Path) -> list[Path]:
     raise GrowthError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def open_weights(path: Path) -> Weights:
+def open_weights(files: list[Path]) -> Weights:
     """name -> tensor, read lazily (safetensors memory-mapped; a torch file with mmap)."""
-    files = weight_files(path)
     try:
         if files[0].suffix == ".safetensors":
             return LazyWeights(files)
@@ -143,7 +142,7 @@ def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi"
     grower = Grower(schema, source, target, width=width, depth=depth, seed=seed, tied=tied,
                     init_std=float(cfg.get("initializer_range", 0.02)))
     files = weight_files(src)
-    weights = open_weights(src)
+    weights = open_weights(files)
     shapes = weights.shapes
     check_source(shapes, schema, source)
     manifest = {"source": str(src), "source_sha256": sha256(files), **grower.manifest()}
