@@ -7,6 +7,8 @@ import sys
 
 from growth import DEPTH_METHODS, PRESETS, WIDTH_METHODS, GrowthError
 
+from .config import RecipeError
+
 
 def cmd_grow(args) -> int:
     from growth.adapters.hf import grow_directory
@@ -18,6 +20,16 @@ def cmd_grow(args) -> int:
 def cmd_verify(args) -> int:
     from growth.adapters.verify import verify
     return verify(args.src, args.grown, args.text)
+
+
+def cmd_train(args) -> int:
+    from .launch import train
+    return train(args.recipe, args.set, args.procs, resume=args.resume, dry_run=args.dry_run)
+
+
+def cmd_tokenizer(args) -> int:
+    from .launch import train_tokenizer_command
+    return train_tokenizer_command(args.kind, args.vocab_size, args.files, args.out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,6 +53,24 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("grown")
     v.add_argument("--text", help="a text file to run both models on (default: a fixed paragraph)")
     v.set_defaults(func=cmd_verify)
+
+    t = sub.add_parser("train", help="train a recipe with DeepSpeed")
+    t.add_argument("recipe", help="a YAML recipe (see recipes/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set optim.lr=3e-4 (repeatable)")
+    t.add_argument("--procs", type=int, help="data-parallel processes on this node (default: GPUs, or 1 on CPU)")
+    t.add_argument("--resume", default="none",
+                   help="'auto' (the newest complete checkpoint, if any), a checkpoint tag, or 'none'")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and DeepSpeed JSON, and exit")
+    t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser("tokenizer", help="train a tokenizer on a corpus (default: the offline corpus)")
+    k.add_argument("--kind", choices=("wordpiece", "bpe"), required=True,
+                   help="wordpiece (BERT, lower-cased) or bpe (GPT-2 byte-level)")
+    k.add_argument("--vocab-size", type=int, default=8192)
+    k.add_argument("--files", nargs="+", help="local .txt/.jsonl/.parquet files (default: the offline corpus)")
+    k.add_argument("--out", required=True)
+    k.set_defaults(func=cmd_tokenizer)
     return p
 
 
@@ -48,7 +78,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except GrowthError as err:
+    except (GrowthError, RecipeError) as err:
         print(f"b2b {args.command}: error: {err}", file=sys.stderr)
         return 2
 

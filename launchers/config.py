@@ -1,0 +1,419 @@
+"""Recipes: YAML files read into one typed config tree, checked before any process starts.
+
+A recipe may name a `base:` recipe (a path relative to itself) and then only the keys that
+differ. Unknown or duplicate keys, wrong types, impossible values and missing files raise
+`RecipeError` naming the key and the fix. The DeepSpeed JSON is generated here from the
+tree (`deepspeed_config`), never kept beside the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from growth import GrowthError, Shape
+
+ARCHS = ("bert", "gpt2")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("linear", "cosine", "constant")
+TOKENIZER_KINDS = ("wordpiece", "bpe")  # trained on the corpus by `b2b tokenizer` / the data pipeline
+
+
+class RecipeError(ValueError):
+    """A bad recipe: the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str | None = None  # bert (masked LM) or gpt2 (causal LM); read from init_from when set
+    layers: int | None = None
+    hidden: int | None = None
+    heads: int | None = None
+    ffn: int | None = None
+    max_positions: int = 512
+    dropout: float = 0.1
+    init_from: str | None = None  # an HF model directory, e.g. the output of `b2b grow`
+
+
+@dataclass
+class DataConfig:
+    files: list[str] | None = None  # local .txt/.jsonl/.json/.parquet files (else the offline corpus)
+    hub: str | None = None  # a hub dataset name (downloads at run time)
+    text_field: str = "text"
+    tokenizer: str | None = None  # a tokenizer/model dir, 'minilm', 'wordpiece' or 'bpe' (trained)
+    vocab_size: int = 8192  # for a trained tokenizer
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    max_documents: int | None = None
+    cache_dir: str = "runs/cache"
+
+
+@dataclass
+class ObjectiveConfig:
+    mask_prob: float = 0.15  # masked LM (bert): 80% [MASK], 10% random, 10% kept
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "linear"  # linear decay, cosine decay or constant after warmup
+    min_lr_ratio: float = 0.0  # the floor as a fraction of lr (linear: warmup starts there too)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class BatchConfig:
+    micro: int = 8  # sequences per process per micro step
+    accum: int | None = None  # gradient accumulation; unset: global_size / (micro x data-parallel size), or 1
+    global_size: int | None = None  # sequences per optimizer step = micro x accum x data-parallel size
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    precision: str = "fp32"
+    eval_every: int = 50
+    eval_batches: int = 4
+    stage: int = 0  # the pretraining stage this run is (logged; two-stage recipes set it)
+    stop_at: int | None = None  # checkpoint and stop after this step, as if preempted
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints (0: only at the end and on a signal)
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # per device; None: known GPUs only, so no MFU on CPU
+    progress: bool = True  # a progress bar on rank 0 when attached to a terminal
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    out_dir: str | None = None  # default runs/<name>
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.name}")
+
+    @property
+    def shape(self) -> Shape:
+        m = self.model
+        return Shape(m.layers, m.hidden, m.heads, m.ffn)
+
+
+# ---------------------------------------------------------------- reading YAML
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping."""
+
+
+def _mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise RecipeError(f"duplicate key {key!r} (line {seen[key]} and line {key_node.start_mark.line + 1}): "
+                              "keep one")
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_raw(path: Path, _chain: tuple = ()) -> dict:
+    """The recipe's mapping with its `base:` chain merged in (the recipe's own keys win)."""
+    path = Path(path).resolve()
+    if path in _chain:
+        raise RecipeError(f"{path}: base recipes form a cycle: {' -> '.join(map(str, _chain + (path,)))}")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: base: expected a recipe path, got {base!r}")
+    return merge(load_raw(path.parent / base, _chain + (path,)), data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`key.sub=value` overrides; the value is read as YAML (numbers, lists, null)."""
+    data = merge({}, data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=3e-4")
+        value = yaml.safe_load(text) if text else ""
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: {part} is not a section")
+        node[leaf] = value
+    return data
+
+
+# ---------------------------------------------------------------- typed tree
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _convert(value, tp, key: str):
+    """value checked (and int -> float widened) against a field's annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _convert(value, option, key)
+                except RecipeError:
+                    pass
+        raise RecipeError(f"{key}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool) or not isinstance(value, tp) or \
+            (tp is int and isinstance(value, bool)):
+        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def build(cls, data, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys here: {', '.join(names)}"
+        raise RecipeError(f"unknown key {prefix}{key}: {hint}")
+    values = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = build(tp, value, f"{prefix}{name}.")
+        else:
+            values[name] = _convert(value, tp, f"{prefix}{name}")
+    return cls(**values)
+
+
+def as_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(as_dict(recipe), sort_keys=False)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _require(ok: bool, key: str, message: str):
+    if not ok:
+        raise RecipeError(f"{key}: {message}")
+
+
+def resolve_model(recipe: Recipe) -> None:
+    """Fill arch and shape from init_from's config.json; conflicting values are errors."""
+    m = recipe.model
+    if m.init_from is None:
+        missing = [k for k in ("arch", "layers", "hidden", "heads", "ffn") if getattr(m, k) is None]
+        _require(not missing, f"model.{missing[0] if missing else ''}",
+                 "required (or set model.init_from to a grown model directory)")
+        return
+    from growth.adapters.hf import read_config, resolve
+    from growth.shape import shape_from_config
+    try:
+        path = resolve(m.init_from)
+        cfg = read_config(path)
+        shape = shape_from_config(cfg)
+    except GrowthError as err:
+        raise RecipeError(f"model.init_from: {err}") from None
+    found = {"arch": cfg["model_type"], **dataclasses.asdict(shape)}
+    for key, value in found.items():
+        mine = getattr(m, key)
+        _require(mine is None or mine == value, f"model.{key}",
+                 f"{mine!r} but model.init_from {m.init_from} has {value!r}: remove the key or fix it")
+        setattr(m, key, value)
+    positions = cfg.get("max_position_embeddings", cfg.get("n_positions"))
+    if positions is not None:
+        m.max_positions = positions
+
+
+def validate(recipe: Recipe) -> Recipe:
+    m, d, o, b, t = recipe.model, recipe.data, recipe.optim, recipe.batch, recipe.train
+    resolve_model(recipe)
+    _require(m.arch in ARCHS, "model.arch", f"{m.arch!r}: use one of {', '.join(ARCHS)}")
+    try:
+        recipe.shape
+    except GrowthError as err:
+        raise RecipeError(f"model: {err}") from None
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout}: must be in [0, 1)")
+    _require(2 <= d.seq_len <= m.max_positions, "data.seq_len",
+             f"{d.seq_len}: must be between 2 and model.max_positions ({m.max_positions})")
+    _require(d.files is None or d.hub is None, "data.hub", "set data.files or data.hub, not both")
+    for file in d.files or []:
+        _require(Path(file).is_file(), "data.files", f"{file}: no such file")
+        _require(Path(file).suffix in (".txt", ".jsonl", ".json", ".parquet"), "data.files",
+                 f"{file}: use .txt, .jsonl, .json or .parquet files")
+    _require(d.files != [], "data.files", "empty list: name files or remove the key")
+    if d.tokenizer not in (None, *TOKENIZER_KINDS, "minilm"):
+        _require(Path(d.tokenizer).is_dir(), "data.tokenizer",
+                 f"{d.tokenizer}: not a directory; use a tokenizer or model directory, 'minilm', "
+                 f"or {' / '.join(TOKENIZER_KINDS)} to train one on the corpus")
+    _require(d.vocab_size >= 64, "data.vocab_size", f"{d.vocab_size}: too small (>= 64)")
+    _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"{d.val_fraction}: must be in (0, 0.5)")
+    _require(d.max_documents is None or d.max_documents > 0, "data.max_documents", "must be positive")
+    _require(0.0 < recipe.objective.mask_prob < 1.0 or m.arch == "gpt2", "objective.mask_prob",
+             f"{recipe.objective.mask_prob}: must be in (0, 1)")
+    _require(o.lr > 0, "optim.lr", f"{o.lr}: must be positive")
+    _require(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), "optim.betas",
+             f"{o.betas}: two numbers in [0, 1)")
+    _require(o.eps > 0, "optim.eps", "must be positive")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    _require(0 <= o.warmup_steps <= t.steps, "optim.warmup_steps", f"{o.warmup_steps}: must be in [0, train.steps]")
+    _require(o.schedule != "cosine" or o.warmup_steps >= 2, "optim.warmup_steps",
+             "DeepSpeed's WarmupCosineLR needs at least 2 warmup steps: set 2 or more, or another optim.schedule")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
+    _require(b.micro >= 1, "batch.micro", "must be >= 1")
+    _require(b.accum is None or b.accum >= 1, "batch.accum", "must be >= 1")
+    _require(b.global_size is None or b.global_size >= 1, "batch.global_size", "must be >= 1")
+    _require(recipe.zero.stage in (0, 1, 2, 3), "zero.stage", f"{recipe.zero.stage}: use 0, 1, 2 or 3")
+    _require(t.steps >= 1, "train.steps", "must be >= 1")
+    _require(t.precision in PRECISIONS, "train.precision", f"{t.precision!r}: use one of {', '.join(PRECISIONS)}")
+    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
+    _require(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
+    _require(t.stop_at is None or 1 <= t.stop_at <= t.steps, "train.stop_at", f"must be in [1, train.steps]")
+    _require(recipe.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
+    _require(recipe.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _require(recipe.logging.every >= 1, "logging.every", "must be >= 1")
+    _require(recipe.logging.peak_tflops is None or recipe.logging.peak_tflops > 0, "logging.peak_tflops",
+             "must be positive")
+    return recipe
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, merge the base chain, apply --set overrides, type-check and validate."""
+    data = apply_overrides(load_raw(Path(path)), list(overrides))
+    return validate(build(Recipe, data))
+
+
+def fit_world(recipe: Recipe, world: int) -> int:
+    """The global batch at this data-parallel size: fills batch.accum when it is unset and
+    checks micro x accum x world against batch.global_size."""
+    b = recipe.batch
+    if b.accum is None:
+        per_step = b.micro * world
+        _require(b.global_size is None or b.global_size % per_step == 0, "batch.global_size",
+                 f"{b.global_size} is not a multiple of batch.micro x data-parallel size = {b.micro} x {world}: "
+                 "change one of them or set batch.accum")
+        b.accum = 1 if b.global_size is None else b.global_size // per_step
+    size = b.micro * b.accum * world
+    _require(b.global_size is None or b.global_size == size, "batch.global_size",
+             f"{b.global_size} but batch.micro x batch.accum x data-parallel size = {b.micro} x {b.accum} x "
+             f"{world} = {size}: fix one of them")
+    return size
+
+
+def deepspeed_config(recipe: Recipe, world: int, cpu: bool) -> dict:
+    """The DeepSpeed JSON for this recipe at this data-parallel size."""
+    o, t = recipe.optim, recipe.train
+    warmup = dict(warmup_num_steps=o.warmup_steps, warmup_type="linear")
+    if o.schedule == "constant":
+        scheduler = {"type": "WarmupLR", "params": {**warmup, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr}}
+    elif o.schedule == "linear":
+        scheduler = {"type": "WarmupDecayLR", "params": {**warmup, "warmup_min_lr": o.lr * o.min_lr_ratio,
+                                                         "warmup_max_lr": o.lr, "total_num_steps": t.steps}}
+    else:
+        scheduler = {"type": "WarmupCosineLR", "params": {**warmup, "warmup_min_ratio": 0.0,
+                                                          "cos_min_ratio": o.min_lr_ratio, "total_num_steps": t.steps}}
+    config = {
+        "train_batch_size": fit_world(recipe, world),
+        "train_micro_batch_size_per_gpu": recipe.batch.micro,
+        "gradient_accumulation_steps": recipe.batch.accum,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": o.betas, "eps": o.eps,
+                                                  "weight_decay": o.weight_decay, "torch_adam": cpu}},
+        "scheduler": scheduler,
+        "zero_optimization": {"stage": recipe.zero.stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if recipe.zero.stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    return config

@@ -1,0 +1,305 @@
+"""Data: a corpus through `datasets`, an HF tokenizer, sequences packed to the recipe's length,
+cached on disk, split into train and validation; deterministic batches and MLM masking.
+
+The corpus is local text files (.txt, .jsonl/.json, .parquet), a hub dataset (downloaded at
+run time), or by default the offline corpus: the docstrings of this Python's standard library,
+which exist wherever the project is installed and are fixed for a given Python version.
+
+`prepare(recipe)` builds the cache entry once (train/, val/ as Arrow datasets, tokenizer/);
+it is keyed by everything that changes its contents, so a second run does not re-tokenise.
+Batches are a pure function of (seed, step, rank, micro step): resuming at step N reads
+exactly what the uninterrupted run read, and masks exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TOKENIZER_KINDS, Recipe, RecipeError
+
+SPLIT_SEED = 1234  # the train/validation split and validation masks do not depend on the run's seed
+STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "__pycache__"}
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+GPT_EOS = "<|endoftext|>"
+
+
+def quiet_libraries() -> None:
+    """No per-map progress bars from datasets/transformers unless attached to a terminal."""
+    import datasets
+    import transformers
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+        transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def python_docs() -> list[str]:
+    """Docstrings (100 characters or more) of the standard library's modules, classes and functions."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for file in sorted(root.rglob("*.py")):
+        if STDLIB_SKIP & set(file.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 100:
+                    docs.append(doc)
+    return docs
+
+
+def load_corpus(recipe: Recipe):
+    """The documents as a `datasets.Dataset` with one text column named 'text'."""
+    import datasets
+    d = recipe.data
+    if d.files:
+        kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[Path(d.files[0]).suffix]
+        ds = datasets.load_dataset(kind, data_files=list(d.files), split="train")
+    elif d.hub:
+        ds = datasets.load_dataset(d.hub, split="train")
+    else:
+        ds = datasets.Dataset.from_dict({"text": python_docs()})
+    field = "text" if not (d.files or d.hub) else d.text_field
+    if field not in ds.column_names:
+        raise RecipeError(f"data.text_field: {field!r} is not a column of the corpus ({ds.column_names})")
+    ds = ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if d.max_documents:
+        ds = ds.select(range(min(d.max_documents, len(ds))))
+    if len(ds) < 2:
+        raise RecipeError("data: the corpus has fewer than 2 non-empty documents")
+    return ds
+
+
+def corpus_key(recipe: Recipe) -> dict:
+    d = recipe.data
+    if d.files:
+        source = {"files": [[str(Path(f).resolve()), _sha256(Path(f))] for f in d.files]}
+    elif d.hub:
+        source = {"hub": d.hub}
+    else:
+        source = {"python-docs": sys.version}
+    return {**source, "text_field": d.text_field, "max_documents": d.max_documents}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def train_tokenizer(texts, kind: str, vocab_size: int):
+    """A WordPiece (BERT, lower-cased, [CLS] x [SEP]) or byte-level BPE (GPT-2) tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS)
+        tok.train_from_iterator(texts, trainer=trainer)
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                       sep_token="[SEP]", mask_token="[MASK]", model_max_length=10 ** 6)
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[GPT_EOS],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT_EOS, eos_token=GPT_EOS, unk_token=GPT_EOS,
+                                       model_max_length=10 ** 6)
+    raise RecipeError(f"tokenizer kind {kind!r}: use one of {', '.join(TOKENIZER_KINDS)}")
+
+
+def tokenizer_source(recipe: Recipe) -> str:
+    """What data.tokenizer resolves to: a directory, or a kind to train."""
+    d, m = recipe.data, recipe.model
+    if d.tokenizer is None:
+        if m.init_from is not None:
+            return str(_resolve_dir(m.init_from))
+        return "wordpiece" if m.arch == "bert" else "bpe"
+    return d.tokenizer if d.tokenizer in TOKENIZER_KINDS else str(_resolve_dir(d.tokenizer))
+
+
+def _resolve_dir(name: str) -> Path:
+    from growth.adapters.hf import resolve
+    return resolve(name).resolve()
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
+        raise RecipeError(f"data.tokenizer: {path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def check_tokenizer(tok, arch: str, where: str) -> None:
+    needed = ("cls_token", "sep_token", "mask_token", "pad_token") if arch == "bert" else ("eos_token",)
+    missing = [n for n in needed if getattr(tok, n) is None]
+    if missing:
+        raise RecipeError(f"data.tokenizer: {where} has no {', '.join(missing)}, which the "
+                          f"{'masked' if arch == 'bert' else 'causal'} LM objective needs")
+
+
+# ---------------------------------------------------------------- packing and the cache
+
+
+def pack(token_lists, arch: str, seq_len: int, tok) -> list[list[int]]:
+    """Documents joined by a separator and cut into full blocks (the remainder is dropped).
+    BERT blocks are [CLS] + (seq_len - 2) tokens + [SEP]; GPT-2 blocks are seq_len tokens."""
+    sep = tok.sep_token_id if arch == "bert" else tok.eos_token_id
+    stream = [t for ids in token_lists for t in ids + [sep]]
+    if arch == "bert":
+        body = seq_len - 2
+        return [[tok.cls_token_id] + stream[i:i + body] + [sep] for i in range(0, len(stream) - body + 1, body)]
+    return [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+
+
+def cache_path(recipe: Recipe) -> Path:
+    d = recipe.data
+    tok = tokenizer_source(recipe)
+    tok_key = {"train": tok, "vocab_size": d.vocab_size} if tok in TOKENIZER_KINDS else \
+        {"dir": tok, "sha256": _sha256(Path(tok) / "tokenizer.json") if (Path(tok) / "tokenizer.json").is_file() else None}
+    key = json.dumps({"corpus": corpus_key(recipe), "tokenizer": tok_key, "arch": recipe.model.arch,
+                      "seq_len": d.seq_len, "val_fraction": d.val_fraction, "format": 1}, sort_keys=True)
+    return Path(d.cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def prepare(recipe: Recipe, log=print) -> Path:
+    """Build the cache entry if it is not there; return its path. Written to a temporary sibling
+    and renamed into place, so a crash leaves no half-built entry."""
+    path = cache_path(recipe)
+    if (path / "meta.json").is_file():
+        return path
+    d, arch = recipe.data, recipe.model.arch
+    log(f"data: building {path} (tokenising and packing the corpus; done once)")
+    corpus = load_corpus(recipe).train_test_split(test_size=d.val_fraction, seed=SPLIT_SEED)
+    source = tokenizer_source(recipe)
+    tok = train_tokenizer(iter(corpus["train"]["text"]), source, d.vocab_size) if source in TOKENIZER_KINDS \
+        else load_tokenizer(source)
+    check_tokenizer(tok, arch, source)
+
+    def tokenize_and_pack(batch):
+        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": pack(ids, arch, d.seq_len, tok)}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        sizes = {}
+        for split in ("train", "test"):
+            packed = corpus[split].map(tokenize_and_pack, batched=True, batch_size=2000,
+                                       remove_columns=corpus[split].column_names)
+            name = "val" if split == "test" else "train"
+            if len(packed) == 0:
+                raise RecipeError(f"data: the {name} split holds no full sequence of {d.seq_len} tokens: "
+                                  "use more documents, a smaller data.seq_len or a larger data.val_fraction")
+            packed.save_to_disk(str(tmp / name))
+            sizes[name] = len(packed)
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        meta = {"sequences": sizes, "seq_len": d.seq_len, "vocab_size": len(tok), "tokenizer": source}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"data: {sizes['train']} train and {sizes['val']} validation sequences of {d.seq_len} tokens, "
+        f"vocabulary {len(tok)}")
+    return path
+
+
+# ---------------------------------------------------------------- batches
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (stable across processes and Python runs)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Batches:
+    """Deterministic batches: global sample k of the run is position k mod N of epoch k // N's
+    permutation; step s takes samples [s*G, (s+1)*G) with G = micro x accum x world, and
+    rank r's micro step m takes the chunk (m*world + r)."""
+
+    def __init__(self, path: Path, recipe: Recipe, rank: int, world: int):
+        import datasets
+        from transformers import AutoTokenizer
+        self.train = datasets.load_from_disk(str(path / "train")).with_format("numpy")
+        self.val = datasets.load_from_disk(str(path / "val")).with_format("numpy")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+        self.recipe, self.rank, self.world = recipe, rank, world
+        self.micro, self.accum = recipe.batch.micro, recipe.batch.accum
+        self.mlm = recipe.model.arch == "bert"
+        self._perms: dict[int, np.ndarray] = {}
+        if self.mlm:
+            tok = self.tokenizer
+            self.special = torch.tensor(sorted({tok.cls_token_id, tok.sep_token_id, tok.pad_token_id}))
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.recipe.seed, epoch]).permutation(len(self.train))}
+        return self._perms[epoch]
+
+    def train_batch(self, step: int, micro_step: int) -> dict:
+        """The batch of (1-based) optimizer step `step`, micro step `micro_step`, on this rank."""
+        n = len(self.train)
+        first = (step - 1) * self.micro * self.accum * self.world + (micro_step * self.world + self.rank) * self.micro
+        rows = [int(self._order(k // n)[k % n]) for k in range(first, first + self.micro)]
+        ids = torch.from_numpy(self.train[rows]["input_ids"].astype(np.int64))
+        return self.objective(ids, torch.Generator().manual_seed(seed_for(self.recipe.seed, step, self.rank, micro_step)))
+
+    def val_batches(self, count: int):
+        """`count` fixed validation batches for this rank (split round-robin over ranks, wrapping)."""
+        n = len(self.val)
+        for b in range(count):
+            first = (b * self.world + self.rank) * self.micro
+            rows = [k % n for k in range(first, first + self.micro)]
+            ids = torch.from_numpy(self.val[rows]["input_ids"].astype(np.int64))
+            yield self.objective(ids, torch.Generator().manual_seed(seed_for(SPLIT_SEED, b, self.rank)))
+
+    def objective(self, ids: torch.Tensor, gen: torch.Generator) -> dict:
+        if not self.mlm:
+            return {"input_ids": ids, "labels": ids}
+        return mask_tokens(ids, gen, self.recipe.objective.mask_prob, self.special, self.tokenizer.mask_token_id,
+                           len(self.tokenizer))
+
+
+def mask_tokens(ids, gen, prob: float, special: torch.Tensor, mask_id: int, vocab: int) -> dict:
+    """BERT's dynamic masking: each non-special token is chosen with `prob`; of those, 80% become
+    [MASK], 10% a random token, 10% stay. Labels are -100 except at chosen positions."""
+    chosen = (torch.rand(ids.shape, generator=gen) < prob) & ~torch.isin(ids, special)
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    draw = torch.rand(ids.shape, generator=gen)
+    random_ids = torch.randint(vocab, ids.shape, generator=gen)
+    inputs = torch.where(chosen & (draw < 0.8), torch.full_like(ids, mask_id), ids)
+    inputs = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, inputs)
+    return {"input_ids": inputs, "labels": labels}

@@ -1,0 +1,121 @@
+"""`b2b train`: check the recipe, prepare the data, start the workers with the DeepSpeed launcher.
+
+Everything that can be wrong with a recipe fails here, before any process starts. A SIGTERM
+or SIGUSR1 sent to `b2b train` reaches the workers as SIGUSR1: they checkpoint at the end of
+the current step and exit. The exit code says how the run ended: 0 finished, 75 stopped early
+with a checkpoint (resume with `--resume auto`), anything else failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from . import config
+from .config import RecipeError
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again with --resume auto
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve(path: str, sets: list[str], procs: int | None) -> tuple[config.Recipe, int, bool, dict]:
+    import torch
+    recipe = config.load(path, sets)
+    cpu = not torch.cuda.is_available()
+    procs = procs or (1 if cpu else torch.cuda.device_count())
+    if procs < 1:
+        raise RecipeError(f"--procs {procs}: must be >= 1")
+    return recipe, procs, cpu, config.deepspeed_config(recipe, procs, cpu)
+
+
+def dry_run_text(recipe: config.Recipe, procs: int, ds: dict) -> str:
+    return (f"# resolved recipe ({recipe.run_dir})\n{config.dump(recipe)}"
+            f"# DeepSpeed config for {procs} data-parallel process(es)\n{json.dumps(ds, indent=2)}\n")
+
+
+def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
+    if cpu and recipe.train.precision != "fp32":
+        raise RecipeError(f"train.precision: {recipe.train.precision} needs a GPU; this machine has none: "
+                          "use --set train.precision=fp32")
+    from .train import CHECKPOINTS, checkpoint_tags
+    ckpts = recipe.run_dir / CHECKPOINTS
+    if resume == "none" and ckpts.is_dir() and checkpoint_tags(ckpts):
+        raise RecipeError(f"{recipe.run_dir} already holds checkpoints: continue it with --resume auto, "
+                          "or choose a new out_dir (--set out_dir=...)")
+
+
+def train(path: str, sets: list[str], procs: int | None, resume: str = "none", dry_run: bool = False) -> int:
+    recipe, procs, cpu, ds = resolve(path, sets, procs)
+    if dry_run:
+        sys.stdout.write(dry_run_text(recipe, procs, ds))
+        return 0
+    check_can_run(recipe, cpu, resume)
+    from .data import prepare, quiet_libraries
+    quiet_libraries()
+    prepare(recipe)  # tokenising once here surfaces data errors before workers start
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(config.dump(recipe))
+    (run_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2))
+    status = run_dir / "status.json"
+    status.unlink(missing_ok=True)
+    env = dict(os.environ, **({"DS_ACCELERATOR": "cpu"} if cpu else {}))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
+           "--master_port", str(free_port()), "--no_local_rank", "--module", "launchers.train",
+           "--run-dir", str(run_dir), "--resume", resume]
+    proc = subprocess.Popen(cmd, env=env)
+    previous = {sig: signal.signal(sig, lambda signum, frame: forward_stop(proc.pid))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code != 0 or not status.is_file():
+        print(f"b2b train: error: the workers failed (exit code {code}); see the log above", file=sys.stderr)
+        return code or 1
+    if json.loads(status.read_text())["state"] == "finished":
+        return 0
+    again = " ".join(f"--set {s}" for s in sets if not s.startswith("train.stop_at="))
+    print(f"b2b train: stopped before the end; continue with: b2b train {path} --resume auto {again}".rstrip(),
+          file=sys.stderr)
+    return EXIT_STOPPED
+
+
+def forward_stop(launcher_pid: int) -> None:
+    """SIGUSR1 to every training worker under the DeepSpeed launcher (not to the launcher itself,
+    which would kill them)."""
+    import psutil
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if "launchers.train" in " ".join(child.cmdline()):
+                child.send_signal(signal.SIGUSR1)
+        except psutil.Error:
+            pass
+
+
+def train_tokenizer_command(kind: str, vocab_size: int, files: list[str] | None, out: str) -> int:
+    from .data import load_corpus, train_tokenizer
+    out_dir = Path(out)
+    if out_dir.exists():
+        raise RecipeError(f"--out {out_dir}: already exists; choose a new directory")
+    recipe = config.Recipe(data=config.DataConfig(files=files, vocab_size=vocab_size))
+    for file in files or []:
+        if not Path(file).is_file():
+            raise RecipeError(f"{file}: no such file")
+    tok = train_tokenizer(iter(load_corpus(recipe)["text"]), kind, vocab_size)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, out_dir)
+    print(f"{kind} tokenizer with {len(tok)} tokens written to {out_dir}")
+    return 0

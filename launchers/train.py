@@ -1,0 +1,314 @@
+"""The training worker: one process per device, started by the DeepSpeed launcher (`b2b train`).
+
+    python -m launchers.train --run-dir RUN [--resume none|auto|TAG]
+
+Reads RUN/recipe.yaml (resolved by `b2b train`), builds the DeepSpeed engine from the
+generated config, and trains: deterministic batches, periodic validation, rank-0 TensorBoard
+scalars, sharded checkpoints every N steps, at the end and on SIGTERM/SIGUSR1.
+
+Exact resume: a step's batch, masks and dropout are functions of (seed, step, rank), and the
+checkpoint carries the optimizer, scheduler, data position and counters, so a resumed run
+computes the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import config
+from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
+from .model import build_model, peak_tflops, train_flops_per_token
+
+CHECKPOINTS = "checkpoints"
+STATUS = "status.json"
+STEP_TAG = "step{:08d}"
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: biases and LayerNorm weights get no weight decay (BERT's and GPT-2's recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(NO_DECAY) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def checkpoint_tags(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint: 'latest' is written only after every rank saved."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not (ckpt_dir / tag).is_dir():
+        raise config.RecipeError(f"{latest} names {tag!r}, which is missing: the checkpoint directory is damaged")
+    return tag
+
+
+class Monitor:
+    """Rank-0 logging: TensorBoard scalars, a progress bar on a terminal, a line per log step."""
+
+    def __init__(self, recipe: config.Recipe, rank: int, start: int):
+        self.enabled = rank == 0
+        self.writer = self.bar = None
+        if not self.enabled:
+            return
+        if recipe.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(recipe.run_dir / "tensorboard"))
+        if recipe.logging.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=recipe.train.steps, initial=start, desc=recipe.name, unit="step")
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        if self.writer:
+            for key, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(key, value, step)
+        text = " ".join(f"{k.removeprefix('train/').replace('/', '_')}={v:.4g}"
+                        for k, v in values.items() if v is not None)
+        if self.bar:
+            self.bar.set_postfix_str(text, refresh=False)
+        else:
+            print(f"step {step}: {text}", flush=True)
+
+    def advance(self):
+        if self.bar:
+            self.bar.update(1)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+        if self.bar:
+            self.bar.close()
+
+
+class Trainer:
+    def __init__(self, recipe: config.Recipe, resume: str):
+        import deepspeed
+        import torch.distributed as dist
+        self.recipe, self.dist = recipe, dist
+        self.cpu = not torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if self.cpu:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        else:
+            torch.cuda.set_device(local_rank)
+        if local_rank == 0:
+            prepare(recipe, log=print if self.rank == 0 else lambda *_: None)
+        dist.barrier()
+        self.data = Batches(cache_path(recipe), recipe, self.rank, self.world)
+        model = build_model(recipe, self.data.tokenizer)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, recipe.optim.weight_decay),
+            config=config.deepspeed_config(recipe, self.world, self.cpu))
+        self.ckpt_dir = recipe.run_dir / CHECKPOINTS
+        self.global_batch = config.fit_world(recipe, self.world)
+        tokens_per_step = self.global_batch * recipe.data.seq_len
+        self.step_flops = tokens_per_step * train_flops_per_token(
+            recipe.shape, recipe.data.seq_len, len(self.data.tokenizer), recipe.model.arch)
+        self.tokens_per_step = tokens_per_step
+        self.peak = peak_tflops(recipe)
+        self.state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "stage": recipe.train.stage}
+        if not self._resume(resume):
+            # DeepSpeed's warmup schedulers start at iteration -1, so the first step and the second
+            # would both run at the floor; one step puts step 1 at iteration 0 (HF's convention).
+            self.engine.lr_scheduler.step()
+        self.stop_signal = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _resume(self, resume: str) -> bool:
+        """Load the checkpoint `resume` names ('auto': the newest complete one); True if loaded."""
+        if resume == "none":
+            return False
+        tag = latest_tag(self.ckpt_dir) if resume == "auto" else resume
+        if tag is None:
+            if self.rank == 0:
+                print(f"resume auto: no complete checkpoint in {self.ckpt_dir}; starting at step 0", flush=True)
+            return False
+        if not (self.ckpt_dir / tag).is_dir():
+            raise config.RecipeError(f"--resume {tag}: no such checkpoint in {self.ckpt_dir}")
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag)
+        if path is None or "b2b" not in client:
+            raise config.RecipeError(f"{self.ckpt_dir / tag}: not a checkpoint written by b2b train")
+        self.state = dict(client["b2b"])
+        if self.rank == 0:
+            print(f"resumed from {self.ckpt_dir / tag} at step {self.state['step']}", flush=True)
+        return True
+
+    def save(self) -> None:
+        """A sharded DeepSpeed checkpoint; 'latest' moves only after every rank has written its files."""
+        tag = STEP_TAG.format(self.state["step"])
+        if self.rank == 0:
+            (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+            (self.ckpt_dir / tag / "recipe.yaml").write_text(config.dump(self.recipe))
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag, client_state={"b2b": self.state}, save_latest=False)
+        self.dist.barrier()
+        if self.rank == 0:
+            tmp = self.ckpt_dir / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.ckpt_dir / "latest")
+            for old in checkpoint_tags(self.ckpt_dir)[:-self.recipe.checkpoint.keep]:
+                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+        self.dist.barrier()
+
+    def export(self) -> None:
+        """The final weights as an HF model directory (RUN/final), e.g. a source for `b2b grow`."""
+        import deepspeed
+        module = self.engine.module
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters())) \
+            if self.recipe.zero.stage == 3 else nullcontext()
+        with gather:
+            if self.rank == 0:
+                final = self.recipe.run_dir / "final"
+                tmp = self.recipe.run_dir / "final.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                module.save_pretrained(str(tmp))
+                self.data.tokenizer.save_pretrained(str(tmp))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+        self.dist.barrier()
+
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signum
+
+    # ------------------------------------------------------------ steps
+
+    def _all_mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
+        self.dist.all_reduce(t)
+        return t.item() / self.world
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """(mean loss over micro steps and ranks, the learning rate this step used)."""
+        self.engine.train()
+        lr = self.engine.get_lr()[0]
+        torch.manual_seed(seed_for(self.recipe.seed, step, self.rank, 1))  # dropout
+        total = 0.0
+        for micro in range(self.recipe.batch.accum):
+            batch = {k: v.to(self.engine.device) for k, v in self.data.train_batch(step, micro).items()}
+            loss = self.engine(**batch).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        return self._all_mean(total / self.recipe.batch.accum), lr
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        losses = [self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()}).loss.item()
+                  for batch in self.data.val_batches(self.recipe.train.eval_batches)]
+        return self._all_mean(sum(losses) / len(losses))
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([self.stop_signal], dtype=torch.int64, device=self.engine.device)
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def run(self) -> str:
+        r, t = self.recipe, self.recipe.train
+        monitor = Monitor(r, self.rank, self.state["step"])
+        last = t.stop_at or t.steps
+        outcome = "finished"
+        try:
+            while self.state["step"] < last:
+                step = self.state["step"] + 1
+                start = time.perf_counter()
+                loss, lr = self.train_step(step)
+                elapsed = time.perf_counter() - start
+                s = self.state
+                s.update(step=step, samples=s["samples"] + self.global_batch,
+                         tokens=s["tokens"] + self.tokens_per_step, flops=s["flops"] + self.step_flops)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: training loss is {loss}; lower optim.lr or check the data")
+                evaluate = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+                if evaluate or step % r.logging.every == 0 or step == last:
+                    values = self._train_scalars(loss, lr, elapsed)
+                    if evaluate:
+                        values["val/loss"] = self.evaluate()
+                    monitor.scalars(step, values)
+                monitor.advance()
+                stop = self._should_stop()
+                if stop or step == last or (r.checkpoint.every and step % r.checkpoint.every == 0):
+                    self.save()
+                if stop:
+                    outcome = f"stopped by signal {signal.Signals(self.stop_signal or signal.SIGTERM).name}"
+                    break
+            if self.state["step"] < t.steps and outcome == "finished":
+                outcome = "stopped at train.stop_at"
+            if self.state["step"] == t.steps:
+                self.export()
+        finally:
+            monitor.close()
+        if self.rank == 0:
+            status = {"state": "finished" if self.state["step"] == t.steps else "stopped", "reason": outcome,
+                      "step": self.state["step"], "steps": t.steps, "checkpoint": latest_tag(self.ckpt_dir)}
+            (r.run_dir / STATUS).write_text(json.dumps(status, indent=1))
+            print(f"{outcome} at step {self.state['step']}/{t.steps}; checkpoint {self.ckpt_dir}/{status['checkpoint']}",
+                  flush=True)
+        return outcome
+
+    def _train_scalars(self, loss: float, lr: float, elapsed: float) -> dict:
+        tflops = self.step_flops / elapsed / self.world / 1e12
+        scale = getattr(self.engine.optimizer, "cur_scale", None) if self.recipe.train.precision == "fp16" else None
+        norm = self.engine.get_global_grad_norm()
+        return {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": float(norm) if norm is not None else None,
+            "train/tokens": self.state["tokens"],
+            "train/flops": self.state["flops"],
+            "train/stage": self.state["stage"],
+            "train/loss_scale": scale,
+            "perf/tokens_per_s": self.tokens_per_step / elapsed,
+            "perf/tflops_per_device": tflops,
+            "perf/mfu": tflops / self.peak if self.peak else None,
+        }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launchers.train")
+    p.add_argument("--run-dir", required=True, type=Path)
+    p.add_argument("--resume", default="none")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    quiet_libraries()
+    recipe = config.validate(config.build(config.Recipe, yaml.safe_load((args.run_dir / "recipe.yaml").read_text())))
+    import torch.distributed as dist
+    try:
+        Trainer(recipe, args.resume).run()
+    except config.RecipeError as err:
+        print(f"b2b train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
