@@ -45,6 +45,7 @@ class ModelConfig:
 class DataConfig:
     files: list[str] | None = None  # local .txt/.jsonl/.json/.parquet files (else the offline corpus)
     hub: str | None = None  # a hub dataset name (downloads at run time)
+    hub_config: str | None = None  # its configuration, e.g. wikitext-103-raw-v1
     text_field: str = "text"
     tokenizer: str | None = None  # a tokenizer/model dir, 'minilm', 'wordpiece' or 'bpe' (trained)
     vocab_size: int = 8192  # for a trained tokenizer
@@ -65,7 +66,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.01
-    warmup_steps: int = 0
+    warmup_steps: int = 1  # linear from the floor; step 1 runs at the floor (as HF schedules)
     schedule: str = "linear"  # linear decay, cosine decay or constant after warmup
     min_lr_ratio: float = 0.0  # the floor as a fraction of lr (linear: warmup starts there too)
     grad_clip: float = 1.0
@@ -343,7 +344,8 @@ def validate(recipe: Recipe) -> Recipe:
     _require(o.eps > 0, "optim.eps", "must be positive")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r}: use one of {', '.join(SCHEDULES)}")
-    _require(0 <= o.warmup_steps <= t.steps, "optim.warmup_steps", f"{o.warmup_steps}: must be in [0, train.steps]")
+    _require(1 <= o.warmup_steps <= t.steps, "optim.warmup_steps",
+             f"{o.warmup_steps}: must be in [1, train.steps] (DeepSpeed's warmup schedulers need a step or more)")
     _require(o.schedule != "cosine" or o.warmup_steps >= 2, "optim.warmup_steps",
              "DeepSpeed's WarmupCosineLR needs at least 2 warmup steps: set 2 or more, or another optim.schedule")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")

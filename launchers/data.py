@@ -74,7 +74,7 @@ def load_corpus(recipe: Recipe):
         kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[Path(d.files[0]).suffix]
         ds = datasets.load_dataset(kind, data_files=list(d.files), split="train")
     elif d.hub:
-        ds = datasets.load_dataset(d.hub, split="train")
+        ds = datasets.load_dataset(d.hub, d.hub_config, split="train")
     else:
         ds = datasets.Dataset.from_dict({"text": python_docs()})
     field = "text" if not (d.files or d.hub) else d.text_field
@@ -94,7 +94,7 @@ def corpus_key(recipe: Recipe) -> dict:
     if d.files:
         source = {"files": [[str(Path(f).resolve()), _sha256(Path(f))] for f in d.files]}
     elif d.hub:
-        source = {"hub": d.hub}
+        source = {"hub": d.hub, "config": d.hub_config}
     else:
         source = {"python-docs": sys.version}
     return {**source, "text_field": d.text_field, "max_documents": d.max_documents}

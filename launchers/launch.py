@@ -52,6 +52,9 @@ def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
     if resume == "none" and ckpts.is_dir() and checkpoint_tags(ckpts):
         raise RecipeError(f"{recipe.run_dir} already holds checkpoints: continue it with --resume auto, "
                           "or choose a new out_dir (--set out_dir=...)")
+    if resume not in ("none", "auto") and not (ckpts / resume).is_dir():
+        raise RecipeError(f"--resume {resume}: no such checkpoint in {ckpts}; use 'auto' or one of "
+                          f"{checkpoint_tags(ckpts) if ckpts.is_dir() else []}")
 
 
 def train(path: str, sets: list[str], procs: int | None, resume: str = "none", dry_run: bool = False) -> int:

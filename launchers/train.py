@@ -172,7 +172,10 @@ class Trainer:
             tmp = self.ckpt_dir / "latest.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.ckpt_dir / "latest")
-            for old in checkpoint_tags(self.ckpt_dir)[:-self.recipe.checkpoint.keep]:
+            tags = checkpoint_tags(self.ckpt_dir)
+            here = tags.index(tag) + 1
+            # keep the newest K up to this one; any later tag is a partial save of an abandoned attempt
+            for old in tags[:max(0, here - self.recipe.checkpoint.keep)] + tags[here:]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
         self.dist.barrier()
 

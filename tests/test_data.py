@@ -1,0 +1,127 @@
+"""The data pipeline (offline corpus, trained tokenizers, packing, cache, deterministic batches,
+MLM masking) and the analytic FLOPs, checked against torch's own FLOP counter."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+from growth import Shape
+from launchers import config
+from launchers.cli import main
+from launchers.data import Batches, mask_tokens, prepare, python_docs
+from launchers.model import forward_flops_per_token, train_flops_per_token
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny(arch, cache, *sets):
+    name = "bert-tiny-cpu" if arch == "bert" else "gpt-tiny-cpu"
+    return config.load(RECIPES / f"{name}.yaml", [f"data.cache_dir={cache}", "data.max_documents=800",
+                                                  "data.vocab_size=512", *sets])
+
+
+def test_offline_corpus_is_the_standard_library_docs():
+    docs = python_docs()
+    assert len(docs) > 1000 and all(len(d) >= 100 for d in docs)
+    assert any("Return" in d for d in docs[:200])
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_prepare_packs_and_caches(arch, cache):
+    recipe = tiny(arch, cache)
+    logs = []
+    path = prepare(recipe, log=logs.append)
+    assert logs and (path / "meta.json").is_file()
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["vocab_size"] == 512 and meta["sequences"]["train"] > 10 * meta["sequences"]["val"] > 0
+    again = []
+    assert prepare(recipe, log=again.append) == path and again == []  # cached: nothing rebuilt
+    assert prepare(tiny(arch, cache, "data.seq_len=32"), log=again.append) != path and again  # new key
+    data = Batches(path, recipe, rank=0, world=1)
+    rows = data.train[:50]["input_ids"]
+    assert rows.shape == (50, recipe.data.seq_len)
+    tok = data.tokenizer
+    if arch == "bert":
+        assert (rows[:, 0] == tok.cls_token_id).all() and (rows[:, -1] == tok.sep_token_id).all()
+    else:
+        assert (rows == tok.eos_token_id).any()  # documents are separated by end-of-text
+
+
+def test_batches_are_a_function_of_step_and_rank(cache):
+    recipe = tiny("gpt2", cache, "batch.micro=3", "batch.accum=2")
+    path = prepare(recipe)
+    ranks = [Batches(path, recipe, rank=r, world=2) for r in range(2)]
+    seen = []
+    for step in (1, 2):
+        for micro in range(2):
+            for data in ranks:
+                seen += [tuple(row.tolist()) for row in data.train_batch(step, micro)["input_ids"]]
+    assert len(set(seen)) == len(seen) == 2 * 2 * 2 * 3  # no sample read twice within an epoch
+    fresh = Batches(path, recipe, rank=1, world=2)  # a resumed process reads what the first one read
+    assert torch.equal(fresh.train_batch(2, 1)["input_ids"], ranks[1].train_batch(2, 1)["input_ids"])
+    n = len(fresh.train)
+    wrap = (n // 12) + 2  # a step past the first epoch draws from the next epoch's permutation
+    assert fresh.train_batch(wrap, 0)["input_ids"].shape == (3, recipe.data.seq_len)
+
+
+def test_dynamic_masking_80_10_10(cache):
+    recipe = tiny("bert", cache)
+    data = Batches(prepare(recipe), recipe, rank=0, world=1)
+    tok = data.tokenizer
+    ids = torch.from_numpy(data.train[:400]["input_ids"]).long()
+    gen = lambda: torch.Generator().manual_seed(5)
+    out = mask_tokens(ids, gen(), 0.15, data.special, tok.mask_token_id, len(tok))
+    again = mask_tokens(ids, gen(), 0.15, data.special, tok.mask_token_id, len(tok))
+    assert torch.equal(out["input_ids"], again["input_ids"])
+    chosen = out["labels"] != -100
+    assert torch.equal(out["labels"][chosen], ids[chosen])
+    assert not chosen[:, 0].any() and not chosen[:, -1].any()  # [CLS] and [SEP] are never chosen
+    assert 0.14 < chosen.float().mean() < 0.16
+    masked = (out["input_ids"] == tok.mask_token_id) & chosen
+    kept = (out["input_ids"] == ids) & chosen
+    assert 0.77 < masked.sum() / chosen.sum() < 0.83
+    assert 0.08 < kept.sum() / chosen.sum() < 0.13  # 10% kept, plus random draws that hit the same token
+    assert torch.equal(out["input_ids"][~chosen], ids[~chosen])
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_analytic_flops_equal_torchs_flop_counter(arch):
+    shape, vocab, seq, batch = Shape(2, 64, 4, 96), 300, 32, 2
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=96)) if arch == "bert" else \
+        GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_inner=96,
+                                   bos_token_id=0, eos_token_id=0))
+    ids = torch.randint(0, vocab, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids)
+    assert counter.get_total_flops() == forward_flops_per_token(shape, seq, vocab, arch) * batch * seq
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.sum().backward()
+    assert counter.get_total_flops() == train_flops_per_token(shape, seq, vocab, arch) * batch * seq
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_b2b_tokenizer(kind, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(python_docs()[:300]))
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "--kind", kind, "--vocab-size", "400", "--files", str(corpus), "--out", str(out)]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 400
+    ids = tok("Return the value.")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True).strip().lower() == "return the value."
+    if kind == "wordpiece":
+        assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    capsys.readouterr()
+    assert main(["tokenizer", "--kind", kind, "--files", str(corpus), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""Recipes: every recipe parses and dry-runs; overrides are typed; bad recipes fail before any
+process starts, naming the key, with nothing written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launchers import config
+from launchers.cli import main
+
+RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def dry_run(capsys, recipe, *sets, procs=2):
+    code, out, err = run(capsys, "train", recipe, "--dry-run", "--procs", procs, *sum((["--set", s] for s in sets), []))
+    assert code == 0, err
+    text, _, ds = out.partition("# DeepSpeed config")
+    return yaml.safe_load(text), json.loads(ds[ds.index("{"):])
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_dry_runs(recipe, capsys):
+    resolved, ds = dry_run(capsys, recipe, procs=8)
+    b = resolved["batch"]
+    assert ds["train_batch_size"] == b["micro"] * b["accum"] * 8
+    assert ds["train_micro_batch_size_per_gpu"] == b["micro"]
+    assert ds["zero_optimization"]["stage"] == resolved["zero"]["stage"]
+    assert ds["bf16"]["enabled"] == (resolved["train"]["precision"] == "bf16")
+    assert ds["optimizer"]["params"]["lr"] == resolved["optim"]["lr"]
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == resolved["optim"]["warmup_steps"]
+
+
+def test_cluster_recipes_derive_accumulation_from_the_global_batch(capsys):
+    for procs, accum in ((8, 1), (2, 4), (1, 8)):
+        resolved, ds = dry_run(capsys, RECIPES[0].parent / "bert-large.yaml", procs=procs)
+        assert resolved["batch"]["accum"] == accum and ds["train_batch_size"] == 256
+
+
+def test_overrides_are_typed_and_reach_the_deepspeed_config(capsys):
+    resolved, ds = dry_run(capsys, RECIPES[0].parent / "gpt-tiny-cpu.yaml", "optim.lr=3e-4", "model.layers=3",
+                           "optim.betas=[0.8, 0.9]", "zero.stage=3", "batch.accum=2")
+    assert resolved["optim"]["lr"] == 3e-4 and resolved["model"]["layers"] == 3
+    assert ds["optimizer"]["params"]["betas"] == [0.8, 0.9]
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 8 * 2 * 2
+
+
+def test_a_recipe_names_only_what_differs_from_its_base(tmp_path, capsys):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {RECIPES[0].parent / 'bert-tiny-cpu.yaml'}\nname: child\noptim: {{lr: 5.0e-4}}\n")
+    resolved, _ = dry_run(capsys, child)
+    assert resolved["name"] == "child" and resolved["optim"]["lr"] == 5e-4
+    assert resolved["optim"]["warmup_steps"] == 10 and resolved["model"]["hidden"] == 64
+
+
+BAD = {
+    "unknown key": ("optim: {lrr: 1.0e-3}", [], "unknown key optim.lrr: did you mean optim.lr?"),
+    "unknown section": ("optimizer: {lr: 1.0e-3}", [], "unknown key optimizer"),
+    "duplicate key": ("train: {steps: 10}\ntrain: {steps: 20}", [], "duplicate key 'train'"),
+    "wrong type": ("train: {steps: ten}", [], "train.steps: expected int, got 'ten'"),
+    "bool for int": ("batch: {micro: true}", [], "batch.micro: expected int"),
+    "negative lr": ("", ["optim.lr=-1"], "optim.lr: -1.0: must be positive"),
+    "zero stage": ("", ["zero.stage=4"], "zero.stage: 4: use 0, 1, 2 or 3"),
+    "warmup past the end": ("", ["optim.warmup_steps=500"], "optim.warmup_steps: 500"),
+    "no warmup": ("", ["optim.warmup_steps=0"], "optim.warmup_steps: 0: must be in [1, train.steps]"),
+    "sequence past positions": ("", ["data.seq_len=4096"], "data.seq_len: 4096"),
+    "heads do not divide": ("", ["model.heads=3"], "heads=3 does not divide hidden=64"),
+    "missing data file": ("", ["data.files=[/no/such/corpus.txt]"], "data.files: /no/such/corpus.txt: no such file"),
+    "missing init_from": ("", ["model.init_from=/no/such/model"], "model.init_from: /no/such/model"),
+    "shape set twice": ("", ["model.arch=null"], "model.arch: required"),
+    "global batch": ("", ["batch.global_size=100", "batch.accum=1"], "batch.global_size: 100 but"),
+    "indivisible global batch": ("", ["batch.accum=null", "batch.global_size=20"], "batch.global_size: 20 is not a multiple"),
+    "bad override": ("", ["optim.lr"], "--set 'optim.lr': expected key=value"),
+    "missing tokenizer": ("", ["data.tokenizer=/no/such/tok"], "data.tokenizer: /no/such/tok"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_recipes_fail_before_anything_starts(case, tmp_path, capsys):
+    text, sets, message = BAD[case]
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"base: {RECIPES[0].parent / 'bert-tiny-cpu.yaml'}\n{text}\n")
+    out_dir = tmp_path / "run"
+    argv = ["train", recipe, "--procs", 2, "--set", f"out_dir={out_dir}"] + sum((["--set", s] for s in sets), [])
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("b2b train: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not out_dir.exists()
+
+
+def test_a_missing_recipe_file_and_a_base_cycle(tmp_path, capsys):
+    code, _, err = run(capsys, "train", tmp_path / "nope.yaml", "--dry-run")
+    assert code == 2 and "nope.yaml: no such recipe file" in err
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    code, _, err = run(capsys, "train", tmp_path / "a.yaml", "--dry-run")
+    assert code == 2 and "cycle" in err
+
+
+def test_reduced_precision_needs_a_gpu(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", RECIPES[0].parent / "bert-tiny-cpu.yaml", "--set", "train.precision=bf16",
+                       "--set", f"out_dir={out_dir}")
+    assert code == 2 and "train.precision: bf16 needs a GPU" in err and not out_dir.exists()
+
+
+def test_deepspeed_schedules():
+    recipe = config.load(RECIPES[0].parent / "gpt-tiny-cpu.yaml")
+    ds = config.deepspeed_config(recipe, 1, cpu=True)
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"]["cos_min_ratio"] == 0.1
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    for schedule, kind in (("linear", "WarmupDecayLR"), ("constant", "WarmupLR")):
+        recipe = config.load(RECIPES[0].parent / "gpt-tiny-cpu.yaml", [f"optim.schedule={schedule}"])
+        assert config.deepspeed_config(recipe, 1, cpu=False)["scheduler"]["type"] == kind

@@ -1,0 +1,154 @@
+"""`b2b train` end to end: two processes on CPU (gloo) through the DeepSpeed launcher, ZeRO-2 and
+ZeRO-3, a tiny BERT and a tiny GPT-2: the loss falls, TensorBoard scalars are read back, sharded
+checkpoints are written and pruned, a stopped run resumes exactly, a signal stops a run with a
+checkpoint, and a grown HF checkpoint initialises the model at every ZeRO stage."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from launchers import config
+from launchers.data import Batches, cache_path
+from launchers.events import read_scalars
+from launchers.launch import EXIT_STOPPED
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+TINY = {"bert": RECIPES / "bert-tiny-cpu.yaml", "gpt2": RECIPES / "gpt-tiny-cpu.yaml"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def train_cmd(recipe, out_dir, cache, *sets, resume=None):
+    sets = [f"out_dir={out_dir}", f"data.cache_dir={cache}", "data.max_documents=800", "data.vocab_size=512",
+            "logging.progress=false", *sets]
+    cmd = [sys.executable, "-m", "launchers.cli", "train", str(recipe), "--procs", "2"]
+    cmd += sum((["--set", s] for s in sets), []) + (["--resume", resume] if resume else [])
+    return cmd
+
+
+def b2b_train(*args, **kwargs):
+    return subprocess.run(train_cmd(*args, **kwargs), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("arch,stage", [("bert", 2), ("bert", 3), ("gpt2", 2), ("gpt2", 3)])
+def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
+    sets = [f"zero.stage={stage}", "train.steps=12", "train.eval_every=6", "optim.warmup_steps=2",
+            "checkpoint.every=4", "checkpoint.keep=2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    done = b2b_train(TINY[arch], full, cache, *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    stopped = b2b_train(TINY[arch], part, cache, *sets, "train.stop_at=6")
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    assert "--resume auto" in stopped.stderr
+    assert (part / "checkpoints" / "latest").read_text() == "step00000006"
+    # a save that died half-way (no 'latest' pointing at it) must never be resumed from
+    partial = part / "checkpoints" / "step00000009"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    resumed = b2b_train(TINY[arch], part, cache, *sets, resume="auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step00000006 at step 6" in resumed.stdout
+
+    a, b = read_scalars(full), read_scalars(part)
+    assert sorted(a["train/loss"]) == sorted(b["train/loss"]) == list(range(1, 13))
+    for step in range(1, 13):  # fp32 on CPU: every step after the resume equals the uninterrupted run's
+        assert abs(a["train/loss"][step] - b["train/loss"][step]) <= 1e-6, step
+    assert abs(a["val/loss"][12] - b["val/loss"][12]) <= 1e-6
+    loss = a["train/loss"]
+    assert sum(loss[s] for s in (10, 11, 12)) / 3 < sum(loss[s] for s in (1, 2, 3)) / 3 - 0.1
+    assert sorted(a["val/loss"]) == [6, 12] and a["val/loss"][12] < a["val/loss"][6]
+
+    recipe = config.load(TINY[arch], [f"data.cache_dir={cache}", "data.max_documents=800", "data.vocab_size=512"])
+    tokens = 8 * 2 * recipe.data.seq_len
+    for step in range(1, 13):
+        assert a["train/tokens"][step] == step * tokens
+        assert a["train/flops"][step] == pytest.approx(step * a["train/flops"][1], rel=1e-6)
+        assert a["train/grad_norm"][step] > 0 and a["perf/tokens_per_s"][step] > 0
+    lr = a["train/lr"]  # 2 warmup steps from 0 (step 1 at 0, as HF's schedules), then decay from the peak
+    assert lr[1] == 0.0 and lr[2] == pytest.approx(5e-4) and max(lr.values()) == lr[3] <= 1e-3
+    assert lr[12] < lr[6] < lr[3]
+
+    for run in (full, part):  # saves at 4, 8 and 12 (and 6 when stopped), keep 2; the partial save pruned
+        ckpts = run / "checkpoints"
+        assert (ckpts / "latest").read_text() == "step00000012"
+        assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000008", "step00000012"]
+        assert (ckpts / "step00000012" / "recipe.yaml").is_file()
+        assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    shards = sorted(p.name for p in (full / "checkpoints" / "step00000012").glob("*optim_states.pt"))
+    assert len(shards) == 2  # one optimizer shard per data-parallel rank
+    auto = AutoModelForMaskedLM if arch == "bert" else AutoModelForCausalLM
+    assert auto.from_pretrained(full / "final").config.num_hidden_layers == 2
+
+
+def test_a_signal_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):
+    run = tmp_path / "run"
+    sets = ["train.steps=40", "train.eval_every=0", "checkpoint.every=0", "optim.warmup_steps=2"]
+    proc = subprocess.Popen(train_cmd(TINY["bert"], run, cache, *sets), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3:"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == EXIT_STOPPED, "".join(lines[-40:])
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["reason"] == "stopped by signal SIGUSR1"
+    assert 3 <= status["step"] < 40
+    assert (run / "checkpoints" / "latest").read_text() == f"step{status['step']:08d}"
+    resumed = b2b_train(TINY["bert"], run, cache, *sets, resume="auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(read_scalars(run)["train/loss"]) == list(range(1, 41))
+
+
+def test_resume_errors(tmp_path, cache):
+    run = tmp_path / "run"
+    first = b2b_train(TINY["gpt2"], run, cache, "train.steps=2", "optim.warmup_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = b2b_train(TINY["gpt2"], run, cache, "train.steps=2", "optim.warmup_steps=2")
+    assert again.returncode == 2 and "already holds checkpoints: continue it with --resume auto" in again.stderr
+    missing = b2b_train(TINY["gpt2"], run, cache, "train.steps=2", "optim.warmup_steps=2", resume="step00000099")
+    assert missing.returncode == 2 and "--resume step00000099: no such checkpoint" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def grown_minilm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grown") / "minilm-8l"
+    done = subprocess.run([sys.executable, "-m", "launchers.cli", "grow", "minilm", "--to", "layers=8",
+                           "--width", "fpi", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_init_from_a_grown_checkpoint_at_every_zero_stage(stage, grown_minilm, tmp_path, cache):
+    """The first step's loss is the grown model's own loss on that step's batches: the weights
+    arrive intact whether DeepSpeed keeps, shards the optimizer of, or partitions the model."""
+    run = tmp_path / "run"
+    sets = [f"model.init_from={grown_minilm}", "model.arch=null", "model.layers=null", "model.hidden=null",
+            "model.heads=null", "model.ffn=null", "model.dropout=0.0", "data.tokenizer=null", "data.seq_len=32",
+            "data.max_documents=300", "batch.micro=2", f"zero.stage={stage}", "train.steps=1",
+            "optim.warmup_steps=1", "train.eval_batches=1"]
+    done = b2b_train(TINY["bert"], run, cache, *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = read_scalars(run)["train/loss"][1]
+
+    recipe = config.load(run / "recipe.yaml")
+    assert recipe.model.layers == 8 and recipe.model.hidden == 384
+    torch.manual_seed(recipe.seed)  # the MLM head MiniLM lacks is initialised as the trainer did
+    model = AutoModelForMaskedLM.from_pretrained(grown_minilm).eval()
+    with torch.no_grad():
+        losses = [model(**Batches(cache_path(recipe), recipe, rank, 2).train_batch(1, 0)).loss for rank in (0, 1)]
+    assert abs(logged - sum(losses).item() / 2) < 1e-5
