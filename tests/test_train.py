@@ -76,7 +76,8 @@ def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
         assert a["train/flops"][step] == pytest.approx(step * a["train/flops"][1], rel=1e-6)
         assert a["train/grad_norm"][step] > 0 and a["perf/tokens_per_s"][step] > 0
     lr = a["train/lr"]  # 2 warmup steps from 0 (step 1 at 0, as HF's schedules), then decay from the peak
-    assert lr[1] == 0.0 and lr[2] == pytest.approx(5e-4) and max(lr.values()) == lr[3] <= 1e-3
+    assert lr[1] == 0.0 and lr[2] == pytest.approx(5e-4, rel=1e-6)  # TensorBoard stores float32
+    assert max(lr.values()) == lr[3] <= 1e-3 * (1 + 1e-6)
     assert lr[12] < lr[6] < lr[3]
 
     for run in (full, part):  # saves at 4, 8 and 12 (and 6 when stopped), keep 2; the partial save pruned
