@@ -32,6 +32,12 @@ def cmd_tokenizer(args) -> int:
     return train_tokenizer_command(args.kind, args.vocab_size, args.files, args.out)
 
 
+def cmd_report(args) -> int:
+    from .report import report
+    report(args.runs, target=args.target, k=args.smooth, baseline=args.baseline, out=args.out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="b2b", description="bert2BERT: grow pretrained transformers and train them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +77,17 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--files", nargs="+", help="local .txt/.jsonl/.parquet files (default: the offline corpus)")
     k.add_argument("--out", required=True)
     k.set_defaults(func=cmd_tokenizer)
+
+    r = sub.add_parser("report", help="FLOPs and wall-clock to a target loss, and savings against the baseline")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by b2b train")
+    r.add_argument("--target", type=float,
+                   help="target validation loss (default: the baseline's final smoothed loss, mean over seeds)")
+    r.add_argument("--smooth", type=int, default=3, metavar="K",
+                   help="trailing moving average over the last K evaluations (default 3)")
+    r.add_argument("--baseline", default="scratch", metavar="METHOD",
+                   help="method label of the from-scratch baseline (default: scratch)")
+    r.add_argument("--out", default="runs/report", help="output directory (default runs/report)")
+    r.set_defaults(func=cmd_report)
     return p
 
 

@@ -22,11 +22,19 @@ from growth import GrowthError, Shape
 ARCHS = ("bert", "gpt2")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
+STAGE1_SAMPLING = ("uniform", "cyclic")
 TOKENIZER_KINDS = ("wordpiece", "bpe")  # trained on the corpus by `b2b tokenizer` / the data pipeline
 
 
 class RecipeError(ValueError):
     """A bad recipe: the message names the key and how to fix it."""
+
+
+@dataclass
+class GrowthConfig:
+    width: str = "aki"  # fpi | aki | direct | exact (b2b grow --width)
+    depth: str = "stack"  # stack | identity (b2b grow --depth)
+    seed: int = 0
 
 
 @dataclass
@@ -39,6 +47,8 @@ class ModelConfig:
     max_positions: int = 512
     dropout: float = 0.1
     init_from: str | None = None  # an HF model directory, e.g. the output of `b2b grow`
+    grow_from: str | None = None  # a smaller HF model, grown (model.growth) to this shape into RUN/grown first
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
 
 
 @dataclass
@@ -90,8 +100,18 @@ class TrainConfig:
     precision: str = "fp32"
     eval_every: int = 50
     eval_batches: int = 4
-    stage: int = 0  # the pretraining stage this run is (logged; two-stage recipes set it)
     stop_at: int | None = None  # checkpoint and stop after this step, as if preempted
+
+
+@dataclass
+class Stage1Config:
+    """bert2BERT's stage 1: each step trains a sub-model of the bottom k x block layers (plus the
+    head), updating only its top `block` layers; stage 2 (the remaining steps) trains the full model."""
+    steps: int = 0  # stage-1 steps (0: no stage 1, ordinary training)
+    block: int = 3  # l_b: layers trained per step; sub-model depths block, 2 block, ..., model.layers
+    sampling: str = "uniform"  # uniform over the depths, or cyclic (bottom-up, one depth per step)
+    train_embeddings: bool = False  # embeddings (and a head tied to them) also train in stage 1
+    train_head: bool = True  # the LM head (its untied parts) trains in stage 1
 
 
 @dataclass
@@ -111,6 +131,7 @@ class LoggingConfig:
 @dataclass
 class Recipe:
     name: str = "run"
+    method: str | None = None  # the label `b2b report` groups runs by (default: name)
     out_dir: str | None = None  # default runs/<name>
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -120,12 +141,23 @@ class Recipe:
     batch: BatchConfig = field(default_factory=BatchConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir or f"runs/{self.name}")
+
+    @property
+    def start_model(self) -> Path | None:
+        """The HF directory the model starts from: init_from, or grow_from grown into RUN/grown."""
+        if self.model.grow_from is not None:
+            return self.run_dir / "grown"
+        if self.model.init_from is not None:
+            from growth.adapters.hf import resolve
+            return resolve(self.model.init_from)
+        return None
 
     @property
     def shape(self) -> Shape:
@@ -286,27 +318,38 @@ def _require(ok: bool, key: str, message: str):
 
 
 def resolve_model(recipe: Recipe) -> None:
-    """Fill arch and shape from init_from's config.json; conflicting values are errors."""
+    """Fill arch (and for init_from, the shape) from the starting model's config.json;
+    conflicting values are errors. A grow_from source must be growable into the recipe's shape."""
     m = recipe.model
-    if m.init_from is None:
-        missing = [k for k in ("arch", "layers", "hidden", "heads", "ffn") if getattr(m, k) is None]
+    _require(m.init_from is None or m.grow_from is None, "model.grow_from", "set model.init_from or model.grow_from, not both")
+    start = m.init_from or m.grow_from
+    shape_keys = ("layers", "hidden", "heads", "ffn")
+    if start is None or m.grow_from is not None:
+        missing = [k for k in shape_keys if getattr(m, k) is None] + (["arch"] if start is None and m.arch is None else [])
         _require(not missing, f"model.{missing[0] if missing else ''}",
+                 "required (the target shape)" if m.grow_from else
                  "required (or set model.init_from to a grown model directory)")
+    if start is None:
         return
+    from growth import WIDTH_METHODS, DEPTH_METHODS, check_growable
     from growth.adapters.hf import read_config, resolve
     from growth.shape import shape_from_config
+    key = "model.init_from" if m.init_from else "model.grow_from"
     try:
-        path = resolve(m.init_from)
-        cfg = read_config(path)
+        cfg = read_config(resolve(start))
         shape = shape_from_config(cfg)
+        if m.grow_from:
+            _require(m.growth.width in WIDTH_METHODS, "model.growth.width", f"use one of {', '.join(WIDTH_METHODS)}")
+            _require(m.growth.depth in DEPTH_METHODS, "model.growth.depth", f"use one of {', '.join(DEPTH_METHODS)}")
+            check_growable(shape, Shape(m.layers, m.hidden, m.heads, m.ffn))
     except GrowthError as err:
-        raise RecipeError(f"model.init_from: {err}") from None
-    found = {"arch": cfg["model_type"], **dataclasses.asdict(shape)}
-    for key, value in found.items():
-        mine = getattr(m, key)
-        _require(mine is None or mine == value, f"model.{key}",
-                 f"{mine!r} but model.init_from {m.init_from} has {value!r}: remove the key or fix it")
-        setattr(m, key, value)
+        raise RecipeError(f"{key}: {err}") from None
+    found = {"arch": cfg["model_type"]} | ({} if m.grow_from else dataclasses.asdict(shape))
+    for k, value in found.items():
+        mine = getattr(m, k)
+        _require(mine is None or mine == value, f"model.{k}",
+                 f"{mine!r} but {key} {start} has {value!r}: remove the key or fix it")
+        setattr(m, k, value)
     positions = cfg.get("max_position_embeddings", cfg.get("n_positions"))
     if positions is not None:
         m.max_positions = positions
@@ -359,6 +402,11 @@ def validate(recipe: Recipe) -> Recipe:
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
     _require(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
     _require(t.stop_at is None or 1 <= t.stop_at <= t.steps, "train.stop_at", f"must be in [1, train.steps]")
+    s1 = recipe.stage1
+    _require(0 <= s1.steps <= t.steps, "stage1.steps", f"{s1.steps}: must be in [0, train.steps]")
+    _require(s1.steps == 0 or (s1.block >= 1 and m.layers % s1.block == 0), "stage1.block",
+             f"{s1.block}: must divide model.layers ({m.layers}) so that the sub-models are block, 2 block, ...")
+    _require(s1.sampling in STAGE1_SAMPLING, "stage1.sampling", f"{s1.sampling!r}: use one of {', '.join(STAGE1_SAMPLING)}")
     _require(recipe.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
     _require(recipe.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(recipe.logging.every >= 1, "logging.every", "must be >= 1")

@@ -14,9 +14,11 @@ computes the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import sys
@@ -30,7 +32,7 @@ import yaml
 
 from . import config
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
-from .model import build_model, peak_tflops, train_flops_per_token
+from .model import bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
 
 CHECKPOINTS = "checkpoints"
 STATUS = "status.json"
@@ -38,13 +40,51 @@ STEP_TAG = "step{:08d}"
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: biases and LayerNorm weights get no weight decay (BERT's and GPT-2's recipe)."""
-    decay, no_decay = [], []
+def param_groups(model, weight_decay: float, by_unit: bool = False) -> tuple[list[dict], list]:
+    """AdamW groups (biases and LayerNorm weights get no weight decay, as BERT's and GPT-2's
+    recipes), and the unit of each group: one pair of groups per unit (embeddings, each block,
+    head) when `by_unit`, so that a unit can be frozen by giving its groups a learning rate of 0."""
+    groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith(NO_DECAY) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((unit_of(name) if by_unit else None, name.endswith(NO_DECAY)), []).append(p)
+    return ([{"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+             for (_, no_decay), params in groups.items()], [unit for unit, _ in groups])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What one step trains: the bottom `active` blocks run, blocks [lowest, active) train, and
+    the embeddings and head train or not. Ordinary training runs and trains everything."""
+    stage: int  # 0: ordinary training; 1 or 2: the stages of a two-stage run
+    active: int
+    lowest: int
+    embeddings: bool
+    head: bool
+
+    def trains(self, unit) -> bool:
+        if unit == "embeddings":
+            return self.embeddings
+        if unit == "head":
+            return self.head
+        return self.lowest <= unit < self.active
+
+    @property
+    def traversed(self) -> int:
+        """Blocks the gradients flow through: down to the embeddings when they train."""
+        return self.active if self.embeddings else self.active - self.lowest
+
+
+def plan_for(recipe: config.Recipe, step: int) -> StepPlan:
+    """bert2BERT's two stages: stage-1 steps sample a depth k x block (uniformly, or cyclically
+    bottom-up) and train its top `block` blocks; later steps train the full model."""
+    layers, s1 = recipe.model.layers, recipe.stage1
+    if step > s1.steps:
+        return StepPlan(2 if s1.steps else 0, layers, 0, True, True)
+    depths = layers // s1.block
+    k = (step - 1) % depths + 1 if s1.sampling == "cyclic" else \
+        random.Random(seed_for(recipe.seed, step, 2)).randint(1, depths)
+    return StepPlan(1, k * s1.block, (k - 1) * s1.block, s1.train_embeddings, s1.train_head)
 
 
 def checkpoint_tags(ckpt_dir: Path) -> list[str]:
@@ -120,17 +160,15 @@ class Trainer:
         dist.barrier()
         self.data = Batches(cache_path(recipe), recipe, self.rank, self.world)
         model = build_model(recipe, self.data.tokenizer)
-        self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, recipe.optim.weight_decay),
-            config=config.deepspeed_config(recipe, self.world, self.cpu))
+        groups, self.group_units = param_groups(model, recipe.optim.weight_decay, by_unit=recipe.stage1.steps > 0)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                               config=config.deepspeed_config(recipe, self.world, self.cpu))
+        self.plan = None
         self.ckpt_dir = recipe.run_dir / CHECKPOINTS
         self.global_batch = config.fit_world(recipe, self.world)
-        tokens_per_step = self.global_batch * recipe.data.seq_len
-        self.step_flops = tokens_per_step * train_flops_per_token(
-            recipe.shape, recipe.data.seq_len, len(self.data.tokenizer), recipe.model.arch)
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_step = self.global_batch * recipe.data.seq_len
         self.peak = peak_tflops(recipe)
-        self.state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "stage": recipe.train.stage}
+        self.state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "stage": 0}
         if not self._resume(resume):
             # DeepSpeed's warmup schedulers start at iteration -1, so the first step and the second
             # would both run at the floor; one step puts step 1 at iteration 0 (HF's convention).
@@ -192,6 +230,10 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 module.save_pretrained(str(tmp))
                 self.data.tokenizer.save_pretrained(str(tmp))
+                s = self.state  # this model's own training cost, for reports on models grown from it
+                (tmp / "training.json").write_text(json.dumps(
+                    {"recipe": self.recipe.name, "steps": s["step"], "tokens": s["tokens"], "flops": s["flops"],
+                     "train_seconds": s["seconds"]}, indent=1))
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
         self.dist.barrier()
@@ -206,18 +248,40 @@ class Trainer:
         self.dist.all_reduce(t)
         return t.item() / self.world
 
-    def train_step(self, step: int) -> tuple[float, float]:
+    def step_flops(self, plan: StepPlan) -> float:
+        r = self.recipe
+        return self.tokens_per_step * train_flops_per_token(r.shape, r.data.seq_len, len(self.data.tokenizer),
+                                                            r.model.arch, plan.active, plan.traversed)
+
+    def _freeze(self, plan: StepPlan) -> float:
+        """Apply the plan: parameters outside it get no gradient and their groups a learning rate
+        of 0 for this step (DeepSpeed's scheduler sets every group's rate again after the step).
+        Returns the scheduled learning rate."""
+        groups = self.engine.optimizer.param_groups
+        lr = max(g["lr"] for g in groups)
+        if plan != self.plan:
+            for name, p in self.engine.module.named_parameters():
+                p.requires_grad_(plan.trains(unit_of(name)))
+            self.plan = plan
+        if plan.stage == 1:
+            for group, unit in zip(groups, self.group_units):
+                if not plan.trains(unit):
+                    group["lr"] = 0.0
+        return lr
+
+    def train_step(self, step: int, plan: StepPlan) -> tuple[float, float]:
         """(mean loss over micro steps and ranks, the learning rate this step used)."""
         self.engine.train()
-        lr = self.engine.get_lr()[0]
+        lr = self._freeze(plan)
         torch.manual_seed(seed_for(self.recipe.seed, step, self.rank, 1))  # dropout
         total = 0.0
-        for micro in range(self.recipe.batch.accum):
-            batch = {k: v.to(self.engine.device) for k, v in self.data.train_batch(step, micro).items()}
-            loss = self.engine(**batch).loss
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.item()
+        with bottom_blocks(self.engine.module, plan.active):
+            for micro in range(self.recipe.batch.accum):
+                batch = {k: v.to(self.engine.device) for k, v in self.data.train_batch(step, micro).items()}
+                loss = self.engine(**batch).loss
+                self.engine.backward(loss)
+                self.engine.step()
+                total += loss.item()
         return self._all_mean(total / self.recipe.batch.accum), lr
 
     @torch.no_grad()
@@ -240,17 +304,19 @@ class Trainer:
         try:
             while self.state["step"] < last:
                 step = self.state["step"] + 1
+                plan = plan_for(r, step)
                 start = time.perf_counter()
-                loss, lr = self.train_step(step)
+                loss, lr = self.train_step(step, plan)
                 elapsed = time.perf_counter() - start
                 s = self.state
-                s.update(step=step, samples=s["samples"] + self.global_batch,
-                         tokens=s["tokens"] + self.tokens_per_step, flops=s["flops"] + self.step_flops)
+                s.update(step=step, samples=s["samples"] + self.global_batch, stage=plan.stage,
+                         tokens=s["tokens"] + self.tokens_per_step, flops=s["flops"] + self.step_flops(plan),
+                         seconds=s.get("seconds", 0.0) + elapsed)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"step {step}: training loss is {loss}; lower optim.lr or check the data")
                 evaluate = (t.eval_every and step % t.eval_every == 0) or step == t.steps
                 if evaluate or step % r.logging.every == 0 or step == last:
-                    values = self._train_scalars(loss, lr, elapsed)
+                    values = self._train_scalars(loss, lr, elapsed, plan)
                     if evaluate:
                         values["val/loss"] = self.evaluate()
                     monitor.scalars(step, values)
@@ -275,8 +341,8 @@ class Trainer:
                   flush=True)
         return outcome
 
-    def _train_scalars(self, loss: float, lr: float, elapsed: float) -> dict:
-        tflops = self.step_flops / elapsed / self.world / 1e12
+    def _train_scalars(self, loss: float, lr: float, elapsed: float, plan: StepPlan) -> dict:
+        tflops = self.step_flops(plan) / elapsed / self.world / 1e12
         scale = getattr(self.engine.optimizer, "cur_scale", None) if self.recipe.train.precision == "fp16" else None
         norm = self.engine.get_global_grad_norm()
         return {
@@ -286,6 +352,8 @@ class Trainer:
             "train/tokens": self.state["tokens"],
             "train/flops": self.state["flops"],
             "train/stage": self.state["stage"],
+            "train/active_layers": plan.active,
+            "time/train_seconds": self.state["seconds"],
             "train/loss_scale": scale,
             "perf/tokens_per_s": self.tokens_per_step / elapsed,
             "perf/tflops_per_device": tflops,

@@ -1,0 +1,336 @@
+"""`b2b report`: how much training compute grown runs save against the from-scratch baseline.
+
+For each run directory (written by `b2b train`) the report reads the resolved recipe and the
+TensorBoard scalars, and smooths the validation-loss curve with a trailing moving average over
+the last K evaluations (fewer at the start of the curve). The target loss is `--target`, or the
+baseline's final smoothed validation loss averaged over its runs (one per seed). A run reaches
+the target at the first evaluation step whose smoothed loss is <= the target; its FLOPs and
+wall-clock to target are `train/flops` and `time/train_seconds` at that step.
+
+Savings are against F_baseline, the mean FLOPs to target of the baseline's runs that reached it:
+`1 - F_run / F_baseline`, and with the source model's own pretraining cost counted,
+`1 - (F_run + F_source) / F_baseline`, where F_source is the `flops` of `training.json` in the
+run's `model.grow_from` directory (relative to the current directory, as in the recipe; 0 for
+the baseline and for runs not grown; unknown, and reported as such, when the file is missing). Per method: runs, how many reached the target, and
+mean, sample standard deviation, min and max over those that did. A method that never reached
+the target gets no number.
+
+Writes `report.md`, `report.json` and `loss_vs_flops.png` to `--out`, each atomically, and only
+after every input has been read and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import RecipeError
+from .events import read_scalars
+
+VAL, FLOPS, SECONDS = "val/loss", "train/flops", "time/train_seconds"
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    method: str
+    seed: int
+    grow_from: str | None
+    state: str | None  # status.json's state: finished, stopped, or None when absent
+    steps: list[int]  # evaluation steps
+    val: list[float]  # validation loss at those steps
+    smoothed: list[float]
+    flops: list[float]  # cumulative training FLOPs at those steps
+    seconds: list[float | None]  # cumulative training seconds (None where not logged)
+    source_flops: float | None  # None: unknown
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def smooth(values: list[float], k: int) -> list[float]:
+    """Trailing moving average over the last k values (fewer at the start)."""
+    return [statistics.fmean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+
+
+def read_recipe(run_dir: Path) -> dict:
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError(f"{run_dir}: no recipe.yaml; is this a run directory written by b2b train?")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def source_cost(grow_from: str | None) -> float | None:
+    """The source model's pretraining FLOPs from its training.json; 0 when the run was not grown,
+    None when unknown."""
+    if grow_from is None:
+        return 0.0
+    path = Path(grow_from) / "training.json"
+    try:
+        return float(json.loads(path.read_text())["flops"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_state(run_dir: Path) -> str | None:
+    """status.json's state (finished or stopped); None when absent or unreadable (still running, or crashed)."""
+    try:
+        return json.loads((run_dir / "status.json").read_text()).get("state")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_run(run_dir: Path, k: int, baseline: str) -> Run:
+    if not run_dir.is_dir():
+        raise RecipeError(f"{run_dir}: no such run directory")
+    recipe = read_recipe(run_dir)
+    if not any((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        raise RecipeError(f"{run_dir}: no TensorBoard events in {run_dir / 'tensorboard'}")
+    scalars = read_scalars(run_dir)
+    val = scalars.get(VAL)
+    if not val:
+        raise RecipeError(f"{run_dir}: no {VAL} scalars; the run never validated (train.eval_every)")
+    steps = sorted(val)
+    flops, seconds = scalars.get(FLOPS, {}), scalars.get(SECONDS, {})
+    missing = [s for s in steps if s not in flops]
+    if missing:
+        raise RecipeError(f"{run_dir}: no {FLOPS} at evaluation step {missing[0]}")
+    name = str(recipe.get("name") or run_dir.name)
+    method = str(recipe.get("method") or name)
+    seed = recipe.get("seed", 0)
+    if not isinstance(seed, int):
+        raise RecipeError(f"{run_dir / 'recipe.yaml'}: seed: expected an integer, got {seed!r}")
+    grow_from = (recipe.get("model") or {}).get("grow_from")
+    losses = [val[s] for s in steps]
+    return Run(path=run_dir, name=name, method=method, seed=seed,
+               grow_from=grow_from, state=run_state(run_dir), steps=steps, val=losses, smoothed=smooth(losses, k),
+               flops=[flops[s] for s in steps], seconds=[seconds.get(s) for s in steps],
+               source_flops=0.0 if method == baseline else source_cost(grow_from))
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def crossing(run: Run, target: float) -> int | None:
+    """Index of the first evaluation whose smoothed loss is <= target, or None."""
+    return next((i for i, loss in enumerate(run.smoothed) if loss <= target), None)
+
+
+def saving(flops: float | None, baseline_flops: float | None) -> float | None:
+    if flops is None or baseline_flops is None:
+        return None
+    return 1.0 - flops / baseline_flops
+
+
+def stats(values: list[float | None]) -> dict | None:
+    """Mean, sample std (0 for one value), min and max; None when empty or any value is unknown."""
+    if not values or any(v is None for v in values):
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def run_row(run: Run, target: float, baseline_flops: float | None) -> dict:
+    i = crossing(run, target)
+    flops = run.flops[i] if i is not None else None
+    with_source = flops + run.source_flops if flops is not None and run.source_flops is not None else None
+    return {
+        "run_dir": str(run.path), "name": run.name, "method": run.method, "seed": run.seed,
+        "grow_from": run.grow_from, "state": run.state, "last_step": run.steps[-1],
+        "final_val_loss": run.val[-1], "final_smoothed_val_loss": run.smoothed[-1],
+        "reached": i is not None,
+        "step_to_target": run.steps[i] if i is not None else None,
+        "flops_to_target": flops,
+        "seconds_to_target": run.seconds[i] if i is not None else None,
+        "source_flops": run.source_flops,
+        "saving": saving(flops, baseline_flops),
+        "saving_with_source": saving(with_source, baseline_flops),
+    }
+
+
+def method_summary(rows: list[dict]) -> dict:
+    reached = [r for r in rows if r["reached"]]
+    return {
+        "runs": len(rows), "reached": len(reached),
+        **{key: stats([r[key] for r in reached])
+           for key in ("flops_to_target", "seconds_to_target", "saving", "saving_with_source")},
+    }
+
+
+def build_report(runs: list[Run], target: float | None, k: int, baseline: str) -> dict:
+    base = [r for r in runs if r.method == baseline]
+    given = target is not None
+    if not given:
+        if not base:
+            raise RecipeError(f"no run of the baseline method {baseline!r} among the inputs "
+                              f"(methods: {', '.join(sorted({r.method for r in runs}))}); "
+                              "pass its runs, name another with --baseline, or give --target LOSS")
+        target = statistics.fmean(r.smoothed[-1] for r in base)
+    base_flops = [r.flops[i] for r in base if (i := crossing(r, target)) is not None]
+    baseline_flops = statistics.fmean(base_flops) if base_flops and min(base_flops) > 0 else None
+    order = [r.method for r in runs]
+    labels = sorted(set(order), key=lambda m: (m != baseline, order.index(m)))  # baseline first
+    runs = sorted(runs, key=lambda r: (labels.index(r.method), r.seed))
+    rows = [run_row(r, target, baseline_flops) for r in runs]
+    return {
+        "target": target, "target_source": "given" if given else "baseline",
+        "smooth": k, "baseline": baseline, "baseline_runs": len(base), "baseline_flops_to_target": baseline_flops,
+        "methods": {m: method_summary([row for row in rows if row["method"] == m]) for m in labels},
+        "runs": rows,
+    }
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def fmt_flops(x: float) -> str:
+    return f"{x:.2e}"
+
+
+def fmt_seconds(x: float) -> str:
+    if x < 120:
+        return f"{x:.1f} s"
+    if x < 7200:
+        return f"{x / 60:.1f} min"
+    return f"{x / 3600:.2f} h"
+
+
+def fmt_pct(x: float) -> str:
+    return f"{round(100 * x, 1) + 0.0:.1f}%"  # + 0.0: no "-0.0%"
+
+
+def fmt_stat(s: dict, fmt, n: int) -> str:
+    """mean ± sample std over n runs (just the value for one run)."""
+    return f"{fmt(s['mean'])} ± {fmt(s['std'])}" if n > 1 else fmt(s["mean"])
+
+
+def saving_cell(value, baseline_ok: bool, n: int = 1, source: bool = False) -> str:
+    """A saving (a stat dict over n runs, or one number), or why there is none."""
+    if not baseline_ok:
+        return "n/a (no baseline FLOPs)"
+    if value is None:
+        return "unknown (source cost)" if source else "–"
+    return fmt_stat(value, fmt_pct, n) if isinstance(value, dict) else fmt_pct(value)
+
+
+def markdown(report: dict) -> str:
+    k, baseline, target = report["smooth"], report["baseline"], report["target"]
+    how = (f"the final smoothed validation loss of the baseline `{baseline}`, averaged over its "
+           f"{report['baseline_runs']} run(s)" if report["target_source"] == "baseline" else "given with --target")
+    baseline_ok = report["baseline_flops_to_target"] is not None
+    lines = [
+        "# Compute to target loss", "",
+        f"- Target validation loss: **{target:.4f}** ({how}).",
+        f"- Smoothing: trailing mean over the last {k} evaluation(s); a run reaches the target at the first "
+        "evaluation whose smoothed loss is <= the target.",
+        f"- Baseline: `{baseline}`; " + (f"FLOPs to target {fmt_flops(report['baseline_flops_to_target'])} "
+                                          "(mean over its runs that reached it)." if baseline_ok else
+                                          "no baseline run reached the target (or none was given): no savings."),
+        "- Saving: 1 - FLOPs / baseline FLOPs; incl. source cost adds the source model's own pretraining "
+        "FLOPs (`training.json` in `model.grow_from`).", "",
+        "| method | runs | reached | FLOPs to target | wall-clock to target | saving vs baseline | "
+        "saving incl. source cost |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for label, m in report["methods"].items():
+        reached = f"{m['reached']} of {m['runs']}"
+        if m["reached"] == 0:
+            lines.append(f"| {label} | {m['runs']} | {reached} | did not reach the target | – | – | – |")
+            continue
+        if m["reached"] < m["runs"]:
+            notes.append(f"- `{label}`: {m['reached']} of {m['runs']} runs reached it; statistics over those.")
+        n = m["reached"]
+        seconds = fmt_stat(m["seconds_to_target"], fmt_seconds, n) if m["seconds_to_target"] else "unknown"
+        lines.append(f"| {label} | {m['runs']} | {reached} | {fmt_stat(m['flops_to_target'], fmt_flops, n)} | "
+                     f"{seconds} | {saving_cell(m['saving'], baseline_ok, n)} | "
+                     f"{saving_cell(m['saving_with_source'], baseline_ok, n, source=True)} |")
+    lines += ["", *notes, *([""] if notes else []),
+              "| run | method | seed | final val loss | FLOPs to target | saving | saving incl. source cost |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        state = f" ({r['state']} at step {r['last_step']})" if r["state"] == "stopped" else ""
+        if r["reached"]:
+            flops = fmt_flops(r["flops_to_target"])
+            cells = (saving_cell(r["saving"], baseline_ok),
+                     saving_cell(r["saving_with_source"], baseline_ok, source=True))
+        else:
+            flops, cells = "did not reach the target", ("–", "–")
+        lines.append(f"| {r['run_dir']}{state} | {r['method']} | {r['seed']} | {r['final_val_loss']:.4f} | "
+                     f"{flops} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- plot and files
+
+
+def plot(runs: list[Run], report: dict, path: Path) -> None:
+    """Smoothed validation loss against training FLOPs (log x), each seed's curve in its method's
+    colour, the method labelled once; the target as a dashed line and each crossing as a dot."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for n, label in enumerate(report["methods"]):
+        colour = f"C{n % 10}"  # matplotlib's default colour cycle
+        for j, run in enumerate(r for r in runs if r.method == label):
+            points = [(f, v) for f, v in zip(run.flops, run.smoothed) if f > 0]
+            if points:
+                ax.plot(*zip(*points), color=colour, lw=1.5, alpha=0.85, label=label if j == 0 else None)
+            i = crossing(run, report["target"])
+            if i is not None and run.flops[i] > 0:
+                ax.plot(run.flops[i], run.smoothed[i], "o", color=colour, ms=4)
+    ax.axhline(report["target"], color="k", ls="--", lw=1, label=f"target {report['target']:.4f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (cumulative)")
+    ax.set_ylabel(f"validation loss (trailing mean of {report['smooth']})")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, format="png", dpi=120)
+
+
+def write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def report(run_dirs: list[str], target: float | None = None, k: int = 3, baseline: str = "scratch",
+           out: str = "runs/report") -> dict:
+    """Read and check every run, then write report.md, report.json and loss_vs_flops.png to `out`."""
+    if k < 1:
+        raise RecipeError(f"--smooth {k}: must be >= 1 (the number of evaluations to average)")
+    if target is not None and not math.isfinite(target):
+        raise RecipeError(f"--target {target}: must be a finite loss")
+    paths = [Path(d) for d in run_dirs]
+    seen = {}
+    for p in paths:
+        if p.resolve() in seen:
+            raise RecipeError(f"{p}: run directory given twice")
+        seen[p.resolve()] = p
+    runs = [read_run(p, k, baseline) for p in paths]
+    result = build_report(runs, target, k, baseline)
+    text = markdown(result)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "report.json", lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+    write_atomic(out_dir / "report.md", lambda p: p.write_text(text))
+    write_atomic(out_dir / "loss_vs_flops.png", lambda p: plot(runs, result, p))
+    print(text, end="")
+    print(f"wrote {out_dir}/report.md, report.json, loss_vs_flops.png")
+    return result
