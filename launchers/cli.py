@@ -38,6 +38,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .run import run
+    return run(args.set_file, methods=args.methods, seeds=args.seeds, procs=args.procs, dry_run=args.dry_run)
+
+
+def csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="b2b", description="bert2BERT: grow pretrained transformers and train them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,6 +86,14 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--files", nargs="+", help="local .txt/.jsonl/.parquet files (default: the offline corpus)")
     k.add_argument("--out", required=True)
     k.set_defaults(func=cmd_tokenizer)
+
+    u = sub.add_parser("run", help="a method comparison: source pretraining, each method and seed, the report")
+    u.add_argument("set_file", metavar="SET", help="a recipe set (e.g. recipes/demo-bert.yaml)")
+    u.add_argument("--methods", type=csv(str), help="comma-separated subset of the set's methods")
+    u.add_argument("--seeds", type=csv(int), help="comma-separated seeds (default: the set's)")
+    u.add_argument("--procs", type=int, help="processes per run (default: GPUs, or 1 on CPU)")
+    u.add_argument("--dry-run", action="store_true", help="check every recipe and print the runs, and exit")
+    u.set_defaults(func=cmd_run)
 
     r = sub.add_parser("report", help="FLOPs and wall-clock to a target loss, and savings against the baseline")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by b2b train")

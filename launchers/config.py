@@ -262,11 +262,19 @@ def _convert(value, tp, key: str):
                 except RecipeError:
                     pass
         raise RecipeError(f"{key}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {k: build(item, v, f"{key}.{k}.") if dataclasses.is_dataclass(item) else _convert(v, item, f"{key}.{k}")
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is typing.Any:
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string

@@ -5,6 +5,7 @@ Knows nothing of DeepSpeed: the trainer wraps what this returns.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import torch
@@ -45,9 +46,23 @@ def build_model(recipe: Recipe, tokenizer):
     return model
 
 
-def _block_and_head_flops(shape: Shape, seq_len: int, vocab: int, arch: str) -> tuple[int, int]:
-    h, f = shape.hidden, shape.ffn
-    return 8 * h * h + 4 * h * f + 4 * seq_len * h, 2 * h * vocab + (2 * h * h if arch == "bert" else 0)
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What one training step runs and trains: the bottom `active` blocks run, blocks [lowest,
+    active) train, and the embeddings and the head train or not. Ordinary training runs and
+    trains everything; a bert2BERT stage-1 step runs a sub-model and trains its top blocks."""
+    stage: int  # 0: ordinary training; 1 or 2: the stages of a two-stage run
+    active: int
+    lowest: int
+    embeddings: bool
+    head: bool
+
+    def trains(self, unit) -> bool:
+        if unit == "embeddings":
+            return self.embeddings
+        if unit == "head":
+            return self.head
+        return self.lowest <= unit < self.active
 
 
 def forward_flops_per_token(shape: Shape, seq_len: int, vocab: int, arch: str, layers: int | None = None) -> float:
@@ -56,21 +71,35 @@ def forward_flops_per_token(shape: Shape, seq_len: int, vocab: int, arch: str, l
     the FFN (4 h f) and attention scores and their weighted sum over the sequence (4 s h); the
     head's vocabulary projection (2 h V) and, for BERT, its dense transform (2 h^2). Causal
     attention is counted over the full sequence, as Megatron-LM and the bert2BERT paper do."""
-    block, head = _block_and_head_flops(shape, seq_len, vocab, arch)
-    return (shape.layers if layers is None else layers) * block + head
+    h, f = shape.hidden, shape.ffn
+    head = 2 * h * vocab + (2 * h * h if arch == "bert" else 0)
+    return (shape.layers if layers is None else layers) * (8 * h * h + 4 * h * f + 4 * seq_len * h) + head
 
 
-def train_flops_per_token(shape: Shape, seq_len: int, vocab: int, arch: str, active: int | None = None,
-                          traversed: int | None = None) -> float:
-    """Forward of the bottom `active` blocks (default all) and the head, plus the backward,
-    counted as twice the forward, of the head and the top `traversed` of those blocks (default
-    all active): the blocks gradients flow through. Exact for full training; for a stage-1
-    sub-model it is an upper bound by the input gradient of the lowest trained block and the
-    weight gradient of a frozen tied head, which autograd skips."""
-    block, head = _block_and_head_flops(shape, seq_len, vocab, arch)
-    active = shape.layers if active is None else active
-    traversed = active if traversed is None else traversed
-    return active * block + head + 2 * (traversed * block + head)
+def train_flops_per_token(shape: Shape, seq_len: int, vocab: int, arch: str, plan: StepPlan | None = None,
+                          tied: bool = True) -> float:
+    """Forward plus backward FLOPs of one token for a step plan (default: the whole model).
+
+    Backward, per block that gradients pass through: the gradient of its input (its linear
+    layers' FLOPs again, and both operands of the two attention products: twice 4 s h), plus
+    its weights' gradients when it trains (the linear layers' FLOPs once more). Gradients pass
+    through every block from the lowest trained one up (from the bottom when the embeddings
+    train). The head passes the gradient down and computes its own weights' gradients when they
+    train; a tied output matrix trains with the embeddings. In post-LN BERT, the lowest trained
+    block's Q, K and V need no input gradient when nothing below it trains (6 h^2). For full
+    training this is three times the forward; it matches torch's FlopCounterMode exactly."""
+    h, f, layers = shape.hidden, shape.ffn, shape.layers
+    plan = plan or StepPlan(0, layers, 0, True, True)
+    linear, attention = 8 * h * h + 4 * h * f, 4 * seq_len * h
+    dense, decoder = (2 * h * h if arch == "bert" else 0), 2 * h * vocab
+    forward = plan.active * (linear + attention) + dense + decoder
+    bottom = 0 if plan.embeddings else plan.lowest
+    backward = (plan.active - bottom) * (linear + 2 * attention) + (plan.active - plan.lowest) * linear
+    if arch == "bert" and not plan.embeddings:
+        backward -= 6 * h * h
+    backward += dense + decoder  # the head's input gradient
+    backward += (dense if plan.head else 0) + (decoder if (plan.embeddings if tied else plan.head) else 0)
+    return forward + backward
 
 
 @contextmanager

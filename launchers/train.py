@@ -14,7 +14,6 @@ computes the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import yaml
 
 from . import config
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
-from .model import bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
+from .model import StepPlan, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
 
 CHECKPOINTS = "checkpoints"
 STATUS = "status.json"
@@ -50,29 +49,6 @@ def param_groups(model, weight_decay: float, by_unit: bool = False) -> tuple[lis
             groups.setdefault((unit_of(name) if by_unit else None, name.endswith(NO_DECAY)), []).append(p)
     return ([{"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
              for (_, no_decay), params in groups.items()], [unit for unit, _ in groups])
-
-
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
-    """What one step trains: the bottom `active` blocks run, blocks [lowest, active) train, and
-    the embeddings and head train or not. Ordinary training runs and trains everything."""
-    stage: int  # 0: ordinary training; 1 or 2: the stages of a two-stage run
-    active: int
-    lowest: int
-    embeddings: bool
-    head: bool
-
-    def trains(self, unit) -> bool:
-        if unit == "embeddings":
-            return self.embeddings
-        if unit == "head":
-            return self.head
-        return self.lowest <= unit < self.active
-
-    @property
-    def traversed(self) -> int:
-        """Blocks the gradients flow through: down to the embeddings when they train."""
-        return self.active if self.embeddings else self.active - self.lowest
 
 
 def plan_for(recipe: config.Recipe, step: int) -> StepPlan:
@@ -164,6 +140,7 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
                                                config=config.deepspeed_config(recipe, self.world, self.cpu))
         self.plan = None
+        self.tied = bool(model.config.tie_word_embeddings)
         self.ckpt_dir = recipe.run_dir / CHECKPOINTS
         self.global_batch = config.fit_world(recipe, self.world)
         self.tokens_per_step = self.global_batch * recipe.data.seq_len
@@ -251,7 +228,7 @@ class Trainer:
     def step_flops(self, plan: StepPlan) -> float:
         r = self.recipe
         return self.tokens_per_step * train_flops_per_token(r.shape, r.data.seq_len, len(self.data.tokenizer),
-                                                            r.model.arch, plan.active, plan.traversed)
+                                                            r.model.arch, plan, self.tied)
 
     def _freeze(self, plan: StepPlan) -> float:
         """Apply the plan: parameters outside it get no gradient and their groups a learning rate

@@ -13,7 +13,7 @@ from growth import Shape
 from launchers import config
 from launchers.cli import main
 from launchers.data import Batches, mask_tokens, prepare, python_docs
-from launchers.model import forward_flops_per_token, train_flops_per_token
+from launchers.model import forward_flops_per_token
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -94,7 +94,7 @@ def test_dynamic_masking_80_10_10(cache):
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_analytic_flops_equal_torchs_flop_counter(arch):
+def test_analytic_forward_flops_equal_torchs_flop_counter(arch):
     shape, vocab, seq, batch = Shape(2, 64, 4, 96), 300, 32, 2
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -105,9 +105,7 @@ def test_analytic_flops_equal_torchs_flop_counter(arch):
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids)
     assert counter.get_total_flops() == forward_flops_per_token(shape, seq, vocab, arch) * batch * seq
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=ids).logits.sum().backward()
-    assert counter.get_total_flops() == train_flops_per_token(shape, seq, vocab, arch) * batch * seq
+    # forward plus backward, for full training and for stage-1 sub-models: tests/test_two_stage.py
 
 
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe"])

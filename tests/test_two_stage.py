@@ -1,0 +1,94 @@
+"""bert2BERT's two-stage training: the step plans, their exact FLOPs, and a real DeepSpeed run in
+which a stage-1 step changes only the blocks it trains."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+from growth import Shape
+from launchers import config
+from launchers.data import prepare
+from launchers.events import read_scalars
+from launchers.model import StepPlan, bottom_blocks, train_flops_per_token, unit_of
+from launchers.train import plan_for
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe(*sets):
+    return config.load(RECIPES / "bert-tiny-cpu.yaml", ["model.layers=6", "train.steps=50", *sets])
+
+
+def test_stage_one_samples_sub_models_and_stage_two_trains_everything():
+    r = recipe("stage1.steps=30", "stage1.block=2")
+    plans = [plan_for(r, step) for step in range(1, 51)]
+    assert all(p.stage == 1 for p in plans[:30]) and all(p.stage == 2 for p in plans[30:])
+    assert {p.active for p in plans[:30]} == {2, 4, 6}  # uniform over the sub-model depths
+    assert all(p.lowest == p.active - 2 and not p.embeddings and p.head for p in plans[:30])
+    assert all(p == StepPlan(2, 6, 0, True, True) for p in plans[30:])
+    assert plans == [plan_for(r, step) for step in range(1, 51)]  # a function of (seed, step): resumable
+    cyclic = recipe("stage1.steps=30", "stage1.block=2", "stage1.sampling=cyclic")
+    assert [plan_for(cyclic, s).active for s in range(1, 7)] == [2, 4, 6, 2, 4, 6]
+    assert plan_for(recipe(), 1) == StepPlan(0, 6, 0, True, True)
+
+
+PLANS = [StepPlan(1, 2, 1, False, True), StepPlan(1, 3, 0, False, True), StepPlan(1, 2, 1, True, True),
+         StepPlan(1, 4, 2, False, False), StepPlan(1, 4, 2, True, False), StepPlan(0, 4, 0, True, True)]
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("plan", PLANS, ids=[f"{p.active}-{p.lowest}-{p.embeddings:d}{p.head:d}" for p in PLANS])
+def test_step_flops_equal_torchs_flop_counter(arch, tied, plan):
+    shape, vocab, seq, batch = Shape(4, 64, 4, 96), 300, 32, 2
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                       intermediate_size=96, tie_word_embeddings=tied)) if arch == "bert" else \
+        GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_inner=96,
+                                   tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0))
+    for name, p in model.named_parameters():
+        p.requires_grad_(plan.trains(unit_of(name)))
+    with FlopCounterMode(display=False) as counter, bottom_blocks(model, plan.active):
+        model(input_ids=torch.randint(0, vocab, (batch, seq))).logits.sum().backward()
+    assert counter.get_total_flops() == train_flops_per_token(shape, seq, vocab, arch, plan, tied) * batch * seq
+    assert len(model.bert.encoder.layer if arch == "bert" else model.transformer.h) == 4  # restored
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
+    """Two cyclic stage-1 steps at a constant learning rate with block 1 on a 4-block model: step 1 trains block 0 (a 1-block
+    sub-model), step 2 trains block 1 (a 2-block sub-model); blocks 2 and 3 and the embeddings
+    must come out bit-identical, under ZeRO-1 and under ZeRO-3's partitioned parameters."""
+    sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256"]
+    tok = prepare(config.load(RECIPES / "bert-tiny-cpu.yaml", sets)) / "tokenizer"
+    start = tmp_path / "start"
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=128)).save_pretrained(start)
+    for file in tok.iterdir():
+        (start / file.name).write_bytes(file.read_bytes())
+    run = tmp_path / "run"
+    sets += [f"out_dir={run}", f"model.init_from={start}", "model.arch=null", "model.layers=null",
+             "model.hidden=null", "model.heads=null", "model.ffn=null", "data.tokenizer=null", "train.steps=2",
+             "optim.warmup_steps=1", "optim.lr=1e-2", "optim.min_lr_ratio=1.0", "stage1.steps=2", "stage1.block=1", "stage1.sampling=cyclic",
+             f"zero.stage={stage}", "train.eval_batches=1", "logging.progress=false"]
+    cmd = [sys.executable, "-m", "launchers.cli", "train", str(RECIPES / "bert-tiny-cpu.yaml"), "--procs", "2"]
+    done = subprocess.run(cmd + sum((["--set", s] for s in sets), []), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    before, after = load_file(start / "model.safetensors"), load_file(run / "final" / "model.safetensors")
+    changed = {unit_of(name) for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {0, 1, "head"}
+
+    r = config.load(run / "recipe.yaml")
+    flops = read_scalars(run)["train/flops"]
+    per_token = [train_flops_per_token(r.shape, 64, 256, "bert", StepPlan(1, k + 1, k, False, True)) for k in (0, 1)]
+    tokens = 8 * 2 * 64
+    assert flops[1] == pytest.approx(tokens * per_token[0], rel=1e-6)
+    assert flops[2] == pytest.approx(tokens * sum(per_token), rel=1e-6)
