@@ -121,3 +121,32 @@ def test_deepspeed_schedules():
     for schedule, kind in (("linear", "WarmupDecayLR"), ("constant", "WarmupLR")):
         recipe = config.load(RECIPES[0].parent / "gpt-tiny-cpu.yaml", [f"optim.schedule={schedule}"])
         assert config.deepspeed_config(recipe, 1, cpu=False)["scheduler"]["type"] == kind
+
+
+SETS = sorted(RECIPES[0].parent.joinpath("sets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe_set", SETS, ids=[s.stem for s in SETS])
+def test_every_recipe_set_dry_runs(recipe_set, capsys):
+    code, out, err = run(capsys, "run", recipe_set, "--dry-run")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    methods = yaml.safe_load(recipe_set.read_text())["methods"]
+    seeds = yaml.safe_load(recipe_set.read_text())["seeds"]
+    assert len(lines) == 1 + len(methods) * len(seeds)
+    assert all(f"{m}-s{s}:" in out for m in methods for s in seeds)
+
+
+def test_bad_recipe_sets(tmp_path, capsys):
+    target = RECIPES[0].parent / "demo-bert-target.yaml"
+    cases = {
+        f"target: {target}\nsource_model: /x\nmethods: {{a: {{grow: wide}}}}\n": "methods.a.grow: 'wide'",
+        f"target: {target}\nmethods: {{a: {{}}}}\n": "set one of source",
+        f"target: {target}\nsource_model: /x\nmethods: {{a: {{set: {{optim.lrr: 1}}}}}}\n": "unknown key optim.lrr",
+        f"target: {target}\nsource_model: /x\nmethodz: {{}}\n": "unknown key methodz",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "set.yaml"
+        path.write_text(text)
+        code, _, err = run(capsys, "run", path, "--dry-run")
+        assert code == 2 and message in err, (text, err)

@@ -1,0 +1,65 @@
+"""`b2b run` end to end on a miniature comparison: source pretraining, growth inside the runs,
+scratch / AKI / bert2BERT, the report, and the report's arithmetic against the event files."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from launchers.events import read_scalars
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def test_a_miniature_comparison_end_to_end(tmp_path):
+    common = (f"base: {RECIPES / 'bert-tiny-cpu.yaml'}\n"
+              f"data: {{cache_dir: {tmp_path / 'cache'}, max_documents: 400, vocab_size: 256, seq_len: 32}}\n"
+              "batch: {micro: 8}\nzero: {stage: 0}\noptim: {warmup_steps: 2}\n"
+              "train: {steps: 24, eval_every: 4, eval_batches: 2}\ncheckpoint: {every: 0, keep: 1}\n"
+              "logging: {every: 4, progress: false}\n")
+    (tmp_path / "target.yaml").write_text(common + "model: {layers: 4, hidden: 64, heads: 4, ffn: 128}\n")
+    (tmp_path / "source.yaml").write_text(common + "model: {layers: 2, hidden: 32, heads: 2, ffn: 64}\n")
+    (tmp_path / "set.yaml").write_text(
+        f"name: mini\nout_dir: {tmp_path / 'out'}\nsource: source.yaml\ntarget: target.yaml\nseeds: [0]\n"
+        "methods:\n  scratch: {}\n  aki: {grow: aki}\n"
+        "  bert2bert: {grow: aki, set: {stage1.steps: 8, stage1.block: 2}}\n")
+    cmd = [sys.executable, "-m", "launchers.cli", "run", str(tmp_path / "set.yaml"), "--procs", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "aki-s0" / "grown" / "growth.json").is_file()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert (out / "report" / "loss_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+
+    def smoothed(run):
+        val = read_scalars(out / run)["val/loss"]
+        steps = sorted(val)
+        return steps, [statistics.fmean([val[s] for s in steps[max(0, i - 2):i + 1]]) for i in range(len(steps))]
+
+    steps, curve = smoothed("scratch-s0")
+    assert abs(report["target"] - curve[-1]) < 1e-9  # the scratch run's final smoothed loss (3 evaluations)
+
+    def flops_to_target(run):
+        s, c = smoothed(run)
+        hit = next((step for step, loss in zip(s, c) if loss <= report["target"]), None)
+        return None if hit is None else read_scalars(out / run)["train/flops"][hit]
+
+    baseline = flops_to_target("scratch-s0")
+    source_flops = json.loads((out / "source" / "final" / "training.json").read_text())["flops"]
+    assert source_flops == read_scalars(out / "source")["train/flops"][24]
+    for row in report["runs"]:
+        run = Path(row["run_dir"]).name
+        f = flops_to_target(run)
+        if f is None:
+            assert not row["reached"]
+            continue
+        assert row["reached"] and abs(row["flops_to_target"] - f) <= 1e-6 * f
+        assert abs(row["saving"] - (1 - f / baseline)) < 1e-9
+        if run != "scratch-s0":
+            assert abs(row["saving_with_source"] - (1 - (f + source_flops) / baseline)) < 1e-9
+    stage = read_scalars(out / "bert2bert-s0")["train/stage"]
+    assert {stage[s] for s in (4, 8)} == {1} and stage[12] == 2
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # finished runs are not redone
+    assert again.returncode == 0 and again.stdout.count("already finished") == 4, again.stdout[-2000:]
