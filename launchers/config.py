@@ -115,6 +115,18 @@ class Stage1Config:
 
 
 @dataclass
+class ProgressiveConfig:
+    """Progressive stacking inside one run: the model starts with layers[0] blocks and trains
+    steps[0] steps, is stacked ([0..n-1, 0..n-1, ...]) to layers[1], and so on; after the listed
+    phases it is stacked to model.layers and trains the remaining steps (StackBERT). With
+    freeze_lower, each phase after a growth trains only the new top blocks and the head (MSLT);
+    the final phase trains everything. The optimizer starts afresh at each growth."""
+    layers: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    freeze_lower: bool = False
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0: only at the end and on a signal)
     keep: int = 2
@@ -142,6 +154,7 @@ class Recipe:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -415,6 +428,14 @@ def validate(recipe: Recipe) -> Recipe:
     _require(s1.steps == 0 or (s1.block >= 1 and m.layers % s1.block == 0), "stage1.block",
              f"{s1.block}: must divide model.layers ({m.layers}) so that the sub-models are block, 2 block, ...")
     _require(s1.sampling in STAGE1_SAMPLING, "stage1.sampling", f"{s1.sampling!r}: use one of {', '.join(STAGE1_SAMPLING)}")
+    pg = recipe.progressive
+    _require(len(pg.layers) == len(pg.steps), "progressive.steps", "give one step count per entry of progressive.layers")
+    _require(all(a < b for a, b in zip([0] + pg.layers, pg.layers + [m.layers + 1])), "progressive.layers",
+             f"{pg.layers}: must increase, from 1 up to model.layers ({m.layers})")
+    _require(all(n >= 1 for n in pg.steps) and sum(pg.steps) < t.steps, "progressive.steps",
+             f"{pg.steps}: positive, and together fewer than train.steps ({t.steps}) so a full-model phase remains")
+    _require(not pg.layers or (s1.steps == 0 and m.init_from is None and m.grow_from is None), "progressive.layers",
+             "progressive stacking starts from scratch: it does not combine with stage1 or a start model")
     _require(recipe.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
     _require(recipe.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(recipe.logging.every >= 1, "logging.every", "must be >= 1")

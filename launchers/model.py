@@ -15,8 +15,8 @@ from growth import Shape
 from .config import Recipe, RecipeError
 
 
-def build_model(recipe: Recipe, tokenizer):
-    """A fresh model of the recipe's shape (seeded), or the HF directory in model.init_from."""
+def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
+    """A fresh model of the recipe's shape (seeded; `layers` blocks if given), or the start model."""
     from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, GPT2Config,
                               GPT2LMHeadModel)
     m = recipe.model
@@ -34,12 +34,12 @@ def build_model(recipe: Recipe, tokenizer):
                               "unset) or transfer the vocabulary first (b2b vocab)")
     elif m.arch == "bert":
         model = BertForMaskedLM(BertConfig(
-            vocab_size=vocab, hidden_size=m.hidden, num_hidden_layers=m.layers, num_attention_heads=m.heads,
+            vocab_size=vocab, hidden_size=m.hidden, num_hidden_layers=layers or m.layers, num_attention_heads=m.heads,
             intermediate_size=m.ffn, max_position_embeddings=m.max_positions, pad_token_id=tokenizer.pad_token_id,
             **dropout))
     else:
         model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=vocab, n_embd=m.hidden, n_layer=m.layers, n_head=m.heads, n_inner=m.ffn,
+            vocab_size=vocab, n_embd=m.hidden, n_layer=layers or m.layers, n_head=m.heads, n_inner=m.ffn,
             n_positions=m.max_positions, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
             **dropout))
     model.config.use_cache = False  # training: no key/value cache
@@ -102,11 +102,20 @@ def train_flops_per_token(shape: Shape, seq_len: int, vocab: int, arch: str, pla
     return forward + backward
 
 
+def _blocks_parent(model) -> tuple[torch.nn.Module, str]:
+    return (model.bert.encoder, "layer") if hasattr(model, "bert") else (model.transformer, "h")
+
+
+def blocks(model) -> torch.nn.ModuleList:
+    """The transformer blocks of an HF BertForMaskedLM / GPT2LMHeadModel, bottom first."""
+    return getattr(*_blocks_parent(model))
+
+
 @contextmanager
 def bottom_blocks(model, n: int):
     """Run only the bottom `n` transformer blocks of an HF BertForMaskedLM / GPT2LMHeadModel
     (a bert2BERT stage-1 sub-model: embeddings, those blocks, the LM head)."""
-    parent, attr = (model.bert.encoder, "layer") if hasattr(model, "bert") else (model.transformer, "h")
+    parent, attr = _blocks_parent(model)
     full = getattr(parent, attr)
     if n == len(full):
         yield

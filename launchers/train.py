@@ -31,7 +31,7 @@ import yaml
 
 from . import config
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
-from .model import StepPlan, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
+from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
 
 CHECKPOINTS = "checkpoints"
 STATUS = "status.json"
@@ -53,8 +53,18 @@ def param_groups(model, weight_decay: float, by_unit: bool = False) -> tuple[lis
 
 def plan_for(recipe: config.Recipe, step: int) -> StepPlan:
     """bert2BERT's two stages: stage-1 steps sample a depth k x block (uniformly, or cyclically
-    bottom-up) and train its top `block` blocks; later steps train the full model."""
-    layers, s1 = recipe.model.layers, recipe.stage1
+    bottom-up) and train its top `block` blocks; later steps train the full model. Progressive
+    stacking: phase i (stage i + 1) runs progressive.layers[i] blocks, training only those above
+    the previous phase's with freeze_lower (MSLT); the last phase runs and trains everything."""
+    layers, s1, pg = recipe.model.layers, recipe.stage1, recipe.progressive
+    end = 0
+    for i, (depth, steps) in enumerate(zip(pg.layers, pg.steps)):
+        end += steps
+        if step <= end:
+            lowest = pg.layers[i - 1] if pg.freeze_lower and i > 0 else 0
+            return StepPlan(i + 1, depth, lowest, lowest == 0, True)
+    if pg.layers:
+        return StepPlan(len(pg.layers) + 1, layers, 0, True, True)
     if step > s1.steps:
         return StepPlan(2 if s1.steps else 0, layers, 0, True, True)
     depths = layers // s1.block
@@ -135,45 +145,76 @@ class Trainer:
             prepare(recipe, log=print if self.rank == 0 else lambda *_: None)
         dist.barrier()
         self.data = Batches(cache_path(recipe), recipe, self.rank, self.world)
-        model = build_model(recipe, self.data.tokenizer)
-        groups, self.group_units = param_groups(model, recipe.optim.weight_decay, by_unit=recipe.stage1.steps > 0)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                               config=config.deepspeed_config(recipe, self.world, self.cpu))
-        self.plan = None
-        self.tied = bool(model.config.tie_word_embeddings)
         self.ckpt_dir = recipe.run_dir / CHECKPOINTS
+        self.by_unit = recipe.stage1.steps > 0 or recipe.progressive.freeze_lower
+        tag = self._resume_tag(resume)
+        start = int(tag.removeprefix("step")) if tag else 0  # progressive runs start at that step's depth
+        self.engine = None
+        self._start_engine(build_model(recipe, self.data.tokenizer, layers=plan_for(recipe, max(1, start)).active
+                                       if recipe.progressive.layers else None))
         self.global_batch = config.fit_world(recipe, self.world)
         self.tokens_per_step = self.global_batch * recipe.data.seq_len
         self.peak = peak_tflops(recipe)
         self.state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "stage": 0}
-        if not self._resume(resume):
+        if tag is None:
             # DeepSpeed's warmup schedulers start at iteration -1, so the first step and the second
             # would both run at the floor; one step puts step 1 at iteration 0 (HF's convention).
             self.engine.lr_scheduler.step()
+        else:
+            self._load(tag)
         self.stop_signal = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
     # ------------------------------------------------------------ checkpoints
 
-    def _resume(self, resume: str) -> bool:
-        """Load the checkpoint `resume` names ('auto': the newest complete one); True if loaded."""
+    def _start_engine(self, model) -> None:
+        """A DeepSpeed engine (and a fresh optimizer) for `model`, replacing the current one."""
+        import deepspeed
+        if self.engine is not None:
+            self.engine.destroy()
+        groups, self.group_units = param_groups(model, self.recipe.optim.weight_decay, by_unit=self.by_unit)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                               config=config.deepspeed_config(self.recipe, self.world, self.cpu))
+        self.plan = None
+        self.tied = bool(model.config.tie_word_embeddings)
+
+    def _stack(self, layers: int, step: int) -> None:
+        """Progressive stacking: grow the live model to `layers` blocks ([0..n-1, 0..n-1, ...], the
+        growth library's stack) and continue with a new engine, the schedule where it was."""
+        import deepspeed
+        from growth import Shape
+        from growth.adapters.hf import grow_model
+        module, m = self.engine.module, self.recipe.model
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters())) \
+            if self.recipe.zero.stage == 3 else nullcontext()
+        with gather:
+            current = type(module)(module.config)
+            current.load_state_dict({n: p.detach().clone() for n, p in module.named_parameters()}, strict=False)
+        grown, _ = grow_model(current, Shape(layers, m.hidden, m.heads, m.ffn), width="exact", depth="stack")
+        self._start_engine(grown)
+        self.engine.lr_scheduler.step(step - 1)  # step k runs at iteration k - 1
+
+    def _resume_tag(self, resume: str) -> str | None:
+        """The checkpoint `resume` names ('auto': the newest complete one, if any)."""
         if resume == "none":
-            return False
+            return None
         tag = latest_tag(self.ckpt_dir) if resume == "auto" else resume
         if tag is None:
             if self.rank == 0:
                 print(f"resume auto: no complete checkpoint in {self.ckpt_dir}; starting at step 0", flush=True)
-            return False
-        if not (self.ckpt_dir / tag).is_dir():
+            return None
+        if not (self.ckpt_dir / tag).is_dir() or not tag.removeprefix("step").isdigit():
             raise config.RecipeError(f"--resume {tag}: no such checkpoint in {self.ckpt_dir}")
+        return tag
+
+    def _load(self, tag: str) -> None:
         path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag)
         if path is None or "b2b" not in client:
             raise config.RecipeError(f"{self.ckpt_dir / tag}: not a checkpoint written by b2b train")
         self.state = dict(client["b2b"])
         if self.rank == 0:
             print(f"resumed from {self.ckpt_dir / tag} at step {self.state['step']}", flush=True)
-        return True
 
     def save(self) -> None:
         """A sharded DeepSpeed checkpoint; 'latest' moves only after every rank has written its files."""
@@ -240,7 +281,7 @@ class Trainer:
             for name, p in self.engine.module.named_parameters():
                 p.requires_grad_(plan.trains(unit_of(name)))
             self.plan = plan
-        if plan.stage == 1:
+        if self.by_unit:
             for group, unit in zip(groups, self.group_units):
                 if not plan.trains(unit):
                     group["lr"] = 0.0
@@ -282,6 +323,8 @@ class Trainer:
             while self.state["step"] < last:
                 step = self.state["step"] + 1
                 plan = plan_for(r, step)
+                if plan.active > len(blocks(self.engine.module)):
+                    self._stack(plan.active, step)
                 start = time.perf_counter()
                 loss, lr = self.train_step(step, plan)
                 elapsed = time.perf_counter() - start
