@@ -1,5 +1,6 @@
-"""bert2BERT's two-stage training: the step plans, their exact FLOPs, and a real DeepSpeed run in
-which a stage-1 step changes only the blocks it trains."""
+"""Training schedules: bert2BERT's two stages (the step plans, their exact FLOPs, a real DeepSpeed
+run in which a stage-1 step changes only the blocks it trains) and progressive stacking
+(StackBERT, MSLT) inside one run, resumed exactly across a growth."""
 
 import subprocess
 import sys
@@ -36,6 +37,23 @@ def test_stage_one_samples_sub_models_and_stage_two_trains_everything():
     cyclic = recipe("stage1.steps=30", "stage1.block=2", "stage1.sampling=cyclic")
     assert [plan_for(cyclic, s).active for s in range(1, 7)] == [2, 4, 6, 2, 4, 6]
     assert plan_for(recipe(), 1) == StepPlan(0, 6, 0, True, True)
+
+
+def test_progressive_stacking_phases():
+    stack = recipe("model.layers=4", "progressive.layers=[1, 2]", "progressive.steps=[10, 20]")
+    assert [plan_for(stack, s) for s in (1, 10, 11, 30, 31, 50)] == [
+        StepPlan(1, 1, 0, True, True), StepPlan(1, 1, 0, True, True), StepPlan(2, 2, 0, True, True),
+        StepPlan(2, 2, 0, True, True), StepPlan(3, 4, 0, True, True), StepPlan(3, 4, 0, True, True)]
+    mslt = recipe("model.layers=4", "progressive.layers=[1, 2, 4]", "progressive.steps=[10, 10, 10]",
+                  "progressive.freeze_lower=true")
+    assert [plan_for(mslt, s) for s in (1, 11, 21, 31)] == [  # new top blocks (and the head) only, then all
+        StepPlan(1, 1, 0, True, True), StepPlan(2, 2, 1, False, True), StepPlan(3, 4, 2, False, True),
+        StepPlan(4, 4, 0, True, True)]
+    for bad, message in ((["progressive.layers=[2, 1]", "progressive.steps=[5, 5]"], "must increase"),
+                         (["progressive.layers=[1]", "progressive.steps=[50]"], "fewer than train.steps"),
+                         (["progressive.layers=[1]", "progressive.steps=[5]", "stage1.steps=5", "stage1.block=2"], "does not combine")):
+        with pytest.raises(config.RecipeError, match=message):
+            recipe("model.layers=4", *bad)
 
 
 PLANS = [StepPlan(1, 2, 1, False, True), StepPlan(1, 3, 0, False, True), StepPlan(1, 2, 1, True, True),
@@ -92,3 +110,36 @@ def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
     tokens = 8 * 2 * 64
     assert flops[1] == pytest.approx(tokens * per_token[0], rel=1e-6)
     assert flops[2] == pytest.approx(tokens * sum(per_token), rel=1e-6)
+
+
+@pytest.mark.parametrize("method,stage", [("stackbert", 3), ("mslt", 2)])
+def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage, tmp_path):
+    """1 block for 4 steps, stacked to 2 for 4 steps (MSLT: only the new block trains), then to
+    4 blocks; a run stopped at step 4, before the first growth, resumes to the same losses."""
+    phases = ["progressive.layers=[1, 2]", "progressive.steps=[4, 4]"] + \
+        (["progressive.freeze_lower=true"] if method == "mslt" else [])
+    sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256",
+            "model.layers=4", "train.steps=12", "train.eval_every=4", "optim.warmup_steps=2", f"zero.stage={stage}",
+            "logging.progress=false", *phases]
+    cmd = [sys.executable, "-m", "launchers.cli", "train", str(RECIPES / "bert-tiny-cpu.yaml"), "--procs", "2"]
+
+    def train(run, *more, resume=None):
+        argv = cmd + sum((["--set", s] for s in sets + [f"out_dir={run}", *more]), [])
+        return subprocess.run(argv + (["--resume", resume] if resume else []), capture_output=True, text=True,
+                              timeout=600)
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train(full).returncode == 0
+    assert train(part, "train.stop_at=4").returncode == 75
+    resumed = train(part, resume="auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = read_scalars(full), read_scalars(part)
+    assert [a["train/active_layers"][s] for s in range(1, 13)] == [1] * 4 + [2] * 4 + [4] * 4
+    assert all(a["train/loss"][s] == b["train/loss"][s] for s in range(1, 13))
+    r = config.load(full / "recipe.yaml")
+    per_step = [8 * 2 * 64 * train_flops_per_token(r.shape, 64, 256, "bert", plan_for(r, s), True)
+                for s in range(1, 13)]
+    assert a["train/flops"][12] == pytest.approx(sum(per_step), rel=1e-6)
+    if method == "mslt":
+        assert per_step[4] < per_step[0] * 2  # phase 2 trains one of its two blocks, and not the embeddings
+    assert BertForMaskedLM.from_pretrained(full / "final").config.num_hidden_layers == 4
