@@ -39,8 +39,15 @@ def resolve(path: str, sets: list[str], procs: int | None) -> tuple[config.Recip
 
 
 def dry_run_text(recipe: config.Recipe, procs: int, ds: dict) -> str:
+    from .data import TOKENIZER_KINDS, load_tokenizer, tokenizer_source
+    from .train import flops_budget
+    source = tokenizer_source(recipe)
+    vocab = recipe.data.vocab_size if source in TOKENIZER_KINDS else len(load_tokenizer(source))
+    budget = flops_budget(recipe, procs, vocab)
     return (f"# resolved recipe ({recipe.run_dir})\n{config.dump(recipe)}"
-            f"# DeepSpeed config for {procs} data-parallel process(es)\n{json.dumps(ds, indent=2)}\n")
+            f"# DeepSpeed config for {procs} data-parallel process(es)\n{json.dumps(ds, indent=2)}\n"
+            f"# FLOPs budget: {budget:.3e} ({recipe.train.steps} steps of {ds['train_batch_size']} x "
+            f"{recipe.data.seq_len} tokens, vocabulary {vocab}; forward and backward as the trainer counts them)\n")
 
 
 def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:

@@ -73,6 +73,17 @@ def plan_for(recipe: config.Recipe, step: int) -> StepPlan:
     return StepPlan(1, k * s1.block, (k - 1) * s1.block, s1.train_embeddings, s1.train_head)
 
 
+def flops_budget(recipe: config.Recipe, world: int, vocab: int, tied: bool = True) -> float:
+    """Total training FLOPs of the recipe: every step's plan, as the trainer counts them."""
+    tokens = config.fit_world(recipe, world) * recipe.data.seq_len
+    per_plan: dict[StepPlan, int] = {}
+    for step in range(1, recipe.train.steps + 1):
+        plan = plan_for(recipe, step)
+        per_plan[plan] = per_plan.get(plan, 0) + 1
+    return tokens * sum(n * train_flops_per_token(recipe.shape, recipe.data.seq_len, vocab, recipe.model.arch, plan,
+                                                  tied) for plan, n in per_plan.items())
+
+
 def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
 

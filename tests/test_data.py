@@ -123,3 +123,24 @@ def test_b2b_tokenizer(kind, tmp_path, capsys):
     capsys.readouterr()
     assert main(["tokenizer", "--kind", kind, "--files", str(corpus), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet"])
+def test_local_corpus_files(suffix, tmp_path):
+    import datasets
+    docs = python_docs()[:400]
+    path = tmp_path / f"corpus{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n".join(d.replace("\n", " ") for d in docs))
+    else:
+        ds = datasets.Dataset.from_dict({"body": docs})
+        ds.to_json(path) if suffix == ".jsonl" else ds.to_parquet(path)
+    sets = [f"data.files=[{path}]", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300"]
+    if suffix != ".txt":
+        sets.append("data.text_field=body")
+    recipe = config.load(RECIPES / "gpt-tiny-cpu.yaml", sets)
+    meta = json.loads((prepare(recipe, log=lambda *_: None) / "meta.json").read_text())
+    assert meta["sequences"]["train"] > 100 and meta["vocab_size"] == 300
+    bad = config.load(RECIPES / "gpt-tiny-cpu.yaml", sets[:2] + ["data.text_field=nope"])
+    with pytest.raises(config.RecipeError, match="data.text_field: 'nope' is not a column"):
+        prepare(bad)

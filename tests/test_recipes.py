@@ -23,6 +23,8 @@ def dry_run(capsys, recipe, *sets, procs=2):
     code, out, err = run(capsys, "train", recipe, "--dry-run", "--procs", procs, *sum((["--set", s] for s in sets), []))
     assert code == 0, err
     text, _, ds = out.partition("# DeepSpeed config")
+    ds, _, budget = ds.partition("# FLOPs budget: ")
+    assert float(budget.split()[0]) > 0
     return yaml.safe_load(text), json.loads(ds[ds.index("{"):])
 
 
