@@ -3,7 +3,8 @@
 For each run directory (written by `b2b train`) the report reads the resolved recipe and the
 TensorBoard scalars, and smooths the validation-loss curve with a trailing moving average over
 the last K evaluations (fewer at the start of the curve). The target loss is `--target`, or the
-baseline's final smoothed validation loss averaged over its runs (one per seed). A run reaches
+highest of the baseline runs' final smoothed validation losses (one run per seed), the loss
+every baseline run reaches, so that the baseline's FLOPs average over all its seeds. A run reaches
 the target at the first evaluation step whose smoothed loss is <= the target; its FLOPs and
 wall-clock to target are `train/flops` and `time/train_seconds` at that step.
 
@@ -178,7 +179,7 @@ def build_report(runs: list[Run], target: float | None, k: int, baseline: str) -
             raise RecipeError(f"no run of the baseline method {baseline!r} among the inputs "
                               f"(methods: {', '.join(sorted({r.method for r in runs}))}); "
                               "pass its runs, name another with --baseline, or give --target LOSS")
-        target = statistics.fmean(r.smoothed[-1] for r in base)
+        target = max(r.smoothed[-1] for r in base)
     base_flops = [r.flops[i] for r in base if (i := crossing(r, target)) is not None]
     baseline_flops = statistics.fmean(base_flops) if base_flops and min(base_flops) > 0 else None
     order = [r.method for r in runs]
@@ -228,8 +229,9 @@ def saving_cell(value, baseline_ok: bool, n: int = 1, source: bool = False) -> s
 
 def markdown(report: dict) -> str:
     k, baseline, target = report["smooth"], report["baseline"], report["target"]
-    how = (f"the final smoothed validation loss of the baseline `{baseline}`, averaged over its "
-           f"{report['baseline_runs']} run(s)" if report["target_source"] == "baseline" else "given with --target")
+    how = (f"the highest final smoothed validation loss of the baseline `{baseline}` over its "
+           f"{report['baseline_runs']} run(s), which every one of them reaches" if report["target_source"] == "baseline"
+           else "given with --target")
     baseline_ok = report["baseline_flops_to_target"] is not None
     lines = [
         "# Compute to target loss", "",
