@@ -422,7 +422,7 @@ def validate(recipe: Recipe) -> Recipe:
     _require(t.precision in PRECISIONS, "train.precision", f"{t.precision!r}: use one of {', '.join(PRECISIONS)}")
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
     _require(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
-    _require(t.stop_at is None or 1 <= t.stop_at <= t.steps, "train.stop_at", f"must be in [1, train.steps]")
+    _require(t.stop_at is None or 1 <= t.stop_at <= t.steps, "train.stop_at", "must be in [1, train.steps]")
     s1 = recipe.stage1
     _require(0 <= s1.steps <= t.steps, "stage1.steps", f"{s1.steps}: must be in [0, train.steps]")
     _require(s1.steps == 0 or (s1.block >= 1 and m.layers % s1.block == 0), "stage1.block",
