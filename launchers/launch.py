@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -130,7 +131,11 @@ def train_tokenizer_command(kind: str, vocab_size: int, files: list[str] | None,
             raise RecipeError(f"{file}: no such file")
     tok = train_tokenizer(iter(load_corpus(recipe)["text"]), kind, vocab_size)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tok.save_pretrained(str(tmp))
-    os.replace(tmp, out_dir)
+    try:
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"{kind} tokenizer with {len(tok)} tokens written to {out_dir}")
     return 0

@@ -86,16 +86,11 @@ def method_sets(s: RecipeSet, out: Path, method: str, seed: int, source_model: P
     return as_sets(values)
 
 
-def state(run_dir: Path) -> str | None:
-    status = run_dir / "status.json"
-    return json.loads(status.read_text())["state"] if status.is_file() else None
-
-
 def train_once(recipe: str, sets: list[str], procs: int | None, run_dir: Path) -> None:
     """Train unless already finished; resume when stopped."""
     from .launch import train
-    done = state(run_dir)
-    if done == "finished":
+    from .report import run_state
+    if run_state(run_dir) == "finished":
         print(f"b2b run: {run_dir} already finished", flush=True)
         return
     code = train(recipe, sets, procs, resume="auto" if run_dir.is_dir() else "none")
