@@ -69,16 +69,19 @@ def _scale(t: torch.Tensor, dim: int, scale: torch.Tensor) -> torch.Tensor:
     return (t.float() * scale.float().view(view)).to(t.dtype)
 
 
-def widen(w: torch.Tensor, axes: tuple, maps: Mapping[str, AxisMap], scaled: bool = True) -> torch.Tensor:
-    """Gather every grown axis by its map; fan-in axes (and queries) also get their scale."""
+def widen(w: torch.Tensor, axes: tuple, maps: Mapping[str, AxisMap], scaled: bool = True,
+          moment: int = 0) -> torch.Tensor:
+    """Gather every grown axis by its map; fan-in axes (and queries) also get their scale, or for
+    an optimizer moment, the moment's factor (AxisMap.factor)."""
     out = w
     for dim, role in enumerate(axes):
         if role is None:
             continue
         m = maps[role]
         out = out.index_select(dim, m.index)
-        if scaled and m.scale is not None:
-            out = _scale(out, dim, m.scale)
+        factor = m.factor(moment)
+        if scaled and factor is not None:
+            out = _scale(out, dim, factor)
     return out
 
 
@@ -150,7 +153,7 @@ class Grower:
     # -- the growth itself --------------------------------------------------------------
 
     def _grow_one(self, name: str, param: Param, get: Callable[[str], torch.Tensor],
-                  layer: int | None) -> torch.Tensor:
+                  layer: int | None, moment: int) -> torch.Tensor:
         maps = self.layer_maps[layer if layer is not None else 0]  # non-layer params use h_* only
         w = get(name)
         if self.width == "direct":
@@ -161,22 +164,23 @@ class Grower:
                     view = [1] * copy.dim()
                     view[dim] = -1
                     keep &= ~maps[role].is_new.view(view)
-            init = _init_like(param, copy.shape, copy.dtype, self.init_gen, self.init_std)
+            init = torch.zeros_like(copy) if moment else \
+                _init_like(param, copy.shape, copy.dtype, self.init_gen, self.init_std)
             return torch.where(keep, copy, init)
 
-        out = widen(w, param.axes, maps)
+        out = widen(w, param.axes, maps, moment=moment)
         if self.width == "aki" and layer is not None and layer + 1 < self.source.layers:
             for dim, role in enumerate(param.axes):
                 if role in FAN_OUT_NEW_UNITS:
                     m = maps[role]
                     new = m.is_new.nonzero().squeeze(1)
                     if new.numel():  # widen only the rows of layer l+1 that the new units take
-                        only_new = {**maps, role: AxisMap(m.index[new], None if m.scale is None else m.scale[new],
-                                                          m.is_new[new])}
+                        only_new = {**maps, role: m.subset(new)}
                         upper = get(self.schema.at_layer(name, layer, layer + 1))
-                        out.index_copy_(dim, new, widen(upper, param.axes, only_new))
+                        out.index_copy_(dim, new, widen(upper, param.axes, only_new, moment=moment))
         if self.tied and param.kind.startswith("head_norm"):
-            out = _scale(out, 0, 1.0 / self.hidden.counts)
+            extra = 1.0 / self.hidden.counts  # an extra weight scale, so a moment gets its inverse power
+            out = _scale(out, 0, extra if moment == 0 else extra ** -moment)
         return out
 
     def _jobs(self, names: list[str]) -> Iterator[tuple[str, str, Param, int | None, int | None]]:
@@ -205,15 +209,18 @@ class Grower:
                                           for dim, role in enumerate(param.axes)))
                 for target_name, name, param, _, _ in self._jobs(list(shapes))]
 
-    def items(self, names: list[str], get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Grown (name, tensor) pairs, computed one source parameter at a time.
+    def items(self, names: list[str], get: Callable[[str], torch.Tensor],
+              moment: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+        """Grown (name, tensor) pairs, computed one source parameter at a time. `get` returns the
+        source weights (moment 0) or one of Adam's moments of them (1: exp_avg, 2: exp_avg_sq),
+        which are grown consistently with the weights (AxisMap.factor).
 
         A source layer is widened once; every target layer that stacks it gets the SAME
         tensor object (clone before mutating, as grow_state_dict does)."""
         last_name, grown = None, None
         for target_name, name, param, src_layer, t in self._jobs(names):
             if name != last_name:
-                last_name, grown = name, self._grow_one(name, param, get, src_layer)
+                last_name, grown = name, self._grow_one(name, param, get, src_layer, moment)
             if self.depth == "identity" and t is not None and t >= self.source.layers \
                     and param.kind.startswith("proj"):
                 yield target_name, torch.zeros_like(grown)
@@ -225,9 +232,10 @@ def _direct_maps(source: Shape, target: Shape) -> dict[str, AxisMap]:
     """DirectCopy: the small matrix goes to the top-left block of every grown axis."""
     def block(small: int, large: int) -> AxisMap:
         m = prefix_map(small, large, "exact", None)
-        return AxisMap(m.index, None, m.is_new)
+        return AxisMap(m.index, None, m.is_new, torch.ones(large, dtype=torch.float64))
     h, f = block(source.hidden, target.hidden), block(source.ffn, target.ffn)
-    qkv = AxisMap(torch.cat([h.index + k * source.hidden for k in range(3)]), None, h.is_new.repeat(3))
+    qkv = AxisMap(torch.cat([h.index + k * source.hidden for k in range(3)]), None, h.is_new.repeat(3),
+                  h.counts.repeat(3))
     return {"h_out": h, "h_in": h, "a_out": h, "q_out": h, "a_in": h, "qkv_out": qkv,
             "f_out": f, "f_in": f}
 

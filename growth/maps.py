@@ -57,11 +57,30 @@ def prefix_map(small: int, large: int, kind: str, gen: torch.Generator) -> Index
 
 @dataclasses.dataclass(frozen=True)
 class AxisMap:
-    """How one tensor axis is grown: gather `index`, multiply by `scale` (None = 1),
-    and for AKI/DirectCopy, which target units are new."""
+    """How one tensor axis is grown: gather `index`, multiply by `scale` (None = 1); `counts`
+    is C(g(i)), the number of copies of each unit's source unit; `is_new` marks the target units
+    that AKI/DirectCopy fill differently."""
     index: torch.Tensor
     scale: torch.Tensor | None
     is_new: torch.Tensor
+    counts: torch.Tensor
+
+    def subset(self, rows: torch.Tensor) -> "AxisMap":
+        return AxisMap(self.index[rows], None if self.scale is None else self.scale[rows], self.is_new[rows],
+                       self.counts[rows])
+
+    def factor(self, moment: int = 0) -> torch.Tensor | None:
+        """What a grown tensor is multiplied by along this axis: the weight's scale (moment 0), or
+        for Adam's moments (1: exp_avg, 2: exp_avg_sq) the power of 1 / (scale x copies).
+
+        Why: when the growth preserves the function for every value of the source weights, the
+        gradient of the source weight is the sum over its copies of scale x (gradient of the copy),
+        and the copies are interchangeable, so each copy's gradient is the source's divided by
+        scale x copies. A fan-out copy (scale 1) gets 1/C of the gradient; a fan-in copy (scale 1/C)
+        gets all of it. exp_avg follows the gradient, exp_avg_sq its square."""
+        if moment == 0:
+            return self.scale
+        return (1.0 / (self.counts if self.scale is None else self.scale * self.counts)) ** moment
 
 
 def attention_map(heads: IndexMap, head_dim: IndexMap) -> IndexMap:
@@ -85,16 +104,17 @@ def layer_axis_maps(hidden: IndexMap, heads: IndexMap, head_dim: IndexMap,
     q_scale = math.sqrt(head_dim.large / head_dim.small) / dim_counts
     ones = torch.ones(attn.large, dtype=torch.float64)
     a_small = attn.small
+    h_counts, a_counts, f_counts = hidden.counts, attn.counts, ffn.counts
     return {
-        "h_out": AxisMap(hidden.index, None, hidden.is_new),
-        "h_in": AxisMap(hidden.index, 1.0 / hidden.counts, hidden.is_new),
-        "a_out": AxisMap(attn.index, None, new_head),
-        "q_out": AxisMap(attn.index, q_scale, new_head),
-        "a_in": AxisMap(attn.index, 1.0 / attn.counts, new_head),
+        "h_out": AxisMap(hidden.index, None, hidden.is_new, h_counts),
+        "h_in": AxisMap(hidden.index, 1.0 / h_counts, hidden.is_new, h_counts),
+        "a_out": AxisMap(attn.index, None, new_head, a_counts),
+        "q_out": AxisMap(attn.index, q_scale, new_head, a_counts),
+        "a_in": AxisMap(attn.index, 1.0 / a_counts, new_head, a_counts),
         "qkv_out": AxisMap(torch.cat([attn.index, attn.index + a_small, attn.index + 2 * a_small]),
-                           torch.cat([q_scale, ones, ones]), new_head.repeat(3)),
-        "f_out": AxisMap(ffn.index, None, ffn.is_new),
-        "f_in": AxisMap(ffn.index, 1.0 / ffn.counts, ffn.is_new),
+                           torch.cat([q_scale, ones, ones]), new_head.repeat(3), a_counts.repeat(3)),
+        "f_out": AxisMap(ffn.index, None, ffn.is_new, f_counts),
+        "f_in": AxisMap(ffn.index, 1.0 / f_counts, ffn.is_new, f_counts),
     }
 
 

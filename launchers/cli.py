@@ -11,9 +11,17 @@ from .config import RecipeError
 
 
 def cmd_grow(args) -> int:
+    from growth.adapters.deepspeed import grow_checkpoint, is_checkpoint
     from growth.adapters.hf import grow_directory
-    grow_directory(args.src, args.out, args.to, width=args.width, depth=args.depth,
-                   seed=args.seed, overwrite=args.overwrite)
+    common = dict(width=args.width, depth=args.depth, seed=args.seed, overwrite=args.overwrite)
+    if is_checkpoint(args.src):
+        grow_checkpoint(args.src, args.out, args.to, optimizer=args.optimizer or "reset",
+                        schedule=args.schedule or "restart", **common)
+    elif args.optimizer or args.schedule:
+        raise GrowthError(f"{args.src}: --optimizer and --schedule apply to DeepSpeed checkpoints; "
+                          "an HF model directory has no optimizer state")
+    else:
+        grow_directory(args.src, args.out, args.to, **common)
     return 0
 
 
@@ -24,12 +32,19 @@ def cmd_verify(args) -> int:
 
 def cmd_train(args) -> int:
     from .launch import train
-    return train(args.recipe, args.set, args.procs, resume=args.resume, dry_run=args.dry_run)
+    return train(args.recipe, args.set, args.procs, resume=args.resume, dry_run=args.dry_run,
+                 prepare_only=args.prepare_only)
 
 
 def cmd_tokenizer(args) -> int:
     from .launch import train_tokenizer_command
     return train_tokenizer_command(args.kind, args.vocab_size, args.files, args.out)
+
+
+def cmd_vocab_transfer(args) -> int:
+    from growth.adapters.vocab import transfer_directory
+    transfer_directory(args.model, args.to_tokenizer, args.out, method=args.method, seed=args.seed)
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -43,6 +58,13 @@ def cmd_run(args) -> int:
     return run(args.set_file, methods=args.methods, seeds=args.seeds, procs=args.procs, dry_run=args.dry_run)
 
 
+def cmd_submit(args) -> int:
+    from .submit import Resources, submit
+    res = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
+                    account=args.account, signal_seconds=args.signal_seconds)
+    return submit(args.recipe, args.set, res, dry_run=args.dry_run)
+
+
 def csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
@@ -51,14 +73,21 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="b2b", description="bert2BERT: grow pretrained transformers and train them.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("grow", help="grow an HF model directory into a larger shape")
-    g.add_argument("src", help="HF model directory (or 'minilm', the packaged all-MiniLM-L6-v2)")
+    g = sub.add_parser("grow", help="grow an HF model directory or a DeepSpeed ZeRO checkpoint into a larger shape")
+    g.add_argument("src", help="HF model directory (or 'minilm', the packaged all-MiniLM-L6-v2), or a DeepSpeed "
+                               "checkpoint directory (ZeRO 1-3: its root with 'latest', or a tag directory)")
     g.add_argument("--to", required=True,
                    help=f"target: a preset ({', '.join(PRESETS)}), an HF config.json, "
                         "or layers=..,hidden=..,heads=..,ffn=.. (omitted keys keep the source's)")
     g.add_argument("--width", choices=WIDTH_METHODS, default="aki")
     g.add_argument("--depth", choices=DEPTH_METHODS, default="stack")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--optimizer", choices=("reset", "grow"),
+                   help="DeepSpeed source: Adam moments grown with the weights and step kept (grow), or "
+                        "fresh moments and step 0 (reset, the default)")
+    g.add_argument("--schedule", choices=("restart", "keep"),
+                   help="DeepSpeed source: keep the lr schedule position and step counters, or restart "
+                        "them (the default)")
     g.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=cmd_grow)
@@ -77,6 +106,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default="none",
                    help="'auto' (the newest complete checkpoint, if any), a checkpoint tag, or 'none'")
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and DeepSpeed JSON, and exit")
+    t.add_argument("--prepare-only", action="store_true",
+                   help="check, prepare the data and the run directory for --procs processes in all, and exit "
+                        "(a scheduler starts the workers: see slurm/)")
     t.set_defaults(func=cmd_train)
 
     k = sub.add_parser("tokenizer", help="train a tokenizer on a corpus (default: the offline corpus)")
@@ -87,6 +119,17 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True)
     k.set_defaults(func=cmd_tokenizer)
 
+    w = sub.add_parser("vocab", help="vocabulary tools").add_subparsers(dest="vocab_command", required=True)
+    x = w.add_parser("transfer", help="give a model another tokenizer (VIPI: shared tokens keep their rows)")
+    x.add_argument("model", help="HF model directory (or 'minilm')")
+    x.add_argument("--to-tokenizer", required=True, metavar="TOK", help="a tokenizer or model directory")
+    x.add_argument("--method", choices=("vipi", "exact", "random"), default="vipi",
+                   help="vipi: exact matches, then segmentation means; exact: exact matches only; "
+                        "random: every row fresh (default vipi)")
+    x.add_argument("--seed", type=int, default=0, help="for the fresh rows")
+    x.add_argument("--out", required=True, help="output directory (must not exist)")
+    x.set_defaults(func=cmd_vocab_transfer)
+
     u = sub.add_parser("run", help="a method comparison: source pretraining, each method and seed, the report")
     u.add_argument("set_file", metavar="SET", help="a recipe set (e.g. recipes/demo-bert.yaml)")
     u.add_argument("--methods", type=csv(str), help="comma-separated subset of the set's methods")
@@ -94,6 +137,19 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--procs", type=int, help="processes per run (default: GPUs, or 1 on CPU)")
     u.add_argument("--dry-run", action="store_true", help="check every recipe and print the runs, and exit")
     u.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("submit", help="submit a recipe (or a recipe set) to SLURM: requeued on preemption, resumed")
+    b.add_argument("recipe", help="a YAML recipe, or a recipe set (recipes/sets/) for a job array and its report")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    b.add_argument("--nodes", type=int, default=1)
+    b.add_argument("--gpus-per-node", type=int, help="processes per node (default: the nodes' GPUs, or 1 on CPU nodes)")
+    b.add_argument("--partition", help="default: the cluster's default partition")
+    b.add_argument("--time", default="1:00:00", help="time limit, e.g. 2-00:00:00 (default 1:00:00)")
+    b.add_argument("--account")
+    b.add_argument("--signal-seconds", type=int, default=120, metavar="S",
+                   help="checkpoint and requeue S seconds before the time limit (default 120)")
+    b.add_argument("--dry-run", action="store_true", help="print the job scripts, and submit nothing")
+    b.set_defaults(func=cmd_submit)
 
     r = sub.add_parser("report", help="FLOPs and wall-clock to a target loss, and savings against the baseline")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by b2b train")

@@ -46,7 +46,7 @@ class ModelConfig:
     ffn: int | None = None
     max_positions: int = 512
     dropout: float = 0.1
-    init_from: str | None = None  # an HF model directory, e.g. the output of `b2b grow`
+    init_from: str | None = None  # an HF model directory or a grown DeepSpeed checkpoint (`b2b grow`)
     grow_from: str | None = None  # a smaller HF model, grown (model.growth) to this shape into RUN/grown first
     growth: GrowthConfig = field(default_factory=GrowthConfig)
 
@@ -120,10 +120,12 @@ class ProgressiveConfig:
     steps[0] steps, is stacked ([0..n-1, 0..n-1, ...]) to layers[1], and so on; after the listed
     phases it is stacked to model.layers and trains the remaining steps (StackBERT). With
     freeze_lower, each phase after a growth trains only the new top blocks and the head (MSLT);
-    the final phase trains everything. The optimizer starts afresh at each growth."""
+    the final phase trains everything. With ZeRO, each growth grows the live sharded checkpoint
+    (b2b grow's DeepSpeed path) and Adam's state starts afresh or is grown with it (optimizer)."""
     layers: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     freeze_lower: bool = False
+    optimizer: str = "reset"  # at each growth: fresh Adam (reset) or its moments grown with the model (grow, ZeRO >= 1)
 
 
 @dataclass
@@ -436,6 +438,12 @@ def validate(recipe: Recipe) -> Recipe:
              f"{pg.steps}: positive, and together fewer than train.steps ({t.steps}) so a full-model phase remains")
     _require(not pg.layers or (s1.steps == 0 and m.init_from is None and m.grow_from is None), "progressive.layers",
              "progressive stacking starts from scratch: it does not combine with stage1 or a start model")
+    _require(recipe.zero.stage > 0 or not (m.init_from and (Path(m.init_from) / "latest_universal").is_file()),
+             "zero.stage", "0, but model.init_from is a grown DeepSpeed checkpoint, which DeepSpeed loads "
+             "into ZeRO stages 1-3 only: set zero.stage to 1, 2 or 3")
+    _require(pg.optimizer in ("reset", "grow"), "progressive.optimizer", f"{pg.optimizer!r}: use reset or grow")
+    _require(pg.optimizer == "reset" or recipe.zero.stage > 0, "progressive.optimizer",
+             "grow carries Adam's state through the sharded checkpoint: set zero.stage to 1, 2 or 3")
     _require(recipe.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
     _require(recipe.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(recipe.logging.every >= 1, "logging.every", "must be >= 1")
@@ -467,8 +475,9 @@ def fit_world(recipe: Recipe, world: int) -> int:
     return size
 
 
-def deepspeed_config(recipe: Recipe, world: int, cpu: bool) -> dict:
-    """The DeepSpeed JSON for this recipe at this data-parallel size."""
+def deepspeed_config(recipe: Recipe, world: int, cpu: bool, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON for this recipe at this data-parallel size; `load_universal` for an engine
+    that loads a universal checkpoint (a grown one, see growth/adapters/deepspeed.py)."""
     o, t = recipe.optim, recipe.train
     warmup = dict(warmup_num_steps=o.warmup_steps, warmup_type="linear")
     if o.schedule == "constant":
@@ -495,4 +504,6 @@ def deepspeed_config(recipe: Recipe, world: int, cpu: bool) -> dict:
     }
     if recipe.zero.stage == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return config

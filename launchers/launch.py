@@ -65,7 +65,10 @@ def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
                           f"{checkpoint_tags(ckpts) if ckpts.is_dir() else []}")
 
 
-def train(path: str, sets: list[str], procs: int | None, resume: str = "none", dry_run: bool = False) -> int:
+def train(path: str, sets: list[str], procs: int | None, resume: str = "none", dry_run: bool = False,
+          prepare_only: bool = False) -> int:
+    """prepare_only: check, prepare the data and the run directory for `procs` processes in all and
+    stop there; a cluster scheduler then starts the workers itself (slurm/entrypoint.sh)."""
     recipe, procs, cpu, ds = resolve(path, sets, procs)
     if dry_run:
         sys.stdout.write(dry_run_text(recipe, procs, ds))
@@ -85,6 +88,8 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
     (run_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2))
     status = run_dir / "status.json"
     status.unlink(missing_ok=True)
+    if prepare_only:
+        return 0
     env = dict(os.environ, **({"DS_ACCELERATOR": "cpu"} if cpu else {}))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
            "--master_port", str(free_port()), "--no_local_rank", "--module", "launchers.train",

@@ -26,8 +26,13 @@ def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
     torch.manual_seed(recipe.seed)  # also for what a start model lacks (a new MLM head): the same on every rank
     start = recipe.start_model
     if start is not None:
+        from growth.adapters.deepspeed import universal_tag
         auto = AutoModelForMaskedLM if m.arch == "bert" else AutoModelForCausalLM
-        model = auto.from_pretrained(str(start), dtype=torch.float32, **dropout)
+        if universal_tag(start):  # a grown DeepSpeed checkpoint: the trainer loads its weights into the engine
+            from transformers import AutoConfig
+            model = auto.from_config(AutoConfig.from_pretrained(str(start), **dropout), dtype=torch.float32)
+        else:
+            model = auto.from_pretrained(str(start), dtype=torch.float32, **dropout)
         if model.config.vocab_size != vocab:
             raise RecipeError(f"model: {start} has a vocabulary of {model.config.vocab_size} rows but the "
                               f"tokenizer has {vocab} tokens: use the model's own tokenizer (leave data.tokenizer "

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from growth.adapters.deepspeed import universal_tag
+
 from . import config
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
 from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
@@ -160,14 +162,18 @@ class Trainer:
         self.by_unit = recipe.stage1.steps > 0 or recipe.progressive.freeze_lower
         tag = self._resume_tag(resume)
         start = int(tag.removeprefix("step")) if tag else 0  # progressive runs start at that step's depth
+        grown = recipe.start_model if tag is None and recipe.start_model and universal_tag(recipe.start_model) else None
+        universal = grown is not None or (tag is not None and (self.ckpt_dir / tag / "zero").is_dir())
         self.engine = None
         self._start_engine(build_model(recipe, self.data.tokenizer, layers=plan_for(recipe, max(1, start)).active
-                                       if recipe.progressive.layers else None))
+                                       if recipe.progressive.layers else None), load_universal=universal)
         self.global_batch = config.fit_world(recipe, self.world)
         self.tokens_per_step = self.global_batch * recipe.data.seq_len
         self.peak = peak_tflops(recipe)
         self.state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "stage": 0}
-        if tag is None:
+        if grown is not None:
+            self._load_grown(grown, universal_tag(grown))
+        elif tag is None:
             # DeepSpeed's warmup schedulers start at iteration -1, so the first step and the second
             # would both run at the floor; one step puts step 1 at iteration 0 (HF's convention).
             self.engine.lr_scheduler.step()
@@ -179,20 +185,48 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def _start_engine(self, model) -> None:
-        """A DeepSpeed engine (and a fresh optimizer) for `model`, replacing the current one."""
+    def _start_engine(self, model, load_universal: bool = False) -> None:
+        """A DeepSpeed engine (and a fresh optimizer) for `model`, replacing the current one;
+        `load_universal` for one that loads a universal (grown) checkpoint next."""
         import deepspeed
         if self.engine is not None:
             self.engine.destroy()
         groups, self.group_units = param_groups(model, self.recipe.optim.weight_decay, by_unit=self.by_unit)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                               config=config.deepspeed_config(self.recipe, self.world, self.cpu))
+        self.group_decay = [g["weight_decay"] for g in groups]
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=groups,
+            config=config.deepspeed_config(self.recipe, self.world, self.cpu, load_universal=load_universal))
         self.plan = None
         self.tied = bool(model.config.tie_word_embeddings)
 
+    def _load_grown(self, path: Path, tag: str) -> None:
+        """Load a grown (universal) checkpoint: its weights, Adam moments and step, and its lr schedule
+        position when the growth kept it (growth.json); the recipe sets the hyperparameters."""
+        keep = json.loads((path / "growth.json").read_text()).get("schedule") == "keep"
+        self.engine.load_checkpoint(str(path), tag, load_optimizer_states=True, load_lr_scheduler_states=keep)
+        self._recipe_hyperparameters()
+        scheduler = self.engine.lr_scheduler
+        scheduler.step(scheduler.last_batch_iteration if keep else None)  # a fresh schedule: as in __init__
+        if self.rank == 0:
+            print(f"initialised from the grown checkpoint {path} ({tag}; lr schedule "
+                  f"{'at iteration %d' % scheduler.last_batch_iteration if keep else 'restarted'})", flush=True)
+
+    def _recipe_hyperparameters(self) -> None:
+        """DeepSpeed's loaders copy the saved param groups' hyperparameters into the engine's groups
+        (the ZeRO-3 universal loader copies the first group's into all); the recipe's win."""
+        o = self.recipe.optim
+        for group, decay in zip(self.engine.optimizer.param_groups, self.group_decay):
+            group.update(weight_decay=decay, betas=tuple(o.betas), eps=o.eps)
+
     def _stack(self, layers: int, step: int) -> None:
-        """Progressive stacking: grow the live model to `layers` blocks ([0..n-1, 0..n-1, ...], the
-        growth library's stack) and continue with a new engine, the schedule where it was."""
+        """Progressive stacking: grow the model to `layers` blocks ([0..n-1, 0..n-1, ...], the growth
+        library's stack) and continue with a new engine, the schedule where it was. With ZeRO, the
+        live sharded checkpoint is grown shard by shard (growth/adapters/deepspeed.py), carrying Adam's
+        moments when progressive.optimizer is 'grow'; at stage 0 the model is grown in memory and the
+        optimizer starts afresh."""
+        if self.recipe.zero.stage > 0:
+            self._stack_checkpoint(layers)
+            return
         import deepspeed
         from growth import Shape
         from growth.adapters.hf import grow_model
@@ -205,6 +239,23 @@ class Trainer:
         grown, _ = grow_model(current, Shape(layers, m.hidden, m.heads, m.ffn), width="exact", depth="stack")
         self._start_engine(grown)
         self.engine.lr_scheduler.step(step - 1)  # step k runs at iteration k - 1
+
+    def _stack_checkpoint(self, layers: int) -> None:
+        from growth.adapters.deepspeed import grow_checkpoint
+        tag = STEP_TAG.format(self.state["step"])
+        if latest_tag(self.ckpt_dir) != tag:
+            self.save()
+        grown = self.ckpt_dir / f"grown-{tag}"  # not a step* tag: never resumed from, removed below
+        if self.rank == 0:
+            grow_checkpoint(self.ckpt_dir / tag, grown, f"layers={layers}", width="exact", depth="stack",
+                            optimizer=self.recipe.progressive.optimizer, schedule="keep", overwrite=True,
+                            log=lambda *_: None)
+        self.dist.barrier()
+        self._start_engine(build_model(self.recipe, self.data.tokenizer, layers=layers), load_universal=True)
+        self._load_grown(grown, tag)
+        self.dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(grown)
 
     def _resume_tag(self, resume: str) -> str | None:
         """The checkpoint `resume` names ('auto': the newest complete one, if any)."""
@@ -223,6 +274,7 @@ class Trainer:
         path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag)
         if path is None or "b2b" not in client:
             raise config.RecipeError(f"{self.ckpt_dir / tag}: not a checkpoint written by b2b train")
+        self._recipe_hyperparameters()
         self.state = dict(client["b2b"])
         if self.rank == 0:
             print(f"resumed from {self.ckpt_dir / tag} at step {self.state['step']}", flush=True)
@@ -230,9 +282,13 @@ class Trainer:
     def save(self) -> None:
         """A sharded DeepSpeed checkpoint; 'latest' moves only after every rank has written its files."""
         tag = STEP_TAG.format(self.state["step"])
-        if self.rank == 0:
+        if self.rank == 0:  # the recipe, and the model's HF config and tokenizer (what `b2b grow` needs)
             (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
             (self.ckpt_dir / tag / "recipe.yaml").write_text(config.dump(self.recipe))
+            module_config = self.engine.module.config
+            module_config.architectures = [type(self.engine.module).__name__]
+            module_config.save_pretrained(str(self.ckpt_dir / tag))
+            self.data.tokenizer.save_pretrained(str(self.ckpt_dir / tag))
         self.engine.save_checkpoint(str(self.ckpt_dir), tag, client_state={"b2b": self.state}, save_latest=False)
         self.dist.barrier()
         if self.rank == 0:

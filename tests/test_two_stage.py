@@ -112,11 +112,12 @@ def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
     assert flops[2] == pytest.approx(tokens * sum(per_token), rel=1e-6)
 
 
-@pytest.mark.parametrize("method,stage", [("stackbert", 3), ("mslt", 2)])
-def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage, tmp_path):
+@pytest.mark.parametrize("method,stage,optimizer", [("stackbert", 3, "grow"), ("mslt", 2, "reset")])
+def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage, optimizer, tmp_path):
     """1 block for 4 steps, stacked to 2 for 4 steps (MSLT: only the new block trains), then to
-    4 blocks; a run stopped at step 4, before the first growth, resumes to the same losses."""
-    phases = ["progressive.layers=[1, 2]", "progressive.steps=[4, 4]"] + \
+    4 blocks, each growth through the sharded checkpoint (StackBERT carrying Adam's moments); a
+    run stopped at step 4, before the first growth, resumes to the same losses."""
+    phases = ["progressive.layers=[1, 2]", "progressive.steps=[4, 4]", f"progressive.optimizer={optimizer}"] + \
         (["progressive.freeze_lower=true"] if method == "mslt" else [])
     sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256",
             "model.layers=4", "train.steps=12", "train.eval_every=4", "optim.warmup_steps=2", f"zero.stage={stage}",

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -127,31 +128,55 @@ def dump_manifest(manifest: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                   seed: int = 0, overwrite: bool = False, log=print) -> dict:
-    """`b2b grow`: grow an HF model directory into `out`; returns the manifest."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise GrowthError(f"{out} exists; pass --overwrite to replace it")
-    src = resolve(src)
-    cfg = read_config(src)
-    source = shape_from_config(cfg)
-    target = parse_target(to, source)
-    schema = schema_for(cfg["model_type"])
-    tied = has_tied_output(cfg, model_class(cfg, src))
-    grower = Grower(schema, source, target, width=width, depth=depth, seed=seed, tied=tied,
-                    init_std=float(cfg.get("initializer_range", 0.02)))
-    files = weight_files(src)
-    weights = open_weights(files)
-    shapes = weights.shapes
-    check_source(shapes, schema, source)
-    manifest = {"source": str(src), "source_sha256": sha256(files), **grower.manifest()}
-    log(f"growing {cfg['model_type']} {source} -> {target} (width {width}, depth {depth}, seed {seed})")
-
+@contextmanager
+def atomic_directory(out: Path):
+    """A hidden temporary sibling of `out` to fill, renamed to `out` (replacing it) when the block
+    ends normally and removed when it raises, so that a failure leaves nothing behind."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def free_output(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise GrowthError(f"{out} exists; pass --overwrite to replace it")
+    return out
+
+
+def grower_for(config_dir: Path, to: str, **options) -> tuple[dict, Grower]:
+    """The source's HF config (config_dir/config.json) and the Grower into the `to` target."""
+    cfg = read_config(config_dir)
+    source = shape_from_config(cfg)
+    grower = Grower(schema_for(cfg["model_type"]), source, parse_target(to, source),
+                    tied=has_tied_output(cfg, model_class(cfg, config_dir)),
+                    init_std=float(cfg.get("initializer_range", 0.02)), **options)
+    return cfg, grower
+
+
+def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
+                   seed: int = 0, overwrite: bool = False, log=print) -> dict:
+    """`b2b grow`: grow an HF model directory into `out`; returns the manifest."""
+    out = free_output(out, overwrite)
+    src = resolve(src)
+    cfg, grower = grower_for(src, to, width=width, depth=depth, seed=seed)
+    source, target = grower.source, grower.target
+    files = weight_files(src)
+    weights = open_weights(files)
+    shapes = weights.shapes
+    check_source(shapes, grower.schema, source)
+    manifest = {"source": str(src), "source_sha256": sha256(files), **grower.manifest()}
+    log(f"growing {cfg['model_type']} {source} -> {target} (width {width}, depth {depth}, seed {seed})")
+
+    with atomic_directory(out) as tmp:
         plan = [(t, shape, weights.dtypes[s]) for t, s, shape in grower.plan(shapes)]
         write_streaming(tmp / "model.safetensors", plan, grower.items(list(shapes), weights.__getitem__))
         (tmp / "config.json").write_text(json.dumps(target_config(cfg, target), indent=2) + "\n")
@@ -170,12 +195,6 @@ def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi"
         else:
             log(f"not function-preserving: {manifest['exact_reason']}")
         (tmp / "growth.json").write_text(dump_manifest(manifest))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out}")
     return manifest
 

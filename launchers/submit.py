@@ -1,0 +1,230 @@
+"""`b2b submit RECIPE`: the recipe becomes SLURM jobs rendered from the templates in slurm/.
+
+The recipe stays the one source of truth: the job script names it (with its --set overrides),
+its run directory and the resources, nothing else. Everything that can be wrong is checked on
+the login node, before anything is queued: the recipe, `sbatch` on PATH, the partition, and
+whether it has the nodes and the GPUs (or, on CPU nodes, the cores) asked for.
+
+- An ordinary recipe: one job. A two-stage recipe (stage1.steps > 0): two jobs, stage 1 stops
+  at stage1.steps (train.stop_at) and stage 2 resumes from its checkpoint after it succeeded
+  (--dependency=afterok).
+- A recipe set (recipes/sets/*.yaml, see launchers/run.py): the source's job, a job array with
+  one task per method and seed, then `b2b report` once every task succeeded.
+- Every training job is submitted with --requeue and --signal=B:USR1@SECONDS: on the signal (or
+  before the time limit) the workers checkpoint, the entrypoint requeues the job and the
+  requeued job resumes from that checkpoint (`b2b train --resume auto`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import config
+from .config import RecipeError
+from .launch import EXIT_STOPPED
+
+SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+
+
+@dataclass
+class Resources:
+    nodes: int = 1
+    gpus_per_node: int | None = None  # processes per node: GPUs, or CPU processes on CPU-only nodes
+    partition: str | None = None  # default: the cluster's default partition
+    time: str = "1:00:00"
+    account: str | None = None
+    signal_seconds: int = 120  # USR1 this long before the time limit: time to save a checkpoint
+
+
+@dataclass
+class Partition:
+    name: str
+    nodes: int
+    cpus: int  # per node (the smallest node)
+    gpus: int  # per node (the smallest node)
+
+
+@dataclass
+class Job:
+    """One sbatch call: its script, and the jobs (by index in the plan) it waits for."""
+    name: str
+    script: str
+    log: str
+    after: list[int] = field(default_factory=list)
+    tensorboard: str | None = None
+
+
+def read_partitions() -> dict[str, tuple[Partition, bool]]:
+    """Every partition from sinfo: (its sizes, whether it is the default)."""
+    if shutil.which("sinfo") is None:
+        raise RecipeError("sinfo: not found on PATH; run b2b submit on a SLURM login node")
+    out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RecipeError(f"sinfo failed: {out.stderr.strip() or out.returncode}; is slurmctld reachable?")
+    found: dict[str, tuple[Partition, bool]] = {}
+    for line in out.stdout.splitlines():  # one line per group of alike nodes
+        name, nodes, cpus, gres = line.strip().split("|")
+        default, name, nodes, cpus = name.endswith("*"), name.rstrip("*"), int(nodes), int(cpus.rstrip("+"))
+        gpus = sum(int(m) for m in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+        if name in found:
+            p = found[name][0]
+            p.nodes, p.cpus, p.gpus = p.nodes + nodes, min(p.cpus, cpus), min(p.gpus, gpus)
+        else:
+            found[name] = (Partition(name, nodes, cpus, gpus), default)
+    return found
+
+
+def check_resources(res: Resources) -> Partition:
+    """The partition the job goes to, once it is known to fit; fills res.gpus_per_node."""
+    if shutil.which("sbatch") is None:
+        raise RecipeError("sbatch: not found on PATH; run b2b submit on a SLURM login node "
+                          "(or use --dry-run to see the job scripts)")
+    partitions = read_partitions()
+    name = res.partition or next((n for n, (_, default) in partitions.items() if default), None)
+    if name not in partitions:
+        raise RecipeError(f"--partition {name}: no such partition; this cluster has {', '.join(partitions)}")
+    part = partitions[name][0]
+    if res.nodes > part.nodes:
+        raise RecipeError(f"--nodes {res.nodes}: partition {name} has {part.nodes} node(s)")
+    per_node, what = (part.gpus, "GPU(s)") if part.gpus else (part.cpus, "CPU core(s) and no GPU")
+    res.gpus_per_node = res.gpus_per_node or (part.gpus or 1)
+    if res.gpus_per_node > per_node:
+        raise RecipeError(f"--gpus-per-node {res.gpus_per_node}: the nodes of partition {name} have {per_node} {what}")
+    res.partition = name
+    return part
+
+
+def render(template: str, **values: str) -> str:
+    """slurm/<template> with each @NAME@ replaced; a placeholder without a value is a bug here."""
+    text = (SLURM_DIR / template).read_text()
+    missing = set(re.findall(r"@([A-Z_]+)@", text)) - set(values)
+    if missing:
+        raise KeyError(f"slurm/{template}: no value for {sorted(missing)}")
+    return re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], text)
+
+
+def header_values(name: str, log: Path, res: Resources, part: Partition | None, extra: list[str]) -> dict:
+    extra = [*extra, *([f"--partition={res.partition}"] if res.partition else []),
+             *([f"--account={res.account}"] if res.account else [])]
+    return dict(JOB_NAME=name, TIME=res.time, WORKDIR=shlex.quote(str(Path.cwd())),
+                LOG=str(log), PYTHON=shlex.quote(sys.executable),
+                EXTRA="\n".join(f"#SBATCH {x}" for x in extra))
+
+
+def train_job(name: str, runs: list[tuple[str, Path, list[str]]], log: Path, res: Resources,
+              part: Partition | None, after: list[int] = ()) -> Job:
+    """A training job; with several runs, a job array whose task i trains runs[i]."""
+    procs = res.gpus_per_node or 1
+    extra = [f"--gres=gpu:{procs}"] if part and part.gpus else []
+    if len(runs) > 1:
+        extra.append(f"--array=0-{len(runs) - 1}")
+
+    def select(recipe: str, run_dir: Path, sets: list[str]) -> str:
+        args = " ".join(shlex.quote(f"--set={s}") for s in sets)
+        return f"recipe={shlex.quote(recipe)} run_dir={shlex.quote(str(run_dir))} sets=({args})"
+    if len(runs) == 1:
+        choose = select(*runs[0])
+    else:
+        cases = "".join(f"    {i}) {select(*run)} ;;\n" for i, run in enumerate(runs))
+        choose = f'case "$SLURM_ARRAY_TASK_ID" in\n{cases}esac'
+    script = render("train.sbatch", **header_values(name, log, res, part, extra), NODES=str(res.nodes),
+                    PROCS_PER_NODE=str(procs), CPUS_PER_TASK=str(max(1, (part.cpus if part else procs) // procs)),
+                    SIGNAL_SECONDS=str(res.signal_seconds), SELECT=choose,
+                    ENTRYPOINT=shlex.quote(str(SLURM_DIR / "entrypoint.sh")))
+    tensorboard = runs[0][1] / "tensorboard" if len(runs) == 1 else runs[0][1].parent / "*" / "tensorboard"
+    return Job(name, script, str(log), list(after), str(tensorboard))
+
+
+def recipe_jobs(path: str, sets: list[str], res: Resources, part: Partition | None) -> list[Job]:
+    """One job, or two for a two-stage recipe (stage 2 resumes stage 1's checkpoint)."""
+    recipe = config.load(path, sets)
+    run_dir = recipe.run_dir.resolve()
+    path, sets = str(Path(path).resolve()), [*sets, f"out_dir={run_dir}"]  # the job may start elsewhere
+    s1 = recipe.stage1.steps
+    if 0 < s1 < recipe.train.steps and recipe.train.stop_at is None:
+        return [train_job(f"{recipe.name}-stage1", [(path, run_dir, [*sets, f"train.stop_at={s1}"])],
+                          run_dir / "slurm-%j.out", res, part),
+                train_job(f"{recipe.name}-stage2", [(path, run_dir, sets)], run_dir / "slurm-%j.out", res, part,
+                          after=[0])]
+    return [train_job(recipe.name, [(path, run_dir, sets)], run_dir / "slurm-%j.out", res, part)]
+
+
+def set_jobs(path: str, sets: list[str], res: Resources, part: Partition | None) -> list[Job]:
+    """A method comparison: the source's job, the methods' job array, the report."""
+    from .run import as_sets, load_set, method_sets
+    s = load_set(Path(path))
+    out = Path(s.out_dir or f"runs/{s.name}").resolve()
+    source_dir = out / "source"
+    source_model = Path(s.source_model).resolve() if s.source_model else source_dir / "final"
+    jobs = []
+    if s.source:
+        source_sets = [*sets, *as_sets({"out_dir": str(source_dir), "method": "source"})]
+        config.load(s.source, source_sets)
+        jobs.append(train_job(f"{s.name}-source", [(s.source, source_dir, source_sets)],
+                              source_dir / "slurm-%j.out", res, part))
+    runs = []
+    for seed in s.seeds:
+        for method in s.methods:
+            run_sets = [*sets, *method_sets(s, out, method, seed, source_model)]
+            config.load(s.target, [x for x in run_sets if not x.startswith("model.grow_from=")])
+            runs.append((s.target, out / f"{method}-s{seed}", run_sets))
+    jobs.append(train_job(f"{s.name}-methods", runs, out / "slurm-%A_%a.out", res, part, after=list(range(len(jobs)))))
+    r = s.report
+    args = [*(str(d) for _, d, _ in runs), "--smooth", str(r.smooth), "--baseline", r.baseline,
+            "--out", str(out / "report"), *(["--target", str(r.target)] if r.target is not None else [])]
+    report = render("report.sbatch", **header_values(f"{s.name}-report", out / "slurm-%j.out", res, part, []),
+                    ARGS=" ".join(shlex.quote(a) for a in args))
+    jobs.append(Job(f"{s.name}-report", report, str(out / "slurm-%j.out"), [len(jobs) - 1]))
+    return jobs
+
+
+def sbatch(job: Job, after: list[str]) -> str:
+    flags = [f"--dependency=afterok:{':'.join(after)}"] if after else []
+    out = subprocess.run(["sbatch", "--parsable", *flags], input=job.script, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RecipeError(f"sbatch refused {job.name}: {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0]
+
+
+def submit(path: str, sets: list[str], res: Resources, dry_run: bool = False) -> int:
+    is_set = "methods" in config.read_yaml(Path(path))
+    part = None if dry_run else check_resources(res)
+    jobs = (set_jobs if is_set else recipe_jobs)(path, sets, res, part)
+    if dry_run:
+        for i, job in enumerate(jobs):
+            after = " ".join(f"--dependency=afterok:<job {j + 1}>" for j in job.after)
+            print(f"# ---- job {i + 1} of {len(jobs)}: sbatch {after}".rstrip() + f"\n{job.script}")
+        return 0
+    ids: list[str] = []
+    for job in jobs:
+        Path(job.log).parent.mkdir(parents=True, exist_ok=True)
+        ids.append(sbatch(job, [ids[j] for j in job.after]))
+        waits = f" after job {', '.join(ids[j] for j in job.after)}" if job.after else ""
+        print(f"submitted job {ids[-1]} ({job.name}){waits}: log {job.log}"
+              + (f", TensorBoard {job.tensorboard}" if job.tensorboard else ""), flush=True)
+    return 0
+
+
+def outcome(run_dir: Path) -> int:
+    """What the job's batch shell does with a run the workers left: 0 finished (or stopped at
+    train.stop_at, the end of a stage), EXIT_STOPPED stopped by a signal (requeue), 1 otherwise."""
+    from .report import run_state
+    state = run_state(run_dir)
+    if state == "stopped":
+        stop_at = config.read_yaml(run_dir / "recipe.yaml").get("train", {}).get("stop_at")
+        step = json.loads((run_dir / "status.json").read_text())["step"]
+        return 0 if step == stop_at else EXIT_STOPPED
+    return 0 if state == "finished" else 1
+
+
+if __name__ == "__main__":  # python -m launchers.submit outcome RUN_DIR (slurm/entrypoint.sh)
+    if len(sys.argv) != 3 or sys.argv[1] != "outcome":
+        sys.exit("usage: python -m launchers.submit outcome RUN_DIR")
+    sys.exit(outcome(Path(sys.argv[2])))

@@ -1,0 +1,156 @@
+"""`b2b submit` against a real SLURM on this machine (tests/slurm_cluster.py: munged, slurmctld and
+slurmd, started here and stopped by pid): a tiny recipe's job runs to the end; a job signalled
+mid-run checkpoints, is requeued and resumes to the same steps and losses as an uninterrupted
+one; two SLURM nodes in their own network namespaces train one process each through gloo; bad
+input fails before anything is queued. sacct needs slurmdbd, so job states come from
+`scontrol show job`."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launchers.events import read_scalars
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_cluster import Cluster  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+TINY = RECIPES / "bert-tiny-cpu.yaml"
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("starts SLURM daemons and network namespaces: needs root")
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def submit(cluster, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "launchers.cli", "submit", *args], capture_output=True,
+                          text=True, env=env or cluster.env, timeout=120)
+
+
+def tiny_sets(run, cache, *sets):
+    sets = [f"out_dir={run}", f"data.cache_dir={cache}", "data.max_documents=800", "data.vocab_size=512",
+            "logging.progress=false", "train.eval_every=0", "optim.warmup_steps=2", *sets]
+    return sum((["--set", s] for s in sets), [])
+
+
+def job_ids(out: str) -> list[str]:
+    return [line.split()[2] for line in out.splitlines() if line.startswith("submitted job")]
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{text!r} not in {path} after {timeout}s")
+
+
+def dry_run(*args):
+    out = subprocess.run([sys.executable, "-m", "launchers.cli", "submit", *args, "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_dry_run_renders_chained_stages_and_a_job_array(tmp_path):
+    two_stage = dry_run(str(TINY), "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--account", "lab",
+                        "--set", f"out_dir={tmp_path}", "--set", "stage1.steps=40", "--set", "stage1.block=1")
+    first, second = two_stage.split("# ---- job 2 of 2: sbatch --dependency=afterok:<job 1>\n")
+    assert first.startswith("# ---- job 1 of 2: sbatch\n#!/bin/bash")
+    for script in (first, second):
+        for line in ("--nodes=2", "--ntasks-per-node=4", "--partition=gpu", "--account=lab", "--requeue",
+                     "--signal=B:USR1@120", f"--output={tmp_path}/slurm-%j.out", "--open-mode=append"):
+            assert f"#SBATCH {line}\n" in script
+    assert "--set=train.stop_at=40" in first and "stop_at" not in second
+    assert "slurm/entrypoint.sh batch" in second
+    comparison = dry_run(str(RECIPES / "sets" / "demo-bert.yaml"))
+    jobs = comparison.split("# ---- job ")[1:]
+    assert [j.split("\n")[0] for j in jobs] == ["1 of 3: sbatch", "2 of 3: sbatch --dependency=afterok:<job 1>",
+                                                "3 of 3: sbatch --dependency=afterok:<job 2>"]
+    assert "#SBATCH --array=0-20\n" in jobs[1] and "    20) " in jobs[1]  # 7 methods x 3 seeds
+    assert "launchers.cli report" in jobs[2] and "--baseline scratch" in jobs[2]
+
+
+def test_bad_input_fails_before_anything_is_queued(cluster, tmp_path):
+    base = [str(TINY), "--set", f"out_dir={tmp_path / 'run'}"]
+    for args, message in [(["--partition", "nosuch"], "--partition nosuch: no such partition"),
+                          (["--nodes", "9"], "--nodes 9: partition debug has 1 node(s)"),
+                          (["--gpus-per-node", "8"], "--gpus-per-node 8: the nodes of partition debug have 2 CPU")]:
+        bad = submit(cluster, *base, *args)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    no_sbatch = submit(cluster, *base, env=dict(cluster.env, PATH=str(Path(sys.executable).parent)))
+    assert no_sbatch.returncode == 2 and "sbatch: not found" in no_sbatch.stderr
+    bad_recipe = submit(cluster, *base, "--set", "train.steps=0")
+    assert bad_recipe.returncode == 2 and "train.steps" in bad_recipe.stderr
+    assert cluster.run("squeue", "-h").stdout.strip() == ""
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_job_runs_to_the_end_and_a_preempted_one_resumes_exactly(cluster, cache, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    sets = ["train.steps=20", "checkpoint.every=10", "checkpoint.keep=2"]
+    done = submit(cluster, str(TINY), "--partition", "debug", "--gpus-per-node", "2", *tiny_sets(full, cache, *sets))
+    assert done.returncode == 0, done.stderr
+    assert f"log {full}/slurm-%j.out, TensorBoard {full}/tensorboard" in done.stdout
+    preempted = submit(cluster, str(TINY), "--gpus-per-node", "2", *tiny_sets(part, cache, *sets))
+    assert preempted.returncode == 0, preempted.stderr
+    (full_id,), (part_id,) = job_ids(done.stdout), job_ids(preempted.stdout)
+
+    info = cluster.wait_job(full_id)
+    log = (full / f"slurm-{full_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "local: healthy" in log and "finished at step 20/20" in log
+    assert f"JobId={full_id} " in (cluster.root / "jobcomp.txt").read_text()
+
+    part_log = part / f"slurm-{part_id}.out"
+    wait_for_line(part_log, "step 3:")  # mid-run: preempt it as SLURM does before a time limit
+    cluster.run("scancel", "--signal=USR1", "--batch", part_id)
+    info = cluster.wait_job(part_id)
+    log = part_log.read_text()  # --open-mode=append: both runs of the job in one log
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "stopped by signal SIGUSR1" in log and f"requeueing job {part_id}" in log
+    assert "(restart 1)" in log and "resumed from" in log
+
+    a, b = read_scalars(full), read_scalars(part)
+    assert sorted(a["train/loss"]) == sorted(b["train/loss"]) == list(range(1, 21))
+    for step in range(1, 21):
+        assert abs(a["train/loss"][step] - b["train/loss"][step]) <= 1e-6, step
+    for run in (full, part):
+        assert json.loads((run / "status.json").read_text())["state"] == "finished"
+        assert (run / "checkpoints" / "latest").read_text() == "step00000020"
+        assert (run / "final" / "config.json").is_file()
+
+
+def test_two_nodes_train_through_gloo_across_network_namespaces(cluster, cache, tmp_path):
+    if cluster.multi_error:
+        pytest.skip(f"no second SLURM node: {cluster.multi_error}")
+    run = tmp_path / "run"
+    env = dict(cluster.env, GLOO_SOCKET_IFNAME="eth0")  # each node namespace's only link to the other
+    done = submit(cluster, str(TINY), "--partition", "multi", "--nodes", "2", "--gpus-per-node", "1",
+                  *tiny_sets(run, cache, "train.steps=6"), env=env)
+    assert done.returncode == 0, done.stderr
+    (job,) = job_ids(done.stdout)
+    info = cluster.wait_job(job)
+    log = (run / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "n[1-2]", log[-3000:]
+    assert "head 10.77.0.1:" in log and "n1: healthy" in log and "n2: healthy" in log
+    assert "2 process(es)" in log and "finished at step 6/6" in log
+    assert sorted(read_scalars(run)["train/loss"]) == list(range(1, 7))
+    assert (run / "checkpoints" / "latest").read_text() == "step00000006"
