@@ -68,14 +68,16 @@ def phase_grow(src: str, out: str, mode: str) -> dict:
     if mode == "consolidate":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
 
-        class Consolidated(adapter.ZeroCheckpoint):
+        sharded = adapter.ZeroCheckpoint
+
+        class Consolidated(sharded):
             """Every state of every parameter in memory before growth starts."""
 
             def __init__(self, path):
                 super().__init__(path)
                 self.full = {"fp32": to_torch_tensor(get_fp32_state_dict_from_zero_checkpoint(path))}
                 for key in ("exp_avg", "exp_avg_sq"):
-                    self.full[key] = {name: super().read(name, key) for name in self.shapes}
+                    self.full[key] = {name: sharded.read(self, name, key) for name in self.shapes}
 
             def read(self, name, key):
                 return self.full[key][name]

@@ -163,10 +163,9 @@ class Trainer:
         tag = self._resume_tag(resume)
         start = int(tag.removeprefix("step")) if tag else 0  # progressive runs start at that step's depth
         grown = recipe.start_model if tag is None and recipe.start_model and universal_tag(recipe.start_model) else None
-        universal = grown is not None or (tag is not None and (self.ckpt_dir / tag / "zero").is_dir())
         self.engine = None
         self._start_engine(build_model(recipe, self.data.tokenizer, layers=plan_for(recipe, max(1, start)).active
-                                       if recipe.progressive.layers else None), load_universal=universal)
+                                       if recipe.progressive.layers else None), load_universal=grown is not None)
         self.global_batch = config.fit_world(recipe, self.world)
         self.tokens_per_step = self.global_batch * recipe.data.seq_len
         self.peak = peak_tflops(recipe)
