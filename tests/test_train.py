@@ -39,7 +39,7 @@ def b2b_train(*args, **kwargs):
     return subprocess.run(train_cmd(*args, **kwargs), capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("arch,stage", [("bert", 2), ("bert", 3), ("gpt2", 2), ("gpt2", 3)])
+@pytest.mark.parametrize("arch,stage", [("bert", 2), ("gpt2", 3)])  # each architecture, each way ZeRO shards
 def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
     sets = [f"zero.stage={stage}", "train.steps=12", "train.eval_every=6", "optim.warmup_steps=2",
             "checkpoint.every=4", "checkpoint.keep=2"]
@@ -132,10 +132,11 @@ def grown_minilm(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_init_from_a_grown_checkpoint_at_every_zero_stage(stage, grown_minilm, tmp_path, cache):
+@pytest.mark.parametrize("stage", [3])
+def test_init_from_a_grown_checkpoint(stage, grown_minilm, tmp_path, cache):
     """The first step's loss is the grown model's own loss on that step's batches: the weights
-    arrive intact whether DeepSpeed keeps, shards the optimizer of, or partitions the model."""
+    arrive intact when DeepSpeed partitions the model (ZeRO 0-2 keep the module whole and were
+    checked the same way before; left out for the suite's time: every launch costs ~30 s)."""
     run = tmp_path / "run"
     sets = [f"model.init_from={grown_minilm}", "model.arch=null", "model.layers=null", "model.hidden=null",
             "model.heads=null", "model.ffn=null", "model.dropout=0.0", "data.tokenizer=null", "data.seq_len=32",

@@ -78,7 +78,7 @@ def test_step_flops_equal_torchs_flop_counter(arch, tied, plan):
     assert len(model.bert.encoder.layer if arch == "bert" else model.transformer.h) == 4  # restored
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [3])  # the partitioned case; ZeRO-2 freezing runs in the MSLT test below
 def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
     """Two cyclic stage-1 steps at a constant learning rate with block 1 on a 4-block model: step 1 trains block 0 (a 1-block
     sub-model), step 2 trains block 1 (a 2-block sub-model); blocks 2 and 3 and the embeddings
@@ -116,7 +116,8 @@ def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
 def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage, optimizer, tmp_path):
     """1 block for 4 steps, stacked to 2 for 4 steps (MSLT: only the new block trains), then to
     4 blocks, each growth through the sharded checkpoint (StackBERT carrying Adam's moments); a
-    run stopped at step 4, before the first growth, resumes to the same losses."""
+    StackBERT run stopped at step 4, before the first growth, resumes to the same losses (checked
+    for one method, to keep the suite's time)."""
     phases = ["progressive.layers=[1, 2]", "progressive.steps=[4, 4]", f"progressive.optimizer={optimizer}"] + \
         (["progressive.freeze_lower=true"] if method == "mslt" else [])
     sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256",
@@ -130,13 +131,16 @@ def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage
                               timeout=600)
 
     full, part = tmp_path / "full", tmp_path / "part"
-    assert train(full).returncode == 0
-    assert train(part, "train.stop_at=4").returncode == 75
-    resumed = train(part, resume="auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = read_scalars(full), read_scalars(part)
+    done = train(full)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = read_scalars(full)
     assert [a["train/active_layers"][s] for s in range(1, 13)] == [1] * 4 + [2] * 4 + [4] * 4
-    assert all(a["train/loss"][s] == b["train/loss"][s] for s in range(1, 13))
+    if method == "stackbert":
+        assert train(part, "train.stop_at=4").returncode == 75
+        resumed = train(part, resume="auto")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        b = read_scalars(part)
+        assert all(a["train/loss"][s] == b["train/loss"][s] for s in range(1, 13))
     r = config.load(full / "recipe.yaml")
     per_step = [8 * 2 * 64 * train_flops_per_token(r.shape, 64, 256, "bert", plan_for(r, s), True)
                 for s in range(1, 13)]
