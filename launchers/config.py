@@ -438,7 +438,8 @@ def validate(recipe: Recipe) -> Recipe:
              f"{pg.steps}: positive, and together fewer than train.steps ({t.steps}) so a full-model phase remains")
     _require(not pg.layers or (s1.steps == 0 and m.init_from is None and m.grow_from is None), "progressive.layers",
              "progressive stacking starts from scratch: it does not combine with stage1 or a start model")
-    _require(recipe.zero.stage > 0 or not (m.init_from and (Path(m.init_from) / "latest_universal").is_file()),
+    from growth.adapters.deepspeed import universal_tag
+    _require(recipe.zero.stage > 0 or not (m.init_from and universal_tag(m.init_from)),
              "zero.stage", "0, but model.init_from is a grown DeepSpeed checkpoint, which DeepSpeed loads "
              "into ZeRO stages 1-3 only: set zero.stage to 1, 2 or 3")
     _require(pg.optimizer in ("reset", "grow"), "progressive.optimizer", f"{pg.optimizer!r}: use reset or grow")

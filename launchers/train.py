@@ -171,7 +171,7 @@ class Trainer:
         self.peak = peak_tflops(recipe)
         self.state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "stage": 0}
         if grown is not None:
-            self._load_grown(grown, universal_tag(grown))
+            self._load_grown(grown)
         elif tag is None:
             # DeepSpeed's warmup schedulers start at iteration -1, so the first step and the second
             # would both run at the floor; one step puts step 1 at iteration 0 (HF's convention).
@@ -198,9 +198,10 @@ class Trainer:
         self.plan = None
         self.tied = bool(model.config.tie_word_embeddings)
 
-    def _load_grown(self, path: Path, tag: str) -> None:
+    def _load_grown(self, path: Path) -> None:
         """Load a grown (universal) checkpoint: its weights, Adam moments and step, and its lr schedule
         position when the growth kept it (growth.json); the recipe sets the hyperparameters."""
+        tag = universal_tag(path)
         keep = json.loads((path / "growth.json").read_text()).get("schedule") == "keep"
         self.engine.load_checkpoint(str(path), tag, load_optimizer_states=True, load_lr_scheduler_states=keep)
         self._recipe_hyperparameters()
@@ -240,6 +241,7 @@ class Trainer:
         self.engine.lr_scheduler.step(step - 1)  # step k runs at iteration k - 1
 
     def _stack_checkpoint(self, layers: int) -> None:
+        """Save the live checkpoint (unless it was just saved), grow it, and load it into a new engine."""
         from growth.adapters.deepspeed import grow_checkpoint
         tag = STEP_TAG.format(self.state["step"])
         if latest_tag(self.ckpt_dir) != tag:
@@ -251,7 +253,7 @@ class Trainer:
                             log=lambda *_: None)
         self.dist.barrier()
         self._start_engine(build_model(self.recipe, self.data.tokenizer, layers=layers), load_universal=True)
-        self._load_grown(grown, tag)
+        self._load_grown(grown)
         self.dist.barrier()
         if self.rank == 0:
             shutil.rmtree(grown)
