@@ -18,12 +18,13 @@ from .shape import Shape, check_growable
 
 WIDTH_METHODS = ("fpi", "aki", "direct", "exact")
 DEPTH_METHODS = ("stack", "identity")
-FAN_OUT_NEW_UNITS = ("a_out", "q_out", "qkv_out", "f_out")  # the axes AKI fills from layer l+1
+FAN_OUT_NEW_UNITS = ("a_out", "q_out", "qkv_out", "hqkv_out", "f_out")  # the axes AKI fills from layer l+1
 
 
 def axis_size(role: str | None, shape: Shape) -> int | None:
     return {None: None, "h_out": shape.hidden, "h_in": shape.hidden, "a_out": shape.hidden,
             "q_out": shape.hidden, "a_in": shape.hidden, "qkv_out": 3 * shape.hidden,
+            "hqkv_out": 3 * shape.hidden,
             "f_out": shape.ffn, "f_in": shape.ffn}[role]
 
 
@@ -87,7 +88,10 @@ def widen(w: torch.Tensor, axes: tuple, maps: Mapping[str, AxisMap], scaled: boo
 
 class Grower:
     def __init__(self, schema: Schema, source: Shape, target: Shape, width: str = "fpi",
-                 depth: str = "stack", seed: int = 0, tied: bool = True, init_std: float = 0.02):
+                 depth: str = "stack", seed: int = 0, tied: bool = True, init_std: float = 0.02,
+                 shards: int = 1):
+        """`shards` > 1: the heads and FFN units grow within each of that many tensor-parallel
+        shards (prefix_map(..., shards)), so `grow(..., shard=r)` needs source shard r only."""
         if width not in WIDTH_METHODS:
             raise GrowthError(f"unknown width method {width!r}: choose one of {WIDTH_METHODS}")
         if depth not in DEPTH_METHODS:
@@ -102,7 +106,11 @@ class Grower:
                               f"statistics are unchanged; {source.hidden} -> {target.hidden} is not. "
                               "Use --width fpi (approximately function-preserving)")
         self.schema, self.source, self.target = schema, source, target
+        if shards > 1 and width == "direct":
+            raise GrowthError("--width direct is not available for tensor-parallel checkpoints; "
+                              "use exact, fpi or aki")
         self.width, self.depth, self.seed, self.tied, self.init_std = width, depth, seed, tied, init_std
+        self.shards = shards
         self.order = layer_map(source.layers, target.layers)
 
         gen = torch.Generator().manual_seed(seed)
@@ -113,9 +121,9 @@ class Grower:
         else:
             self.layer_maps = [
                 layer_axis_maps(self.hidden,
-                                prefix_map(source.heads, target.heads, kind, gen),
+                                prefix_map(source.heads, target.heads, kind, gen, shards),
                                 prefix_map(source.head_dim, target.head_dim, kind, gen),
-                                prefix_map(source.ffn, target.ffn, kind, gen))
+                                prefix_map(source.ffn, target.ffn, kind, gen, shards))
                 for _ in range(source.layers)]
         self.init_gen = torch.Generator().manual_seed(seed + 1)
 
@@ -153,8 +161,11 @@ class Grower:
     # -- the growth itself --------------------------------------------------------------
 
     def _grow_one(self, name: str, param: Param, get: Callable[[str], torch.Tensor],
-                  layer: int | None, moment: int) -> torch.Tensor:
+                  layer: int | None, moment: int, shard: int | None = None) -> torch.Tensor:
         maps = self.layer_maps[layer if layer is not None else 0]  # non-layer params use h_* only
+        role = param.axes[param.tp] if shard is not None and param.tp is not None else None
+        if role is not None:  # `get` returns source shard `shard`; grow the target shard's rows from it
+            maps = {**maps, role: maps[role].shard(shard, self.shards, axis_size(role, self.source))}
         w = get(name)
         if self.width == "direct":
             copy = widen(w, param.axes, maps, scaled=False)
@@ -209,6 +220,21 @@ class Grower:
                                           for dim, role in enumerate(param.axes)))
                 for target_name, name, param, _, _ in self._jobs(list(shapes))]
 
+    def _zeroed(self, param: Param, target_layer: int | None) -> bool:
+        """An identity-grown block's output projections are zero."""
+        return self.depth == "identity" and target_layer is not None and target_layer >= self.source.layers \
+            and param.kind.startswith("proj")
+
+    def grow(self, target_name: str, get: Callable[[str], torch.Tensor], moment: int = 0,
+             shard: int | None = None) -> torch.Tensor:
+        """One grown tensor by its target name; with `shard`, the target's tensor-parallel shard of
+        a sharded parameter (Param.tp), computed from `get` returning source shards."""
+        layer, _ = self.schema.split(target_name)
+        name = target_name if layer is None else self.schema.at_layer(target_name, layer, self.order[layer])
+        param = self.schema.lookup(name)
+        grown = self._grow_one(name, param, get, None if layer is None else self.order[layer], moment, shard)
+        return torch.zeros_like(grown) if self._zeroed(param, layer) else grown
+
     def items(self, names: list[str], get: Callable[[str], torch.Tensor],
               moment: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
         """Grown (name, tensor) pairs, computed one source parameter at a time. `get` returns the
@@ -221,8 +247,7 @@ class Grower:
         for target_name, name, param, src_layer, t in self._jobs(names):
             if name != last_name:
                 last_name, grown = name, self._grow_one(name, param, get, src_layer, moment)
-            if self.depth == "identity" and t is not None and t >= self.source.layers \
-                    and param.kind.startswith("proj"):
+            if self._zeroed(param, t):
                 yield target_name, torch.zeros_like(grown)
             else:
                 yield target_name, grown

@@ -33,14 +33,26 @@ class IndexMap:
 
     @property
     def is_new(self) -> torch.Tensor:
-        return torch.arange(self.large) >= self.small
+        """The copies: every target unit but the first that takes its source unit (for a prefix
+        map, the units after the first `small`; for a sharded map, those after each shard's prefix)."""
+        position = torch.arange(self.large)
+        first = torch.full((self.small,), self.large).scatter_reduce(0, self.index, position, "amin")
+        return position != first[self.index]
 
     @property
     def uniform(self) -> bool:
         return self.large % self.small == 0
 
 
-def prefix_map(small: int, large: int, kind: str, gen: torch.Generator) -> IndexMap:
+def prefix_map(small: int, large: int, kind: str, gen: torch.Generator, shards: int = 1) -> IndexMap:
+    """Map `small` source units onto `large` target units. With `shards` > 1 the axis is split
+    into that many equal blocks (tensor-parallel shards) and each target block takes units of its
+    own source block only, so a shard grows from its own shard (its counts are known locally)."""
+    if shards > 1:
+        if small % shards or large % shards:
+            raise GrowthError(f"{shards} tensor-parallel shards do not divide {small} -> {large} units")
+        parts = [prefix_map(small // shards, large // shards, kind, gen) for _ in range(shards)]
+        return IndexMap(torch.cat([p.index + k * (small // shards) for k, p in enumerate(parts)]), small)
     if large < small:
         raise GrowthError(f"cannot map {small} units onto {large}: target is smaller")
     extra = large - small
@@ -68,6 +80,15 @@ class AxisMap:
     def subset(self, rows: torch.Tensor) -> "AxisMap":
         return AxisMap(self.index[rows], None if self.scale is None else self.scale[rows], self.is_new[rows],
                        self.counts[rows])
+
+    def shard(self, rank: int, shards: int, source_size: int) -> "AxisMap":
+        """The rows of target shard `rank` of `shards`, indexing into source shard `rank` (whose
+        first unit becomes 0); the map must be sharded (prefix_map(..., shards))."""
+        size, base = self.index.numel() // shards, rank * (source_size // shards)
+        m = self.subset(torch.arange(rank * size, (rank + 1) * size))
+        if size and (int(m.index.min()) < base or int(m.index.max()) >= base + source_size // shards):
+            raise GrowthError(f"tensor-parallel shard {rank}/{shards} would read another shard's units")
+        return dataclasses.replace(m, index=m.index - base)
 
     def factor(self, moment: int = 0) -> torch.Tensor | None:
         """What a grown tensor is multiplied by along this axis: the weight's scale (moment 0), or
@@ -113,9 +134,23 @@ def layer_axis_maps(hidden: IndexMap, heads: IndexMap, head_dim: IndexMap,
         "a_in": AxisMap(attn.index, 1.0 / a_counts, new_head, a_counts),
         "qkv_out": AxisMap(torch.cat([attn.index, attn.index + a_small, attn.index + 2 * a_small]),
                            torch.cat([q_scale, ones, ones]), new_head.repeat(3), a_counts.repeat(3)),
+        "hqkv_out": _head_major_qkv(heads, head_dim, q_scale, new_head, a_counts),
         "f_out": AxisMap(ffn.index, None, ffn.is_new, f_counts),
         "f_in": AxisMap(ffn.index, 1.0 / f_counts, ffn.is_new, f_counts),
     }
+
+
+def _head_major_qkv(heads: IndexMap, head_dim: IndexMap, q_scale: torch.Tensor, new_head: torch.Tensor,
+                    counts: torch.Tensor) -> AxisMap:
+    """megatron-core's fused QKV rows [head, (q, k, v), dim] (multi-head attention: one query
+    group per head): target row (j, p, d) takes source row (g_h(j), p, g_d(d)); the query part
+    gets the query scale."""
+    ht, dt, ds = heads.large, head_dim.large, head_dim.small
+    index = heads.index.view(ht, 1, 1) * 3 * ds + torch.arange(3).view(1, 3, 1) * ds + head_dim.index.view(1, 1, dt)
+    per_part = lambda t: t.view(ht, 1, dt).expand(ht, 3, dt)  # noqa: E731
+    scale = torch.stack([q_scale.view(ht, dt), torch.ones(ht, dt, dtype=torch.float64),
+                         torch.ones(ht, dt, dtype=torch.float64)], dim=1)
+    return AxisMap(index.reshape(-1), scale.reshape(-1), per_part(new_head).reshape(-1), per_part(counts).reshape(-1))
 
 
 def layer_map(source_layers: int, target_layers: int) -> list[int]:

@@ -5,12 +5,15 @@ Axis roles (None: the axis is not grown, e.g. vocabulary or positions):
   a_out / a_in     attention inner axis (heads x head_dim), fan-out / fan-in
   q_out            query fan-out: like a_out, plus the head_dim score compensation
   qkv_out          GPT-2's fused [q; k; v] fan-out
+  hqkv_out         megatron-core's fused QKV fan-out, head-major: rows [head, (q, k, v), dim]
   f_out / f_in     FFN intermediate units, fan-out / fan-in
 Tensor kinds: 'weight' (random init for new units under DirectCopy), 'bias' (zeros),
 'norm_w' / 'norm_b' (ones / zeros), 'head_norm_*' (the LayerNorm that feeds a tied output
 embedding: divided by the hidden counts, see docs/growth.md), 'proj_*' (a block's output
 projection, zeroed in identity-grown blocks), 'output' (the output embedding, absent when
 tied).
+`tp`: the axis a tensor-parallel checkpoint shards (megatron-core: column-parallel weights on
+their output axis, row-parallel on their input axis, the vocabulary of embeddings), or None.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .errors import GrowthError
 class Param:
     axes: tuple
     kind: str
+    tp: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +128,30 @@ GPT2 = Schema(
     dropped=("h.{L}.attn.bias", "h.{L}.attn.masked_bias"),  # mask buffers of old GPT-2 files
 )
 
-SCHEMAS = {s.model_type: s for s in (BERT, GPT2)}
+# megatron-core GPTModel (local layer spec, learned positions, biases): its module names; a
+# torch_dist checkpoint stores the layers stacked on a leading axis (growth/adapters/megatron.py).
+D = "decoder.layers.{L}"
+MCORE_GPT = Schema(
+    model_type="mcore_gpt", base_prefix="", layer_prefix="decoder.layers.", pre_ln=True,
+    params={
+        "embedding.word_embeddings.weight": Param((None, "h_out"), "weight", tp=0),
+        "embedding.position_embeddings.weight": Param((None, "h_out"), "weight"),
+        **_norm(f"{D}.input_layernorm"),
+        f"{D}.self_attention.linear_qkv.weight": Param(("hqkv_out", "h_in"), "weight", tp=0),
+        f"{D}.self_attention.linear_qkv.bias": Param(("hqkv_out",), "bias", tp=0),
+        f"{D}.self_attention.linear_proj.weight": Param(("h_out", "a_in"), "proj_w", tp=1),
+        f"{D}.self_attention.linear_proj.bias": Param(("h_out",), "proj_b"),
+        **_norm(f"{D}.pre_mlp_layernorm"),
+        f"{D}.mlp.linear_fc1.weight": Param(("f_out", "h_in"), "weight", tp=0),
+        f"{D}.mlp.linear_fc1.bias": Param(("f_out",), "bias", tp=0),
+        f"{D}.mlp.linear_fc2.weight": Param(("h_out", "f_in"), "proj_w", tp=1),
+        f"{D}.mlp.linear_fc2.bias": Param(("h_out",), "proj_b"),
+        **_norm("decoder.final_layernorm", "head_norm"),
+        "output_layer.weight": Param((None, "h_in"), "output", tp=0),
+    },
+)
+
+SCHEMAS = {s.model_type: s for s in (BERT, GPT2, MCORE_GPT)}
 
 
 def schema_for(model_type: str) -> Schema:

@@ -11,10 +11,20 @@ from .config import RecipeError
 
 
 def cmd_grow(args) -> int:
+    from growth.adapters import megatron
     from growth.adapters.deepspeed import grow_checkpoint, is_checkpoint
     from growth.adapters.hf import grow_directory
     common = dict(width=args.width, depth=args.depth, seed=args.seed, overwrite=args.overwrite)
-    if is_checkpoint(args.src):
+    if args.tp is not None and args.tp < 1:
+        raise GrowthError(f"--tp {args.tp}: must be a positive integer")
+    if megatron.open_source(args.src) is not None:
+        if args.optimizer or args.schedule:
+            raise GrowthError(f"{args.src}: --optimizer and --schedule apply to DeepSpeed checkpoints; a megatron "
+                              "checkpoint is grown without optimizer state")
+        megatron.grow_checkpoint(args.src, args.out, args.to, tp=args.tp, **common)
+    elif args.tp is not None:
+        raise GrowthError(f"{args.src}: --tp applies to megatron-core (tensor-parallel) checkpoints")
+    elif is_checkpoint(args.src):
         grow_checkpoint(args.src, args.out, args.to, optimizer=args.optimizer or "reset",
                         schedule=args.schedule or "restart", **common)
     elif args.optimizer or args.schedule:
@@ -22,6 +32,12 @@ def cmd_grow(args) -> int:
                           "an HF model directory has no optimizer state")
     else:
         grow_directory(args.src, args.out, args.to, **common)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from growth.adapters.megatron import convert
+    convert(args.src, args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -73,9 +89,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="b2b", description="bert2BERT: grow pretrained transformers and train them.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("grow", help="grow an HF model directory or a DeepSpeed ZeRO checkpoint into a larger shape")
-    g.add_argument("src", help="HF model directory (or 'minilm', the packaged all-MiniLM-L6-v2), or a DeepSpeed "
-                               "checkpoint directory (ZeRO 1-3: its root with 'latest', or a tag directory)")
+    g = sub.add_parser("grow", help="grow an HF model directory, a DeepSpeed ZeRO checkpoint or a megatron-core "
+                                    "tensor-parallel checkpoint into a larger shape")
+    g.add_argument("src", help="HF model directory (or 'minilm', the packaged all-MiniLM-L6-v2), a DeepSpeed "
+                               "checkpoint directory (ZeRO 1-3: its root with 'latest', or a tag directory), or a "
+                               "megatron-core GPT checkpoint (torch_dist directory, or Megatron-LM's legacy "
+                               "iter_XXXXXXX/mp_rank_XX layout)")
     g.add_argument("--to", required=True,
                    help=f"target: a preset ({', '.join(PRESETS)}), an HF config.json, "
                         "or layers=..,hidden=..,heads=..,ffn=.. (omitted keys keep the source's)")
@@ -88,9 +107,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=("restart", "keep"),
                    help="DeepSpeed source: keep the lr schedule position and step counters, or restart "
                         "them (the default)")
+    g.add_argument("--tp", type=int, help="megatron source: the tensor-parallel degree whose shards grow "
+                                          "independently (default: the degree it was saved at)")
     g.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=cmd_grow)
+
+    c = sub.add_parser("convert", help="convert between an HF GPT-2 directory and a megatron-core torch_dist "
+                                       "checkpoint (the direction follows the source)")
+    c.add_argument("src", help="an HF GPT-2 model directory, or a megatron-core GPT checkpoint")
+    c.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", help="compare a grown model's outputs with its source's")
     v.add_argument("src")
