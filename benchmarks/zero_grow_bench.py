@@ -21,24 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import rss_bytes, run_phase
 
 SOURCE = dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=6, num_attention_heads=16,
               intermediate_size=4096)
 TARGET = "layers=12,hidden=1536,heads=24,ffn=6144"
 
 
-def rss_bytes(peak: bool) -> int:
-    if peak:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def phase_source_worker(out: str) -> dict:
@@ -93,14 +87,6 @@ def phase_grow(src: str, out: str, mode: str) -> dict:
             "written": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())}
 
 
-def run(*args: str, torchrun: bool = False) -> dict:
-    os.sync()  # flush the previous phase's writes so they do not throttle this one
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    done = subprocess.run(prefix + [__file__, "--phase", *args], capture_output=True, text=True,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    if done.returncode:
-        sys.exit(f"phase {args[0]} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -116,14 +102,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         src, out = os.path.join(work, "source"), os.path.join(work, "grown")
-        run("source-worker", src, torchrun=True)
+        run_phase(__file__, "source-worker", src, torchrun=True)
         source_bytes = sum(f.stat().st_size for f in Path(src).rglob("*.pt"))
         pairs = []
         for _ in range(args.repeat):
             pair = []
             for mode in ("sharded", "consolidate"):
                 shutil.rmtree(out, ignore_errors=True)
-                pair.append(run("grow", src, out, mode))
+                pair.append(run_phase(__file__, "grow", src, out, mode))
             pairs.append(pair)
     gib, mib = 2 ** 30, 2 ** 20
     for i, (sharded, whole) in enumerate(pairs):

@@ -126,6 +126,7 @@ class Grower:
                                 prefix_map(source.ffn, target.ffn, kind, gen, shards))
                 for _ in range(source.layers)]
         self.init_gen = torch.Generator().manual_seed(seed + 1)
+        self._last = (None, None)  # grow(): the last source tensor grown, reused by its stacked copies
 
     # -- what the result is -------------------------------------------------------------
 
@@ -228,11 +229,16 @@ class Grower:
     def grow(self, target_name: str, get: Callable[[str], torch.Tensor], moment: int = 0,
              shard: int | None = None) -> torch.Tensor:
         """One grown tensor by its target name; with `shard`, the target's tensor-parallel shard of
-        a sharded parameter (Param.tp), computed from `get` returning source shards."""
+        a sharded parameter (Param.tp), computed from `get` returning source shards. Consecutive
+        calls for layers stacked from the same source tensor (and shard) share one result, as in
+        items(): clone before mutating."""
         layer, _ = self.schema.split(target_name)
         name = target_name if layer is None else self.schema.at_layer(target_name, layer, self.order[layer])
         param = self.schema.lookup(name)
-        grown = self._grow_one(name, param, get, None if layer is None else self.order[layer], moment, shard)
+        if self._last[0] != (name, shard, moment):
+            self._last = ((name, shard, moment),
+                          self._grow_one(name, param, get, None if layer is None else self.order[layer], moment, shard))
+        grown = self._last[1]
         return torch.zeros_like(grown) if self._zeroed(param, layer) else grown
 
     def items(self, names: list[str], get: Callable[[str], torch.Tensor],

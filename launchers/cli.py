@@ -130,7 +130,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="a YAML recipe (see recipes/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set optim.lr=3e-4 (repeatable)")
-    t.add_argument("--procs", type=int, help="data-parallel processes on this node (default: GPUs, or 1 on CPU)")
+    t.add_argument("--procs", type=int, help="processes on this node: data-parallel x parallel.tensor (default: GPUs, or "
+                                                  "parallel.tensor on CPU)")
     t.add_argument("--resume", default="none",
                    help="'auto' (the newest complete checkpoint, if any), a checkpoint tag, or 'none'")
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and DeepSpeed JSON, and exit")

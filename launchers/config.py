@@ -129,6 +129,15 @@ class ProgressiveConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Model parallelism: with tensor > 1 a GPT-2 recipe trains megatron-core's GPTModel with its
+    layers split over `tensor` processes (launchers/megatron.py); data parallelism and ZeRO stage
+    0 or 1 run over the remaining factor (processes / tensor)."""
+    tensor: int = 1  # tensor-parallel degree; must divide model.heads and model.ffn
+    megatron: bool = False  # megatron-core's GPTModel even at tensor 1 (e.g. to compare with a tensor 2 run)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0: only at the end and on a signal)
     keep: int = 2
@@ -157,6 +166,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -173,6 +183,11 @@ class Recipe:
             from growth.adapters.hf import resolve
             return resolve(self.model.init_from)
         return None
+
+    @property
+    def megatron(self) -> bool:
+        """The model is megatron-core's GPTModel (tensor parallelism, or parallel.megatron)."""
+        return self.parallel.tensor > 1 or self.parallel.megatron
 
     @property
     def shape(self) -> Shape:
@@ -438,6 +453,7 @@ def validate(recipe: Recipe) -> Recipe:
              f"{pg.steps}: positive, and together fewer than train.steps ({t.steps}) so a full-model phase remains")
     _require(not pg.layers or (s1.steps == 0 and m.init_from is None and m.grow_from is None), "progressive.layers",
              "progressive stacking starts from scratch: it does not combine with stage1 or a start model")
+    check_parallel(recipe)
     from growth.adapters.deepspeed import universal_tag
     _require(recipe.zero.stage > 0 or not (m.init_from and universal_tag(m.init_from)),
              "zero.stage", "0, but model.init_from is a grown DeepSpeed checkpoint, which DeepSpeed loads "
@@ -451,6 +467,47 @@ def validate(recipe: Recipe) -> Recipe:
     _require(recipe.logging.peak_tflops is None or recipe.logging.peak_tflops > 0, "logging.peak_tflops",
              "must be positive")
     return recipe
+
+
+def check_parallel(recipe: Recipe) -> None:
+    """Tensor parallelism trains megatron-core's GPTModel: GPT-2 only, ZeRO 0-1, no stage 1 or
+    progressive stacking (they rebuild HF models), started fresh, from an HF GPT-2 directory or
+    from a megatron-core torch_dist checkpoint."""
+    from growth.adapters.deepspeed import universal_tag
+    from growth.adapters.dist_checkpoint import is_dist_checkpoint
+    m, tp = recipe.model, recipe.parallel.tensor
+    _require(tp >= 1, "parallel.tensor", f"{tp}: must be >= 1")
+    dist_start = m.init_from is not None and is_dist_checkpoint(recipe.start_model)
+    _require(recipe.megatron or not dist_start, "model.init_from",
+             f"{m.init_from} is a megatron-core torch_dist checkpoint: set parallel.megatron: true "
+             "(or parallel.tensor > 1) to train megatron-core's GPTModel from it")
+    if not recipe.megatron:
+        return
+    key, value, off = ("parallel.tensor", tp, 1) if tp > 1 else ("parallel.megatron", "true", "false")
+    what = f"{key} {value}"
+    _require(m.arch == "gpt2", key, f"{value}: megatron-core's GPTModel is a GPT-2, but model.arch is {m.arch}: "
+             f"set {key} to {off} (BERT trains data-parallel only)")
+    _require(m.heads % tp == 0 and m.ffn % tp == 0, "parallel.tensor",
+             f"{tp} does not divide model.heads ({m.heads}) and model.ffn ({m.ffn}): use a divisor of both")
+    _require(recipe.zero.stage <= 1, "zero.stage",
+             f"{recipe.zero.stage} with {what}: megatron-core's model trains with ZeRO stage 0 or 1 "
+             "(data parallelism over the tensor-parallel groups): set zero.stage to 0 or 1")
+    _require(recipe.stage1.steps == 0, "stage1.steps",
+             f"bert2BERT's two-stage training runs HF models, not {what}: set stage1.steps to 0")
+    _require(not recipe.progressive.layers, "progressive.layers",
+             f"progressive stacking grows HF models, not {what}: remove the progressive section")
+    _require(not (m.init_from and universal_tag(m.init_from)), "model.init_from",
+             f"{m.init_from} is a grown DeepSpeed checkpoint, which loads into HF models only: with {what} "
+             "start from an HF GPT-2 directory or a torch_dist checkpoint (b2b grow, or RUN/checkpoints/TAG/dist)")
+
+
+def data_parallel_size(recipe: Recipe, procs: int) -> int:
+    """The data-parallel size of `procs` processes: each tensor-parallel group of parallel.tensor
+    processes holds one replica of the model."""
+    tp = recipe.parallel.tensor
+    _require(procs % tp == 0, "parallel.tensor",
+             f"{tp} does not divide the {procs} processes: use a multiple of {tp} processes (--procs)")
+    return procs // tp
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:

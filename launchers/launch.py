@@ -33,10 +33,10 @@ def resolve(path: str, sets: list[str], procs: int | None) -> tuple[config.Recip
     import torch
     recipe = config.load(path, sets)
     cpu = not torch.cuda.is_available()
-    procs = procs or (1 if cpu else torch.cuda.device_count())
+    procs = procs or (recipe.parallel.tensor if cpu else torch.cuda.device_count())
     if procs < 1:
         raise RecipeError(f"--procs {procs}: must be >= 1")
-    return recipe, procs, cpu, config.deepspeed_config(recipe, procs, cpu)
+    return recipe, procs, cpu, config.deepspeed_config(recipe, config.data_parallel_size(recipe, procs), cpu)
 
 
 def dry_run_text(recipe: config.Recipe, procs: int, ds: dict) -> str:
@@ -44,9 +44,11 @@ def dry_run_text(recipe: config.Recipe, procs: int, ds: dict) -> str:
     from .train import flops_budget
     source = tokenizer_source(recipe)
     vocab = recipe.data.vocab_size if source in TOKENIZER_KINDS else len(load_tokenizer(source))
-    budget = flops_budget(recipe, procs, vocab)
+    dp = config.data_parallel_size(recipe, procs)
+    budget = flops_budget(recipe, dp, vocab)
+    layout = f"{dp} data-parallel x {recipe.parallel.tensor} tensor-parallel" if recipe.megatron else "data-parallel"
     return (f"# resolved recipe ({recipe.run_dir})\n{config.dump(recipe)}"
-            f"# DeepSpeed config for {procs} data-parallel process(es)\n{json.dumps(ds, indent=2)}\n"
+            f"# DeepSpeed config for {procs} process(es), {layout}\n{json.dumps(ds, indent=2)}\n"
             f"# FLOPs budget: {budget:.3e} ({recipe.train.steps} steps of {ds['train_batch_size']} x "
             f"{recipe.data.seq_len} tokens, vocabulary {vocab}; forward and backward as the trainer counts them)\n")
 
@@ -55,7 +57,7 @@ def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
     if cpu and recipe.train.precision != "fp32":
         raise RecipeError(f"train.precision: {recipe.train.precision} needs a GPU; this machine has none: "
                           "use --set train.precision=fp32")
-    from .train import CHECKPOINTS, checkpoint_tags
+    from .train import CHECKPOINTS, check_same_parallel, checkpoint_tags, latest_tag
     ckpts = recipe.run_dir / CHECKPOINTS
     if resume == "none" and ckpts.is_dir() and checkpoint_tags(ckpts):
         raise RecipeError(f"{recipe.run_dir} already holds checkpoints: continue it with --resume auto, "
@@ -63,6 +65,11 @@ def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
     if resume not in ("none", "auto") and not (ckpts / resume).is_dir():
         raise RecipeError(f"--resume {resume}: no such checkpoint in {ckpts}; use 'auto' or one of "
                           f"{checkpoint_tags(ckpts) if ckpts.is_dir() else []}")
+    tag = None if resume == "none" else resume
+    if resume == "auto":
+        tag = latest_tag(ckpts) if ckpts.is_dir() else None
+    if tag is not None:
+        check_same_parallel(recipe, ckpts / tag)
 
 
 def train(path: str, sets: list[str], procs: int | None, resume: str = "none", dry_run: bool = False,

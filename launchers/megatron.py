@@ -76,54 +76,6 @@ def build_gpt(layers: int, hidden: int, heads: int, ffn: int, vocab: int, max_po
                     share_embeddings_and_output_weights=tied)
 
 
-def dist_chunks(model) -> list:
-    """This rank's part of the model as torch_dist chunks (growth.adapters.dist_checkpoint): each of
-    megatron-core's sharded tensors that this rank owns (replica 0), under megatron's own keys,
-    global shapes and offsets (the layers stacked on a leading axis)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from growth.adapters.dist_checkpoint import Chunk
-    chunks = []
-    for t in model.sharded_state_dict().values():
-        replica = t.replica_id if isinstance(t, ShardedTensor) else 1
-        if isinstance(t, ShardedTensor) and not any(replica if isinstance(replica, tuple) else (replica,)):
-            shape = (1,) * t.prepend_axis_num + tuple(t.local_shape)
-            chunks.append(Chunk(t.key, tuple(t.global_shape), tuple(t.global_offset), shape, t.data.dtype,
-                                lambda data=t.data, shape=shape: data.detach().reshape(shape)))
-    return chunks
-
-
-def save_dist(model, path) -> None:
-    """Write the model as a megatron-core torch_dist checkpoint into the existing directory `path`
-    (collective: every rank calls it). megatron's own dist_checkpointing.save needs CUDA; this
-    writes the same format through torch.distributed.checkpoint."""
-    from growth.adapters.dist_checkpoint import save
-    save(path, dist_chunks(model))
-
-
-def load_dist(model, path) -> None:
-    """Load a torch_dist checkpoint (saved at any TP degree) with megatron-core's own loader."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    wanted = {k: v for k, v in model.sharded_state_dict().items() if isinstance(v, ShardedTensor)}
-    missing, unexpected = model.load_state_dict(dist_checkpointing.load(wanted, str(path)), strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-
-
-def gather_tp(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Concatenate a tensor-parallel tensor's shards along `dim` (megatron's gather helpers
-    allocate on CUDA; all_gather works on gloo too)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    group = ps.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
 # ---------------------------------------------------------------- process groups
 
 
@@ -222,7 +174,7 @@ class GPT(torch.nn.Module):
         b, s = input_ids.shape
         positions = torch.arange(s, device=input_ids.device).expand(b, s)
         logits = self.gpt(input_ids, positions, None)
-        tp, rank, _ = _tp()
+        _, rank, _ = _tp()
         width = logits.shape[-1]
         column = torch.arange(rank * width, (rank + 1) * width, device=logits.device)
         return logits.masked_fill(column >= self.config.vocab_size, float("-inf"))
@@ -238,11 +190,10 @@ class GPT(torch.nn.Module):
         return Output(loss=(per_token * keep).sum() / keep.sum())
 
 
-def gpt2_config(recipe: Recipe, vocab: int, tokenizer=None):
+def gpt2_config(recipe: Recipe, tokenizer):
     """The HF GPT2Config of the recipe's model (what TAG/dist/config.json and RUN/final hold)."""
     from transformers import GPT2Config
-    m = recipe.model
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    m, vocab, eos = recipe.model, len(tokenizer), tokenizer.eos_token_id
     return GPT2Config(vocab_size=vocab, n_embd=m.hidden, n_layer=m.layers, n_head=m.heads, n_inner=m.ffn,
                       n_positions=m.max_positions, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
                       bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True, use_cache=False,
@@ -255,16 +206,21 @@ def build_model(recipe: Recipe, tokenizer) -> GPT:
     megatron-core torch_dist checkpoint (b2b grow, b2b convert, or RUN/checkpoints/TAG/dist)."""
     from growth.adapters.dist_checkpoint import is_dist_checkpoint
     from growth.adapters.hf import read_config
-    vocab = len(tokenizer)
-    model = GPT(gpt2_config(recipe, vocab, tokenizer), seed=recipe.seed)
+    model = GPT(gpt2_config(recipe, tokenizer), seed=recipe.seed)
     start = recipe.start_model
     if start is None:
         return model
-    found = read_config(start)["vocab_size"]
-    if found != vocab:
-        raise RecipeError(f"model: {start} has a vocabulary of {found} rows but the tokenizer has {vocab} tokens: "
-                          "use the model's own tokenizer (leave data.tokenizer unset) or transfer the vocabulary "
-                          "first (b2b vocab)")
+    cfg, vocab = read_config(start), len(tokenizer)
+    if cfg["vocab_size"] != vocab:
+        raise RecipeError(f"model: {start} has a vocabulary of {cfg['vocab_size']} rows but the tokenizer has {vocab} "
+                          "tokens: use the model's own tokenizer (leave data.tokenizer unset) or transfer the "
+                          "vocabulary first (b2b vocab)")
+    if not cfg.get("tie_word_embeddings", True):
+        raise RecipeError(f"model.init_from: {start} has an untied LM head; megatron-core's GPT here ties it to the "
+                          "input embeddings (as GPT-2 does)")
+    if cfg.get("padded_vocab_size", padded_vocab(vocab)) != padded_vocab(vocab):
+        raise RecipeError(f"model.init_from: {start} pads the vocabulary to {cfg['padded_vocab_size']} rows, this "
+                          f"trainer to {padded_vocab(vocab)} (growth.adapters.megatron.padded_vocab)")
     (load_dist if is_dist_checkpoint(start) else load_hf)(model, start)
     return model
 
@@ -314,7 +270,9 @@ def load_dist(model: GPT, path: Path) -> None:
 
 def save_dist(model: GPT, path: Path) -> None:
     """This rank's shards into the torch_dist checkpoint `path` (an existing directory; every rank
-    calls it). A tensor replicated over ranks is written by the rank whose replica_id is all zeros."""
+    calls it): megatron-core's keys, global shapes and offsets (the layers stacked on a leading axis),
+    written through growth.adapters.dist_checkpoint (megatron's own dist_checkpointing.save needs
+    CUDA). A tensor replicated over ranks is written by the rank whose replica_id is all zeros."""
     from growth.adapters.dist_checkpoint import Chunk, save
     chunks = []
     for v in _sharded_tensors(model).values():

@@ -108,11 +108,16 @@ def train_flops_per_token(shape: Shape, seq_len: int, vocab: int, arch: str, pla
 
 
 def _blocks_parent(model) -> tuple[torch.nn.Module, str]:
-    return (model.bert.encoder, "layer") if hasattr(model, "bert") else (model.transformer, "h")
+    if hasattr(model, "bert"):
+        return model.bert.encoder, "layer"
+    if hasattr(model, "gpt"):  # launchers.megatron.GPT: megatron-core's GPTModel
+        return model.gpt.decoder, "layers"
+    return model.transformer, "h"
 
 
 def blocks(model) -> torch.nn.ModuleList:
-    """The transformer blocks of an HF BertForMaskedLM / GPT2LMHeadModel, bottom first."""
+    """The transformer blocks of an HF BertForMaskedLM / GPT2LMHeadModel (or megatron-core's
+    GPTModel in launchers.megatron.GPT), bottom first."""
     return getattr(*_blocks_parent(model))
 
 
@@ -134,12 +139,13 @@ def bottom_blocks(model, n: int):
 
 def unit_of(name: str) -> str | int:
     """Which unit a parameter belongs to: 'embeddings' (a tied LM head's matrix included), a block
-    index, or 'head' (BERT's MLM transform and bias, GPT-2's final LayerNorm)."""
+    index, or 'head' (BERT's MLM transform and bias, GPT-2's final LayerNorm; megatron-core's too)."""
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
-        if part in ("layer", "h") and parts[i + 1].isdigit():
+        if part in ("layer", "h", "layers") and parts[i + 1].isdigit():
             return int(parts[i + 1])
-    if parts[0] == "cls" or parts[:2] == ["transformer", "ln_f"] or parts[0] == "lm_head":
+    if parts[0] in ("cls", "lm_head") or parts[:2] == ["transformer", "ln_f"] or \
+            parts[:3] == ["gpt", "decoder", "final_layernorm"] or parts[:2] == ["gpt", "output_layer"]:
         return "head"
     return "embeddings"
 

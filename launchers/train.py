@@ -6,9 +6,15 @@ Reads RUN/recipe.yaml (resolved by `b2b train`), builds the DeepSpeed engine fro
 generated config, and trains: deterministic batches, periodic validation, rank-0 TensorBoard
 scalars, sharded checkpoints every N steps, at the end and on SIGTERM/SIGUSR1.
 
-Exact resume: a step's batch, masks and dropout are functions of (seed, step, rank), and the
+Exact resume: a step's batch, masks and dropout are functions of (seed, step, data-parallel rank), and the
 checkpoint carries the optimizer, scheduler, data position and counters, so a resumed run
 computes the same losses as an uninterrupted one.
+
+Tensor parallelism (recipe `parallel`): the model is megatron-core's GPTModel (launchers/megatron.py),
+split over groups of parallel.tensor consecutive ranks; DeepSpeed runs data parallelism (and ZeRO 0-1)
+over the groups, so batches, dropout and the global batch follow the data-parallel rank and size.
+Each checkpoint tag also holds the weights as a megatron-core torch_dist checkpoint (TAG/dist, with
+its GPT-2 config.json and tokenizer), which loads at any tensor-parallel degree.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, tr
 CHECKPOINTS = "checkpoints"
 STATUS = "status.json"
 STEP_TAG = "step{:08d}"
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight",
+            "layernorm.weight")  # the last: megatron-core's input_/pre_mlp_/final_layernorm
 
 
 def param_groups(model, weight_decay: float, by_unit: bool = False) -> tuple[list[dict], list]:
@@ -101,6 +108,20 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
+def check_same_parallel(recipe: config.Recipe, tag_dir: Path) -> None:
+    """A checkpoint resumes only with the parallel section it was saved with (DeepSpeed's files are
+    per tensor-parallel rank); its weights (TAG/dist, RUN/final) start a run at any other."""
+    file = tag_dir / "recipe.yaml"
+    saved = config.ParallelConfig(**(yaml.safe_load(file.read_text()).get("parallel") or {})) \
+        if file.is_file() else recipe.parallel
+    if saved != recipe.parallel:
+        def text(p):
+            return f"parallel.tensor={p.tensor}, parallel.megatron={str(p.megatron).lower()}"
+        raise config.RecipeError(f"parallel: {tag_dir} was saved with {text(saved)}, this recipe has "
+                                 f"{text(recipe.parallel)}: resume with the saved values, or start a new run from "
+                                 "its weights (model.init_from: the tag's dist/ directory, or RUN/final)")
+
+
 class Monitor:
     """Rank-0 logging: TensorBoard scalars, a progress bar on a terminal, a line per log step."""
 
@@ -149,6 +170,13 @@ class Trainer:
         self.cpu = not torch.cuda.is_available()
         deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.megatron = recipe.megatron
+        self.dp_rank, self.dp_world = self.rank, self.world  # data parallelism: over tensor-parallel groups
+        if self.megatron:
+            from . import megatron
+            megatron.initialize(recipe.parallel.tensor)
+            self.mpu = megatron.DeepSpeedMPU()
+            self.dp_rank, self.dp_world = self.mpu.get_data_parallel_rank(), self.mpu.get_data_parallel_world_size()
         local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if self.cpu:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
@@ -157,16 +185,21 @@ class Trainer:
         if local_rank == 0:
             prepare(recipe, log=print if self.rank == 0 else lambda *_: None)
         dist.barrier()
-        self.data = Batches(cache_path(recipe), recipe, self.rank, self.world)
+        self.data = Batches(cache_path(recipe), recipe, self.dp_rank, self.dp_world)
         self.ckpt_dir = recipe.run_dir / CHECKPOINTS
         self.by_unit = recipe.stage1.steps > 0 or recipe.progressive.freeze_lower
         tag = self._resume_tag(resume)
         start = int(tag.removeprefix("step")) if tag else 0  # progressive runs start at that step's depth
         grown = recipe.start_model if tag is None and recipe.start_model and universal_tag(recipe.start_model) else None
         self.engine = None
-        self._start_engine(build_model(recipe, self.data.tokenizer, layers=plan_for(recipe, max(1, start)).active
-                                       if recipe.progressive.layers else None), load_universal=grown is not None)
-        self.global_batch = config.fit_world(recipe, self.world)
+        if self.megatron:
+            from .megatron import build_model as build_megatron
+            model = build_megatron(recipe, self.data.tokenizer)
+        else:
+            model = build_model(recipe, self.data.tokenizer, layers=plan_for(recipe, max(1, start)).active
+                                if recipe.progressive.layers else None)
+        self._start_engine(model, load_universal=grown is not None)
+        self.global_batch = config.fit_world(recipe, self.dp_world)
         self.tokens_per_step = self.global_batch * recipe.data.seq_len
         self.peak = peak_tflops(recipe)
         self.state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "stage": 0}
@@ -193,8 +226,8 @@ class Trainer:
         groups, self.group_units = param_groups(model, self.recipe.optim.weight_decay, by_unit=self.by_unit)
         self.group_decay = [g["weight_decay"] for g in groups]
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=groups,
-            config=config.deepspeed_config(self.recipe, self.world, self.cpu, load_universal=load_universal))
+            model=model, model_parameters=groups, mpu=self.mpu if self.megatron else None,
+            config=config.deepspeed_config(self.recipe, self.dp_world, self.cpu, load_universal=load_universal))
         self.plan = None
         self.tied = bool(model.config.tie_word_embeddings)
 
@@ -281,15 +314,23 @@ class Trainer:
             print(f"resumed from {self.ckpt_dir / tag} at step {self.state['step']}", flush=True)
 
     def save(self) -> None:
-        """A sharded DeepSpeed checkpoint; 'latest' moves only after every rank has written its files."""
+        """A sharded DeepSpeed checkpoint; 'latest' moves only after every rank has written its files.
+        With megatron-core, the weights also go to TAG/dist as a torch_dist checkpoint."""
         tag = STEP_TAG.format(self.state["step"])
-        if self.rank == 0:  # the recipe, and the model's HF config and tokenizer (what `b2b grow` needs)
-            (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+        # the recipe, and the model's HF config and tokenizer (what `b2b grow` needs) beside the weights
+        side = self.ckpt_dir / tag / "dist" if self.megatron else self.ckpt_dir / tag
+        if self.rank == 0:
+            side.mkdir(parents=True, exist_ok=True)
             (self.ckpt_dir / tag / "recipe.yaml").write_text(config.dump(self.recipe))
             module_config = self.engine.module.config
-            module_config.architectures = [type(self.engine.module).__name__]
-            module_config.save_pretrained(str(self.ckpt_dir / tag))
-            self.data.tokenizer.save_pretrained(str(self.ckpt_dir / tag))
+            if not self.megatron:
+                module_config.architectures = [type(self.engine.module).__name__]
+            module_config.save_pretrained(str(side))
+            self.data.tokenizer.save_pretrained(str(side))
+        if self.megatron:
+            from .megatron import save_dist
+            self.dist.barrier()
+            save_dist(self.engine.module, side)
         self.engine.save_checkpoint(str(self.ckpt_dir), tag, client_state={"b2b": self.state}, save_latest=False)
         self.dist.barrier()
         if self.rank == 0:
@@ -307,6 +348,9 @@ class Trainer:
         """The final weights as an HF model directory (RUN/final), e.g. a source for `b2b grow`."""
         import deepspeed
         module = self.engine.module
+        if self.megatron:  # gathered from the shards by rank 0's tensor-parallel group
+            from .megatron import to_hf
+            module = to_hf(module) if self.dp_rank == 0 else None
         gather = deepspeed.zero.GatheredParameters(list(module.parameters())) \
             if self.recipe.zero.stage == 3 else nullcontext()
         with gather:
@@ -359,7 +403,7 @@ class Trainer:
         """(mean loss over micro steps and ranks, the learning rate this step used)."""
         self.engine.train()
         lr = self._freeze(plan)
-        torch.manual_seed(seed_for(self.recipe.seed, step, self.rank, 1))  # dropout
+        torch.manual_seed(seed_for(self.recipe.seed, step, self.dp_rank, 1))  # dropout: the same in a TP group
         total = 0.0
         with bottom_blocks(self.engine.module, plan.active):
             for micro in range(self.recipe.batch.accum):
@@ -465,8 +509,17 @@ def main(argv=None) -> int:
         return 2
     finally:
         if dist.is_initialized():
+            rank = dist.get_rank()
             dist.destroy_process_group()
+            remove_shm_buffer(rank)
     return 0
+
+
+def remove_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates a 64 MiB /dev/shm
+    file per rank and never unlinks it; on a CPU run, remove this rank's once the group is gone."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}"
+    Path("/dev/shm", f"{name}_{rank}").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,15 @@ def random_growth(rng: random.Random, integer_hidden: bool = True, max_layers: i
 @pytest.fixture
 def ids():
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_deepspeed_shm_buffers():
+    """DeepSpeed's CPU shared-memory all-reduce leaves a 64 MiB /dev/shm file per rank and launch
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp never unlinks it): remove those this session created."""
+    from pathlib import Path
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+        path.unlink(missing_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,9 +20,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launchers.megatron import build_gpt, gather_tp, load_dist, save_dist  # noqa: E402
+from transformers import GPT2Config  # noqa: E402
 
-SHAPE = dict(layers=2, hidden=64, heads=4, ffn=256)
+from launchers.megatron import GPT, load_dist, save_dist  # noqa: E402
+
 VOCAB, ROWS, POSITIONS = 300, 384, 32
 CONFIG = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 64, "n_head": 4,
           "n_inner": 256, "n_positions": POSITIONS, "vocab_size": VOCAB, "padded_vocab_size": ROWS,
@@ -40,9 +40,9 @@ def parallel(tp: int) -> None:
 
 def save(out: Path) -> None:
     parallel(2)
-    model = build_gpt(**SHAPE, vocab=ROWS, max_positions=POSITIONS, tp=2, seed=3)
+    model = GPT(GPT2Config(**CONFIG), seed=3)
     with torch.no_grad():  # megatron initialises biases and the padding rows to zero: make them matter
-        for p in model.parameters():
+        for p in model.gpt.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
     (out / "source").mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -51,7 +51,7 @@ def save(out: Path) -> None:
     rank = ps.get_tensor_model_parallel_rank()
     legacy = out / "legacy" / "iter_0000007" / f"mp_rank_{rank:02d}"
     legacy.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "iteration": 7, "checkpoint_version": 3.0,
+    torch.save({"model": model.gpt.state_dict(), "iteration": 7, "checkpoint_version": 3.0,
                 "args": argparse.Namespace(tensor_model_parallel_size=2, num_layers=2)}, legacy / "model_optim_rng.pt")
     if dist.get_rank() == 0:
         for where in (out / "source", out / "legacy"):
@@ -61,17 +61,14 @@ def save(out: Path) -> None:
 
 def logits(out: Path, checkpoints: list[str]) -> None:
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(16).expand(2, 16)
-    result = {}
+    result = {"ids": ids}
     for tp in (2, 1):
         parallel(tp)
         for ckpt in checkpoints:
-            cfg = json.loads((Path(ckpt) / "config.json").read_text())
-            model = build_gpt(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_inner"], cfg["padded_vocab_size"],
-                              cfg["n_positions"], tp, seed=11).eval()
+            model = GPT(GPT2Config(**json.loads((Path(ckpt) / "config.json").read_text())), seed=11).eval()
             load_dist(model, ckpt)
             with torch.no_grad():
-                result[(ckpt, tp)] = gather_tp(model(ids, positions, None))[..., :VOCAB]
+                result[(ckpt, tp)] = model(ids).logits
     if dist.get_rank() == 0:
         torch.save(result, out / "logits.pt")
 

@@ -32,7 +32,7 @@ def dry_run(capsys, recipe, *sets, procs=2):
 def test_every_recipe_dry_runs(recipe, capsys):
     resolved, ds = dry_run(capsys, recipe, procs=8)
     b = resolved["batch"]
-    assert ds["train_batch_size"] == b["micro"] * b["accum"] * 8
+    assert ds["train_batch_size"] == b["micro"] * b["accum"] * 8 // resolved["parallel"]["tensor"]  # data-parallel size
     assert ds["train_micro_batch_size_per_gpu"] == b["micro"]
     assert ds["zero_optimization"]["stage"] == resolved["zero"]["stage"]
     assert ds["bf16"]["enabled"] == (resolved["train"]["precision"] == "bf16")

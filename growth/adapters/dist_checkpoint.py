@@ -51,7 +51,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "torch.distributed.checkpoint.metadata" or \
                 (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                                   ("torch", "Size"), ("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout"),
+                                   ("torch", "Size"), ("torch._utils", "_get_layout"),
+                                   ("torch.serialization", "_get_layout"),
                                    ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
                                    ("pathlib", "WindowsPath"), ("pathlib", "Path")} or \
                 (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
@@ -124,6 +125,9 @@ class DistCheckpoint:
         full = tuple(md.size)
         offsets = tuple(offsets or (0,) * len(full))
         sizes = tuple(sizes or full)
+        exact = [c for c in md.chunks if tuple(c.offsets) == offsets and tuple(c.sizes) == sizes]
+        if exact:  # the region is one saved chunk (reading at the saved sharding): no assembly copy
+            return self._chunk(key, offsets)
         out = torch.empty(sizes, dtype=md.properties.dtype)
         covered = 0
         for chunk in md.chunks:
@@ -191,10 +195,18 @@ def save(path: str | Path, chunks: list[Chunk]) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     distributed = dist.is_available() and dist.is_initialized()
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({}, storage_writer=dcp.FileSystemWriter(str(path), thread_count=1), planner=_planner(chunks),
-                 no_dist=not distributed)
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({}, storage_writer=dcp.FileSystemWriter(str(path), thread_count=1), planner=_planner(chunks),
+                     no_dist=not distributed)
+    except CheckpointException as err:  # DCP wraps what a chunk's make() raised: pass on our own errors
+        for failure in err.failures.values():  # (exception, traceback) per rank
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(exc, GrowthError):
+                raise GrowthError(str(exc)) from None
+        raise
     if not distributed or dist.get_rank() == 0:
         torch.save({}, Path(path) / "common.pt")
         (Path(path) / "metadata.json").write_text(json.dumps(BACKEND))

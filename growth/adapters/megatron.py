@@ -313,20 +313,24 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
     log(f"growing megatron-core GPT {shape} -> {target} from {source.format}, shard-local at TP {tp} "
         f"(width {width}, depth {depth}, seed {seed})")
 
-    chunks = []
+    copies: dict[str, list] = {}  # source name -> its (target name, target shape), stacked copies together
     for target_name, name, tshape in grower.plan(source.shapes):
-        key, layer = sharded_key(target_name)
+        copies.setdefault(name, []).append((target_name, tshape))
+    chunks = []  # in an order where a source shard's stacked copies follow each other (Grower.grow reuses it)
+    for name, targets in copies.items():
         param = MCORE_GPT.lookup(name)
-        gshape = tshape if layer is None else (target.layers, *tshape)
-        pre = 0 if layer is None else 1
         for shard in range(tp) if param.tp is not None else [None]:
-            offsets, sizes = _shard_region(gshape, None if param.tp is None else param.tp + pre, shard, tp)
-            if layer is not None:
-                offsets[0], sizes[0] = layer, 1
+            for target_name, tshape in targets:
+                key, layer = sharded_key(target_name)
+                gshape = tshape if layer is None else (target.layers, *tshape)
+                pre = 0 if layer is None else 1
+                offsets, sizes = _shard_region(gshape, None if param.tp is None else param.tp + pre, shard, tp)
+                if layer is not None:
+                    offsets[0], sizes[0] = layer, 1
 
-            def make(target_name=target_name, shard=shard, sizes=tuple(sizes)):
-                return grower.grow(target_name, lambda n: source.get(n, shard, tp), shard=shard).reshape(sizes)
-            chunks.append(Chunk(key, gshape, tuple(offsets), tuple(sizes), source.dtypes[name], make))
+                def make(target_name=target_name, shard=shard, sizes=tuple(sizes)):
+                    return grower.grow(target_name, lambda n: source.get(n, shard, tp), shard=shard).reshape(sizes)
+                chunks.append(Chunk(key, gshape, tuple(offsets), tuple(sizes), source.dtypes[name], make))
 
     with atomic_directory(out) as tmp:
         dist_checkpoint.save(tmp, chunks)

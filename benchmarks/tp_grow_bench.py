@@ -1,0 +1,153 @@
+"""Benchmark: grow a tensor-parallel megatron-core checkpoint shard by shard, next to
+gather-then-grow, in one run.
+
+The source is a torch_dist checkpoint of a megatron-core GPT saved at TP=4 (every tensor-parallel
+tensor in 4 chunks, the layers stacked, as megatron-core and `b2b train` write it), with random
+weights written chunk by chunk by growth/adapters/dist_checkpoint.py. It is grown to a wider and
+deeper target with the same code both ways, each in a fresh process so that its peak RSS is its own:
+
+  shard-local: growth.adapters.megatron.grow_checkpoint as `b2b grow` runs it: each target chunk
+               (one layer's TP shard of one tensor) computed from the source's same shard
+  gather:      every tensor gathered to its full, unsharded size in memory first (what converting
+               to TP=1 does), then grown and written by the same code
+
+    .venv/bin/python benchmarks/tp_grow_bench.py [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from measure import rss_bytes, run_phase  # noqa: E402
+
+SOURCE = dict(n_layer=4, n_embd=2048, n_head=16, n_inner=8192, vocab_size=32768, n_positions=1024)
+TARGET = "layers=8,hidden=3072,heads=24,ffn=12288"
+TP = 4
+
+
+
+
+def phase_source(out: str) -> dict:
+    """Random weights for every megatron module name, written as TP=4 chunks, one at a time."""
+    import torch
+
+    from growth.adapters.dist_checkpoint import Chunk, save
+    from growth.adapters.megatron import padded_vocab, sharded_key
+    from growth.schema import MCORE_GPT
+    from growth.shape import shape_from_config
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **SOURCE,
+           "padded_vocab_size": padded_vocab(SOURCE["vocab_size"])}
+    shape = shape_from_config(cfg)
+    sizes = {None: None, "h_out": shape.hidden, "h_in": shape.hidden, "a_in": shape.hidden,
+             "hqkv_out": 3 * shape.hidden, "f_out": shape.ffn, "f_in": shape.ffn}
+    rows = {"embedding.word_embeddings.weight": cfg["padded_vocab_size"],
+            "embedding.position_embeddings.weight": SOURCE["n_positions"]}
+    chunks = []
+    for template, param in MCORE_GPT.params.items():
+        if param.kind == "output":
+            continue  # tied
+        layered = "{L}" in template
+        key, _ = sharded_key(template.replace("{L}", "0"))
+        local = tuple(sizes[r] or rows[template] for r in param.axes)
+        gshape = ((shape.layers,) if layered else ()) + local
+        for layer in range(shape.layers) if layered else [None]:
+            for shard in range(TP) if param.tp is not None else [None]:
+                offsets, csizes = [0] * len(gshape), list(gshape)
+                pre = 1 if layered else 0
+                if layered:
+                    offsets[0], csizes[0] = layer, 1
+                if shard is not None:
+                    csizes[param.tp + pre] //= TP
+                    offsets[param.tp + pre] = shard * csizes[param.tp + pre]
+                seed = zlib.crc32(repr((key, layer, shard)).encode())
+                chunks.append(Chunk(key, gshape, tuple(offsets), tuple(csizes), torch.float32,
+                                    lambda s=tuple(csizes), seed=seed:
+                                    torch.randn(s, generator=torch.Generator().manual_seed(seed)) * 0.02))
+    Path(out).mkdir(parents=True)
+    save(out, chunks)
+    (Path(out) / "config.json").write_text(json.dumps(cfg))
+    return {}
+
+
+def phase_grow(src: str, out: str, mode: str) -> dict:
+    from growth.adapters import megatron
+    if mode == "gather":
+        sharded = megatron.DistSource
+
+        class Gathered(sharded):
+            """Every tensor at its full size in memory before growth starts."""
+
+            def __init__(self, path):
+                super().__init__(path)
+                self.full = {name: sharded.get(self, name, None, 1) for name in self.shapes}
+
+            def get(self, name, shard, shards):
+                full = self.full[name]
+                tp = megatron.MCORE_GPT.lookup(name).tp
+                if shard is None or tp is None:
+                    return full
+                return full.narrow(tp, shard * full.shape[tp] // shards, full.shape[tp] // shards)
+
+        megatron.DistSource = Gathered
+    base = rss_bytes(peak=False)
+    start = time.perf_counter()
+    megatron.grow_checkpoint(src, out, TARGET, width="fpi", depth="stack", log=lambda *_: None)
+    seconds = time.perf_counter() - start
+    from growth.adapters.dist_checkpoint import DistCheckpoint
+    grown = DistCheckpoint(out)
+    largest = max(md.size.numel() // (md.size[0] if k.startswith("decoder.layers.") else 1) * 4
+                  for k, md in grown.tensors.items())
+    return {"seconds": seconds, "peak_rss": rss_bytes(peak=True), "base_rss": base, "largest_param": largest,
+            "largest_shard": largest // TP,
+            "written": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())}
+
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        name, *rest = args.phase
+        print(json.dumps({"source": phase_source, "grow": phase_grow}[name](*rest)))
+        return
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        src, out = os.path.join(work, "source"), os.path.join(work, "grown")
+        run_phase(__file__, "source", src)
+        source_bytes = sum(f.stat().st_size for f in Path(src).rglob("*.distcp"))
+        results = {}
+        for mode in ("shard-local", "gather"):
+            shutil.rmtree(out, ignore_errors=True)
+            results[mode] = run_phase(__file__, "grow", src, out, mode)
+    gib, mib = 2 ** 30, 2 ** 20
+    local, gather = results["shard-local"], results["gather"]
+    print(f"{os.cpu_count()} CPUs: megatron-core GPT {SOURCE['n_layer']}x{SOURCE['n_embd']} saved at TP {TP} "
+          f"(checkpoint {source_bytes / gib:.2f} GiB) -> {TARGET}, fpi + stack, shard-local at TP {TP} "
+          f"({local['written'] / gib:.2f} GiB written)")
+    print(f"largest target parameter {local['largest_param'] / mib:.0f} MiB, its TP shard "
+          f"{local['largest_shard'] / mib:.0f} MiB (word embeddings, fp32)")
+    for label, r in (("shard-local", local), ("gather-then-grow", gather)):
+        over = r["peak_rss"] - r["base_rss"]
+        print(f"{label}: {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / gib:.2f} GiB = fixed "
+              f"{r['base_rss'] / mib:.0f} MiB + {over / mib:.0f} MiB ({over / r['largest_shard']:.2f}x the "
+              f"largest shard)")
+    print(f"peak above the fixed overhead, gather / shard-local: "
+          f"{(gather['peak_rss'] - gather['base_rss']) / (local['peak_rss'] - local['base_rss']):.1f}x; "
+          f"time shard-local / gather = {local['seconds'] / gather['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Tensor parallelism (recipe `parallel`): megatron-core's GPTModel trained by `b2b train` on CPU
+(gloo, two processes, real DeepSpeed and megatron-core). A TP 2 run (DP 1), stopped and resumed from
+its DeepSpeed checkpoint, and an uninterrupted TP 1 run (DP 2) of the same recipe, both initialised
+from one HF GPT-2 directory, compute the same losses step by step, and the first equals the HF
+model's own loss; the TP 2 run's torch_dist checkpoint loads at TP 1 with the logits of its HF
+export; bad parallel recipes fail before anything starts."""
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from launchers import config
+from launchers.cli import main
+from launchers.data import Batches, cache_path, prepare, train_tokenizer
+from launchers.events import read_scalars
+from launchers.launch import free_port
+from launchers.megatron import build_model, initialize
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+TP_RECIPE = RECIPES / "gpt-tiny-tp.yaml"
+STEPS = 4
+# global batch 8 both ways: micro 4 x accum 2 x DP 1 at TP 2, micro 4 x accum 1 x DP 2 at TP 1
+COMMON = ["data.seq_len=32", "batch.micro=4", "batch.accum=null", "batch.global_size=8", f"train.steps={STEPS}",
+          "optim.warmup_steps=1", "optim.schedule=constant", "train.eval_every=0", "train.eval_batches=1",
+          "checkpoint.every=0", "logging.progress=false", "model.dropout=0.0"]
+
+
+def load(*sets):
+    return config.load(TP_RECIPE, [*COMMON, *sets])
+
+
+@contextmanager
+def one_process():
+    """torch.distributed (gloo) and megatron-core's groups for this test process alone (TP 1)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        initialize(1)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """An HF GPT-2 directory of the recipe's shape, every parameter randomised (biases and layer norms
+    too, so that a slicing bug cannot hide behind zeros and ones), with a BPE tokenizer trained on the
+    corpus: this project's own launchers/*.py, one document a line (quicker to read than the default
+    corpus, the standard library's docstrings)."""
+    root = tmp_path_factory.mktemp("tp")
+    lines = [line for f in sorted(RECIPES.parent.joinpath("launchers").glob("*.py"))
+             for line in f.read_text().splitlines() if line.strip()]
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    tokenizer = train_tokenizer(iter(lines), "bpe", 512)
+    r = load()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=r.model.hidden, n_layer=r.model.layers,
+                                       n_head=r.model.heads, n_inner=r.model.ffn, n_positions=r.model.max_positions,
+                                       bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    model.save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    sets = [f"data.cache_dir={root / 'cache'}", f"data.files=[{root / 'corpus.txt'}]", f"model.init_from={root / 'hf'}",
+            "data.tokenizer=null"]
+    prepare(load(*sets), log=lambda *_: None)  # the runs' cache entry (tokenised with the start model's tokenizer)
+    return root, sets
+
+
+def prepare_only(out_dir, *sets, resume="none") -> int:
+    """`b2b train --procs 2 --prepare-only`: every check, and the run directory, in this process."""
+    sets = sum((["--set", s] for s in [f"out_dir={out_dir}", *COMMON, *sets]), [])
+    return main(["train", str(TP_RECIPE), "--procs", "2", "--resume", resume, "--prepare-only", *sets])
+
+
+def train(out_dir, *sets, resume="none") -> list[tuple[subprocess.Popen, Path]]:
+    """`b2b train --procs 2` as a cluster runs it (slurm/entrypoint.sh): check and prepare the run here,
+    then start the two workers with torch.distributed's variables (no launcher processes: cheaper)."""
+    assert prepare_only(out_dir, *sets, resume=resume) == 0
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    workers = []
+    for rank in range(2):
+        log = out_dir / f"rank{rank}.log"
+        with open(log, "a") as out:
+            workers.append((subprocess.Popen([sys.executable, "-m", "launchers.train", "--run-dir", str(out_dir),
+                                              "--resume", resume], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                             stdout=out, stderr=subprocess.STDOUT), log))
+    return workers
+
+
+def finish(workers: list) -> None:
+    for worker, log in workers:
+        assert worker.wait(timeout=300) == 0, log.read_text()[-4000:]
+
+
+def test_tp2_and_tp1_train_alike_and_the_checkpoint_loads_at_another_tp(start, capsys):
+    root, sets = start
+    tp2, tp1 = root / "tp2", root / "tp1"
+    # the two runs overlap: each worker spends most of its time importing and starting up
+    finish([*train(tp2, *sets, "parallel.tensor=2", "train.stop_at=2"),
+            *train(tp1, *sets, "parallel.tensor=1", "parallel.megatron=true")])
+    # DeepSpeed's files are per tensor-parallel rank: resuming at another degree is refused before any process starts
+    assert prepare_only(tp2, *sets, "parallel.tensor=1", "parallel.megatron=true", resume="auto") == 2
+    assert "was saved with parallel.tensor=2, parallel.megatron=false" in capsys.readouterr().err
+    finish(train(tp2, *sets, "parallel.tensor=2", resume="auto"))  # from DeepSpeed's checkpoint at step 2
+    assert "resumed from" in (tp2 / "rank0.log").read_text()
+
+    a, b = read_scalars(tp2)["train/loss"], read_scalars(tp1)["train/loss"]
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    # Same data, same weights, same arithmetic up to the order of float32 sums: TP 2 splits the
+    # attention heads, FFN and vocabulary, so row-parallel layers add two partial products and the
+    # softmax's normaliser is a sum of two partial sums; DP 2 averages gradients over two ranks
+    # where TP 2 accumulates two micro steps. Measured: equal, or one float32 ulp apart (4.8e-7 at the
+    # losses' ~6.3), over 4 steps of Adam at lr 1e-3; 1e-5 is 20 ulps and 1000x below one optimizer
+    # step's change of the loss (0.04-0.1), so a wrong slice, a wrong reduction or a missed gradient fails.
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+    assert abs(a[STEPS] - a[1]) > 1e-3  # the runs did train
+
+    recipe = config.load(tp2 / "recipe.yaml")
+    hf = GPT2LMHeadModel.from_pretrained(root / "hf").eval()
+    data = Batches(cache_path(recipe), recipe, rank=0, world=1)
+    with torch.no_grad():  # step 1 ran at the start weights: the HF model's own loss on its batches
+        first = sum(hf(**data.train_batch(1, m)).loss.item() for m in range(2)) / 2
+    assert abs(a[1] - first) <= 1e-5
+
+    tag = tp2 / "checkpoints" / f"step{STEPS:08d}"
+    assert sorted(p.name for p in tag.glob("*.pt")) == [
+        "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt",  # DeepSpeed's, for exact resume at TP 2
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
+    assert len(list((tag / "dist").glob("*.distcp"))) == 2  # each tensor-parallel rank wrote its shards
+    cfg = GPT2Config.from_pretrained(tag / "dist")
+    assert cfg.vocab_size == len(data.tokenizer) and cfg.padded_vocab_size % 128 == 0
+
+    ids = data.train_batch(STEPS + 1, 0)["input_ids"]
+    with torch.no_grad():
+        exported = GPT2LMHeadModel.from_pretrained(tp2 / "final").eval()(ids).logits
+        other = GPT2LMHeadModel.from_pretrained(tp1 / "final").eval()(ids).logits
+        with one_process():  # the TP 2 checkpoint at TP 1, through the trainer's init_from path
+            at_tp1 = config.load(TP_RECIPE, [*COMMON, *sets[:1], f"model.init_from={tag / 'dist'}",
+                                             "data.tokenizer=null", "parallel.tensor=1", "parallel.megatron=true"])
+            loaded = build_model(at_tp1, data.tokenizer).eval()(ids).logits
+    assert (loaded - exported).abs().max() <= 1e-5 * exported.abs().max()
+    assert (other - exported).abs().max() <= 1e-4 * exported.abs().max()  # TP 1's training ended alike (4e-7)
+
+
+BAD = {
+    "bert": (RECIPES / "bert-tiny-cpu.yaml", ["parallel.tensor=2"],
+             "parallel.tensor: 2: megatron-core's GPTModel is a GPT-2, but model.arch is bert"),
+    "heads": (TP_RECIPE, ["parallel.tensor=4"], "parallel.tensor: 4 does not divide model.heads (2)"),
+    "zero 3": (TP_RECIPE, ["zero.stage=3"], "zero.stage: 3 with parallel.tensor 2: megatron-core's model trains"),
+    "stage 1": (TP_RECIPE, ["stage1.steps=10", "stage1.block=1"], "stage1.steps: bert2BERT's two-stage training"),
+    "processes": (TP_RECIPE, [], "parallel.tensor: 2 does not divide the 3 processes"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_parallel_recipes_fail_before_anything_starts(case, capsys):
+    recipe, sets, message = BAD[case]
+    procs = "3" if case == "processes" else "4"
+    code = main(["train", str(recipe), "--dry-run", "--procs", procs, *sum((["--set", s] for s in sets), [])])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("b2b train: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
