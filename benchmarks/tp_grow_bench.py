@@ -11,7 +11,7 @@ deeper target with the same code both ways, each in a fresh process so that its 
   gather:      every tensor gathered to its full, unsharded size in memory first (what converting
                to TP=1 does), then grown and written by the same code
 
-    .venv/bin/python benchmarks/tp_grow_bench.py [--workdir DIR]
+    .venv/bin/python benchmarks/tp_grow_bench.py [--workdir DIR] [--repeat N]
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def phase_grow(src: str, out: str, mode: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each mode, in alternating order (medians reported)")
     ap.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
@@ -128,13 +129,16 @@ def main() -> None:
         src, out = os.path.join(work, "source"), os.path.join(work, "grown")
         run_phase(__file__, "source", src)
         source_bytes = sum(f.stat().st_size for f in Path(src).rglob("*.distcp"))
-        results = {}
-        for mode in ("shard-local", "gather"):
-            shutil.rmtree(out, ignore_errors=True)
-            results[mode] = run_phase(__file__, "grow", src, out, mode)
+        runs = {"shard-local": [], "gather": []}
+        for i in range(args.repeat):  # alternating which goes first: the first write after the source's is slower
+            for mode in ("shard-local", "gather")[::1 if i % 2 == 0 else -1]:
+                shutil.rmtree(out, ignore_errors=True)
+                runs[mode].append(run_phase(__file__, "grow", src, out, mode))
     gib, mib = 2 ** 30, 2 ** 20
-    local, gather = results["shard-local"], results["gather"]
-    print(f"{os.cpu_count()} CPUs: megatron-core GPT {SOURCE['n_layer']}x{SOURCE['n_embd']} saved at TP {TP} "
+    for mode, results in runs.items():
+        print(f"{mode}: " + ", ".join(f"{r['seconds']:.1f} s" for r in results))
+    local, gather = (sorted(runs[m], key=lambda r: r["seconds"])[(args.repeat - 1) // 2] for m in runs)  # medians
+    print(f"median of {args.repeat}, {os.cpu_count()} CPUs: megatron-core GPT {SOURCE['n_layer']}x{SOURCE['n_embd']} saved at TP {TP} "
           f"(checkpoint {source_bytes / gib:.2f} GiB) -> {TARGET}, fpi + stack, shard-local at TP {TP} "
           f"({local['written'] / gib:.2f} GiB written)")
     print(f"largest target parameter {local['largest_param'] / mib:.0f} MiB, its TP shard "
