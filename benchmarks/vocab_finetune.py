@@ -1,6 +1,7 @@
 """Fine-tuning check of the vocabulary-transfer runs: a sentence-pair task built from the corpus.
 
     python benchmarks/vocab_finetune.py [--task sop|nsp] [--out runs/vocab] [--directions bert,gpt]
+    python benchmarks/vocab_finetune.py [--task sop|nsp] --model minilm [--seeds 0,1,2]
 
 Pairs of sentences from the docstrings of the offline corpus, 1,000 to train and 400 to test,
 drawn with a fixed seed. sop (sentence order): two consecutive sentences of one docstring in
@@ -10,7 +11,9 @@ benchmarks/vocab_experiment.py (OUT/<direction>/<method>-s<seed>/final) gets a c
 head (BERT: the pooled [CLS]; GPT-2: the last token) and is fine-tuned for 2 epochs (AdamW,
 lr 1e-4, batch 16, linear decay) with its own seed; accuracy and F1 (class 1) on the test
 pairs, mean and standard deviation over seeds, go to OUT/<direction>/finetune-<task>.json
-(runs already there are not fine-tuned again) and stdout as a Markdown table.
+(runs already there are not fine-tuned again) and stdout as a Markdown table. `--model DIR` fine-tunes
+one HF model directory instead ('minilm': the packaged all-MiniLM-L6-v2), which checks that the
+task and the harness can be learned at all by a model that knows English.
 """
 
 from __future__ import annotations
@@ -101,12 +104,23 @@ def main() -> None:
     p.add_argument("--task", choices=("sop", "nsp"), default="sop")
     p.add_argument("--out", default="runs/vocab")
     p.add_argument("--directions", default="bert,gpt")
+    p.add_argument("--model", help="fine-tune this HF model directory (or 'minilm') instead of the runs")
+    p.add_argument("--seeds", default="0,1,2", help="with --model: the fine-tuning seeds")
     args = p.parse_args()
     from launchers.data import quiet_libraries
     quiet_libraries()
     train, test = pairs(args.task)
     print(f"{args.task} pairs: {len(train)} train, {len(test)} test, "
           f"{sum(x[2] for x in test) / len(test):.1%} of the test pairs in order")
+    if args.model:
+        from growth.adapters.hf import resolve
+        got = [finetune(resolve(args.model), int(seed), train, test) for seed in args.seeds.split(",")]
+        for seed, r in zip(args.seeds.split(","), got):
+            print(f"{args.model} seed {seed}: {r}")
+        print(f"{args.model} {args.task}: accuracy {statistics.mean(r['accuracy'] for r in got):.3f} ± "
+              f"{statistics.pstdev(r['accuracy'] for r in got):.3f}, F1 {statistics.mean(r['f1'] for r in got):.3f} ± "
+              f"{statistics.pstdev(r['f1'] for r in got):.3f}")
+        return
     for d in args.directions.split(","):
         root = ROOT / args.out / d
         saved = root / f"finetune-{args.task}.json"
