@@ -1,6 +1,6 @@
 """The vocabulary-transfer comparison at demo scale (docs/results.md, "Vocabulary transfer").
 
-    python benchmarks/vocab_experiment.py [--seeds 0,1,2] [--out runs/vocab]
+    python benchmarks/vocab_experiment.py [--seeds 0,1,2] [--out runs/vocab] [--max-documents N]
 
 Two directions, each the same 2-layer H64 model (recipes/demo-*-source.yaml shape):
   bert: BERT pretrained with the project's WordPiece vocabulary, given a byte-level BPE
@@ -11,6 +11,9 @@ Methods, all trained with recipes/vocab-{bert,gpt}.yaml (same data, steps and FL
   vipi    the source moved onto the new vocabulary by `b2b vocab transfer --method vipi`
   random  the same source, every vocabulary row fresh (`--method random`)
   scratch the model from scratch with the new vocabulary
+--max-documents N: the data-limited variant: the targets train on the first N documents of the
+corpus (10% held out for validation) for the same 300 steps, so they repeat their data several
+times (the sources and start models are the full-data ones); runs go to OUT/<dir>/docsN/.
 It prints every command it runs (so the results can be reproduced one command at a time),
 skips steps whose output exists, then writes OUT/<dir>/report (b2b report) and
 OUT/<dir>/init.json (validation loss at initialisation, same batches as training's).
@@ -60,10 +63,16 @@ def target_tokenizer(out: Path, direction: str) -> Path:
     return out / ("bpe-bert" if direction == "bert" else "wordpiece-gpt")
 
 
-def run_sets(out: Path, direction: str, method: str, seed: int) -> list[str]:
+def runs_dir(out: Path, direction: str, documents: int | None) -> Path:
+    return out / direction / (f"docs{documents}" if documents else "")
+
+
+def run_sets(out: Path, direction: str, method: str, seed: int, documents: int | None = None) -> list[str]:
     sets = {"name": f"vocab-{direction}-{method}-s{seed}", "method": method, "seed": seed,
-            "out_dir": str(out / direction / f"{method}-s{seed}"),
+            "out_dir": str(runs_dir(out, direction, documents) / f"{method}-s{seed}"),
             "data.tokenizer": str(target_tokenizer(out, direction))}
+    if documents:
+        sets.update({"data.max_documents": documents, "data.val_fraction": 0.1})
     if method != "scratch":
         sets["model.init_from"] = str(out / direction / f"start-{method}")
     return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
@@ -89,6 +98,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/vocab")
     p.add_argument("--directions", default="bert,gpt")
     p.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
+    p.add_argument("--max-documents", type=int, help="the data-limited variant: train the targets on N documents")
     args = p.parse_args()
     out = (ROOT / args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -111,14 +121,16 @@ def main() -> None:
     for seed in [] if args.report_only else seeds:
         for d in directions:
             for method in METHODS:
-                if run_state(out / d / f"{method}-s{seed}") != "finished":
-                    b2b("train", DIRECTIONS[d][1], *run_sets(out, d, method, seed))
+                if run_state(runs_dir(out, d, args.max_documents) / f"{method}-s{seed}") != "finished":
+                    b2b("train", DIRECTIONS[d][1], *run_sets(out, d, method, seed, args.max_documents))
     for d in directions:
-        runs = sorted(str(p) for p in (out / d).glob("*-s*") if run_state(p) == "finished")
-        b2b("report", *runs, "--out", str(out / d / "report"))
+        where = runs_dir(out, d, args.max_documents)
+        runs = sorted(str(p) for p in where.glob("*-s*") if run_state(p) == "finished")
+        b2b("report", *runs, "--out", str(where / "report"))
         init = {Path(r).name: init_loss(DIRECTIONS[d][1], run_sets(out, d, Path(r).name.split("-s")[0],
-                                                                      int(r.rsplit("-s", 1)[1]))) for r in runs}
-        (out / d / "init.json").write_text(json.dumps(init, indent=1) + "\n")
+                                                                      int(r.rsplit("-s", 1)[1]), args.max_documents))
+                for r in runs}
+        (where / "init.json").write_text(json.dumps(init, indent=1) + "\n")
         print(f"{d}: validation loss at initialisation {json.dumps(init)}", flush=True)
 
 
