@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from measure import rss_bytes, run_phase
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def phase_source(src: str) -> dict:
@@ -40,7 +36,7 @@ def phase_grow(src: str, out: str, width: str) -> dict:
     from growth.adapters.hf import grow_directory
     start = time.perf_counter()
     grow_directory(src, out, "bert-large", width=width, depth="stack", seed=0, log=lambda *_: None)
-    return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes()}
+    return {"seconds": time.perf_counter() - start, "peak_rss": rss_bytes(peak=True)}
 
 
 def phase_save(grown: str, dest: str) -> dict:
@@ -49,19 +45,9 @@ def phase_save(grown: str, dest: str) -> dict:
     state = load_file(Path(grown) / "model.safetensors")
     start = time.perf_counter()
     torch.save(state, dest)
-    return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(),
+    return {"seconds": time.perf_counter() - start, "peak_rss": rss_bytes(peak=True),
             "target_bytes": sum(t.numel() * t.element_size() for t in state.values())}
 
-
-def run_phase(*args: str) -> dict:
-    os.sync()  # flush the previous phase's writes so they do not throttle this one
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--phase", *args], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"phase {args[0]} failed:\n{done.stderr}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["process_seconds"] = time.perf_counter() - start
-    return result
 
 
 def main() -> None:
@@ -79,11 +65,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         src, out, dest = (os.path.join(work, n) for n in ("bert-base", "bert-large", "target.pt"))
-        run_phase("source", src)
+        run_phase(__file__, "source", src)
         pairs = []
         for _ in range(args.repeat):
             shutil.rmtree(out, ignore_errors=True)
-            pairs.append((run_phase("grow", src, out, args.width), run_phase("save", out, dest)))
+            pairs.append((run_phase(__file__, "grow", src, out, args.width), run_phase(__file__, "save", out, dest)))
     for i, (grow, save) in enumerate(pairs):
         print(f"run {i}: grow {grow['seconds']:.2f} s, save {save['seconds']:.2f} s, "
               f"ratio {grow['seconds'] / save['seconds']:.2f}")

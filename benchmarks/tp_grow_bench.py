@@ -138,7 +138,8 @@ def main() -> None:
     for mode, results in runs.items():
         print(f"{mode}: " + ", ".join(f"{r['seconds']:.1f} s" for r in results))
     local, gather = (sorted(runs[m], key=lambda r: r["seconds"])[(args.repeat - 1) // 2] for m in runs)  # medians
-    print(f"median of {args.repeat}, {os.cpu_count()} CPUs: megatron-core GPT {SOURCE['n_layer']}x{SOURCE['n_embd']} saved at TP {TP} "
+    print(f"median of {args.repeat}, {os.cpu_count()} CPUs: megatron-core GPT {SOURCE['n_layer']}x{SOURCE['n_embd']} "
+          f"saved at TP {TP} "
           f"(checkpoint {source_bytes / gib:.2f} GiB) -> {TARGET}, fpi + stack, shard-local at TP {TP} "
           f"({local['written'] / gib:.2f} GiB written)")
     print(f"largest target parameter {local['largest_param'] / mib:.0f} MiB, its TP shard "
