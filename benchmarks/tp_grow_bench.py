@@ -42,14 +42,13 @@ def phase_source(out: str) -> dict:
     import torch
 
     from growth.adapters.dist_checkpoint import Chunk, save
-    from growth.adapters.megatron import padded_vocab, sharded_key
+    from growth.adapters.megatron import padded_vocab, sharded_key, tensor_region
+    from growth.grow import axis_size
     from growth.schema import MCORE_GPT
     from growth.shape import shape_from_config
     cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **SOURCE,
            "padded_vocab_size": padded_vocab(SOURCE["vocab_size"])}
     shape = shape_from_config(cfg)
-    sizes = {None: None, "h_out": shape.hidden, "h_in": shape.hidden, "a_in": shape.hidden,
-             "hqkv_out": 3 * shape.hidden, "f_out": shape.ffn, "f_in": shape.ffn}
     rows = {"embedding.word_embeddings.weight": cfg["padded_vocab_size"],
             "embedding.position_embeddings.weight": SOURCE["n_positions"]}
     chunks = []
@@ -58,20 +57,14 @@ def phase_source(out: str) -> dict:
             continue  # tied
         layered = "{L}" in template
         key, _ = sharded_key(template.replace("{L}", "0"))
-        local = tuple(sizes[r] or rows[template] for r in param.axes)
+        local = tuple(axis_size(r, shape) or rows[template] for r in param.axes)
         gshape = ((shape.layers,) if layered else ()) + local
         for layer in range(shape.layers) if layered else [None]:
             for shard in range(TP) if param.tp is not None else [None]:
-                offsets, csizes = [0] * len(gshape), list(gshape)
-                pre = 1 if layered else 0
-                if layered:
-                    offsets[0], csizes[0] = layer, 1
-                if shard is not None:
-                    csizes[param.tp + pre] //= TP
-                    offsets[param.tp + pre] = shard * csizes[param.tp + pre]
+                offsets, sizes = tensor_region(gshape, layer, param.tp, shard, TP)
                 seed = zlib.crc32(repr((key, layer, shard)).encode())
-                chunks.append(Chunk(key, gshape, tuple(offsets), tuple(csizes), torch.float32,
-                                    lambda s=tuple(csizes), seed=seed:
+                chunks.append(Chunk(key, gshape, offsets, sizes, torch.float32,
+                                    lambda s=sizes, seed=seed:
                                     torch.randn(s, generator=torch.Generator().manual_seed(seed)) * 0.02))
     Path(out).mkdir(parents=True)
     save(out, chunks)

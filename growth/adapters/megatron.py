@@ -153,15 +153,21 @@ def _read_json(file: Path) -> dict:
         raise GrowthError(f"{file}: unreadable config ({err})") from None
 
 
-def _shard_region(shape: tuple, tp_dim: int | None, shard: int | None, shards: int) -> tuple[list, list]:
+def tensor_region(shape: tuple, layer: int | None, tp_dim: int | None, shard: int | None, shards: int) -> tuple:
+    """(offsets, sizes) in a torch_dist tensor of `shape` of one module tensor: layer `layer` of the
+    stacked layer axis (None: not a layer tensor), and of its tensor-parallel axis `tp_dim` (the
+    module tensor's axis; None: not sharded) shard `shard` of `shards` (None: all of it)."""
+    pre = 0 if layer is None else 1
     offsets, sizes = [0] * len(shape), list(shape)
     if shard is not None and tp_dim is not None:
-        if shape[tp_dim] % shards:
-            raise GrowthError(f"tensor-parallel degree {shards} does not divide axis {tp_dim} of size "
-                              f"{shape[tp_dim]}")
-        sizes[tp_dim] = shape[tp_dim] // shards
-        offsets[tp_dim] = shard * sizes[tp_dim]
-    return offsets, sizes
+        dim = tp_dim + pre
+        if shape[dim] % shards:
+            raise GrowthError(f"tensor-parallel degree {shards} does not divide axis {dim} of size {shape[dim]}")
+        sizes[dim] = shape[dim] // shards
+        offsets[dim] = shard * sizes[dim]
+    if layer is not None:
+        offsets[0], sizes[0] = layer, 1
+    return tuple(offsets), tuple(sizes)
 
 
 class DistSource:
@@ -184,12 +190,7 @@ class DistSource:
     def get(self, name: str, shard: int | None, shards: int) -> torch.Tensor:
         key, layer = sharded_key(name)
         param = MCORE_GPT.lookup(name)
-        shape = self.ckpt.shape(key)
-        pre = 0 if layer is None else 1
-        offsets, sizes = _shard_region(shape, None if param.tp is None else param.tp + pre, shard, shards)
-        if layer is not None:
-            offsets[0], sizes[0] = layer, 1
-        region = self.ckpt.read(key, offsets, sizes)
+        region = self.ckpt.read(key, *tensor_region(self.ckpt.shape(key), layer, param.tp, shard, shards))
         return region[0] if layer is not None else region
 
 
@@ -323,14 +324,11 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
             for target_name, tshape in targets:
                 key, layer = sharded_key(target_name)
                 gshape = tshape if layer is None else (target.layers, *tshape)
-                pre = 0 if layer is None else 1
-                offsets, sizes = _shard_region(gshape, None if param.tp is None else param.tp + pre, shard, tp)
-                if layer is not None:
-                    offsets[0], sizes[0] = layer, 1
+                offsets, sizes = tensor_region(gshape, layer, param.tp, shard, tp)
 
-                def make(target_name=target_name, shard=shard, sizes=tuple(sizes)):
+                def make(target_name=target_name, shard=shard, sizes=sizes):
                     return grower.grow(target_name, lambda n: source.get(n, shard, tp), shard=shard).reshape(sizes)
-                chunks.append(Chunk(key, gshape, tuple(offsets), tuple(sizes), source.dtypes[name], make))
+                chunks.append(Chunk(key, gshape, offsets, sizes, source.dtypes[name], make))
 
     with atomic_directory(out) as tmp:
         dist_checkpoint.save(tmp, chunks)
@@ -380,12 +378,9 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
             chunks = []
             for name, w in state.items():
                 key, layer = sharded_key(name)
-                if layer is None:
-                    chunks.append(Chunk(key, tuple(w.shape), (0,) * w.dim(), tuple(w.shape), w.dtype, lambda w=w: w))
-                else:
-                    gshape = (shape.layers, *w.shape)
-                    chunks.append(Chunk(key, gshape, (layer,) + (0,) * w.dim(), (1, *w.shape), w.dtype,
-                                        lambda w=w: w.unsqueeze(0)))
+                gshape = tuple(w.shape) if layer is None else (shape.layers, *w.shape)
+                offsets, sizes = tensor_region(gshape, layer, None, None, 1)
+                chunks.append(Chunk(key, gshape, offsets, sizes, w.dtype, lambda w=w, sizes=sizes: w.reshape(sizes)))
             dist_checkpoint.save(tmp, chunks)
             _write_side_files(tmp, path, {**cfg, "padded_vocab_size": rows})
             direction = "HF GPT2LMHeadModel -> megatron-core torch_dist"
