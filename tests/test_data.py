@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config,
 from growth import Shape
 from launchers import config
 from launchers.cli import main
-from launchers.data import Batches, mask_tokens, prepare, python_docs
+from launchers.data import BERT_SPECIALS, Batches, mask_tokens, prepare, python_docs, train_tokenizer
 from launchers.model import forward_flops_per_token
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -123,6 +123,16 @@ def test_b2b_tokenizer(kind, tmp_path, capsys):
     capsys.readouterr()
     assert main(["tokenizer", "--kind", kind, "--files", str(corpus), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_wordpiece_ids_are_a_function_of_the_learned_tokens():
+    # WordPieceTrainer numbers its vocabulary in hash-map order, new in every process
+    # (huggingface/tokenizers#1794): the ids are renumbered, special tokens first, the rest sorted.
+    tok = train_tokenizer(python_docs()[:300], "wordpiece", 400)
+    by_id = sorted(tok.get_vocab(), key=tok.get_vocab().get)
+    assert by_id[:len(BERT_SPECIALS)] == BERT_SPECIALS
+    assert by_id[len(BERT_SPECIALS):] == sorted(by_id[len(BERT_SPECIALS):])
+    assert tok("Return the value.")["input_ids"][0] == tok.cls_token_id == BERT_SPECIALS.index("[CLS]")
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet"])
