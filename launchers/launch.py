@@ -57,17 +57,12 @@ def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
     if cpu and recipe.train.precision != "fp32":
         raise RecipeError(f"train.precision: {recipe.train.precision} needs a GPU; this machine has none: "
                           "use --set train.precision=fp32")
-    from .train import CHECKPOINTS, check_same_parallel, checkpoint_tags, latest_tag
+    from .train import CHECKPOINTS, check_same_parallel, checkpoint_tags, resume_tag
     ckpts = recipe.run_dir / CHECKPOINTS
     if resume == "none" and ckpts.is_dir() and checkpoint_tags(ckpts):
         raise RecipeError(f"{recipe.run_dir} already holds checkpoints: continue it with --resume auto, "
                           "or choose a new out_dir (--set out_dir=...)")
-    if resume not in ("none", "auto") and not (ckpts / resume).is_dir():
-        raise RecipeError(f"--resume {resume}: no such checkpoint in {ckpts}; use 'auto' or one of "
-                          f"{checkpoint_tags(ckpts) if ckpts.is_dir() else []}")
-    tag = None if resume == "none" else resume
-    if resume == "auto":
-        tag = latest_tag(ckpts) if ckpts.is_dir() else None
+    tag = resume_tag(ckpts, resume)
     if tag is not None:
         check_same_parallel(recipe, ckpts / tag)
 

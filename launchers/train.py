@@ -108,6 +108,19 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
+def resume_tag(ckpt_dir: Path, resume: str) -> str | None:
+    """The checkpoint `--resume` names: none for 'none', the newest complete one for 'auto' (none if
+    there is none yet), else that tag, which must exist."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_tag(ckpt_dir)
+    if not (ckpt_dir / resume).is_dir() or not resume.removeprefix("step").isdigit():
+        raise config.RecipeError(f"--resume {resume}: no such checkpoint in {ckpt_dir}; use 'auto' or one of "
+                                 f"{checkpoint_tags(ckpt_dir) if ckpt_dir.is_dir() else []}")
+    return resume
+
+
 def check_same_parallel(recipe: config.Recipe, tag_dir: Path) -> None:
     """A checkpoint resumes only with the parallel section it was saved with (DeepSpeed's files are
     per tensor-parallel rank); its weights (TAG/dist, RUN/final) start a run at any other."""
@@ -292,16 +305,9 @@ class Trainer:
             shutil.rmtree(grown)
 
     def _resume_tag(self, resume: str) -> str | None:
-        """The checkpoint `resume` names ('auto': the newest complete one, if any)."""
-        if resume == "none":
-            return None
-        tag = latest_tag(self.ckpt_dir) if resume == "auto" else resume
-        if tag is None:
-            if self.rank == 0:
-                print(f"resume auto: no complete checkpoint in {self.ckpt_dir}; starting at step 0", flush=True)
-            return None
-        if not (self.ckpt_dir / tag).is_dir() or not tag.removeprefix("step").isdigit():
-            raise config.RecipeError(f"--resume {tag}: no such checkpoint in {self.ckpt_dir}")
+        tag = resume_tag(self.ckpt_dir, resume)
+        if tag is None and resume == "auto" and self.rank == 0:
+            print(f"resume auto: no complete checkpoint in {self.ckpt_dir}; starting at step 0", flush=True)
         return tag
 
     def _load(self, tag: str) -> None:
