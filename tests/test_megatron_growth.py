@@ -96,6 +96,20 @@ def test_stacked_growth_equals_the_in_memory_growth_of_the_converted_hf_model(ru
         assert rel(logits["stacked", tp], expected) < TOLERANCE
 
 
+def test_b2b_verify_reads_megatron_checkpoints(run, tmp_path, capsys):
+    d, _, _, _ = run
+    capsys.readouterr()
+    assert b2b("verify", d / "source", d / "exact") == 0
+    assert "growth.json says exact: OK" in capsys.readouterr().out
+    assert b2b("verify", d / "hf", d / "legacy-exact") == 0  # an HF model against its megatron twin's growth
+    assert "growth.json says exact: OK" in capsys.readouterr().out
+    claims_exact = tmp_path / "stacked"  # stacking changes the function: a manifest calling it exact is caught
+    shutil.copytree(d / "stacked", claims_exact)
+    shutil.copy2(d / "exact" / "growth.json", claims_exact / "growth.json")
+    assert b2b("verify", d / "source", claims_exact) == 1
+    assert "growth.json says exact: FAILED" in capsys.readouterr().out
+
+
 def test_growth_reads_one_shard_at_a_time(run):
     """Every read of a tensor-parallel parameter covers one TP=2 shard of it, never the whole."""
     d, _, _, reads = run

@@ -347,6 +347,15 @@ def _write_side_files(out: Path, config_dir: Path, cfg: dict) -> None:
 
 # -- conversion ----------------------------------------------------------------------------------
 
+def hf_weights(source) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A megatron source as an HF GPT2LMHeadModel: its config and its full (gathered) state dict."""
+    cfg = source_config(source)
+    full = {name: source.get(name, None, 1) for name in source.shapes if MCORE_GPT.lookup(name)}
+    hf_cfg = {k: v for k, v in cfg.items() if k != "padded_vocab_size"}
+    hf_cfg["architectures"] = ["GPT2LMHeadModel"]
+    return hf_cfg, mcore_to_hf(full, cfg["n_head"], cfg["vocab_size"])
+
+
 def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print) -> str:
     """`b2b convert`: HF GPT-2 directory -> megatron-core torch_dist checkpoint, or a megatron
     checkpoint (torch_dist or legacy) -> HF GPT-2 directory. Returns the direction."""
@@ -355,13 +364,9 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
     source = open_source(src)
     with atomic_directory(out) as tmp:
         if source is not None:  # megatron -> HF
-            cfg = source_config(source)
-            full = {name: source.get(name, None, 1) for name in source.shapes if MCORE_GPT.lookup(name)}
-            state = mcore_to_hf(full, cfg["n_head"], cfg["vocab_size"])
+            hf_cfg, state = hf_weights(source)
             from safetensors.torch import save_file
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            hf_cfg = {k: v for k, v in cfg.items() if k != "padded_vocab_size"}
-            hf_cfg["architectures"] = ["GPT2LMHeadModel"]
             _write_side_files(tmp, source.config_dir, hf_cfg)
             direction = f"{source.format} -> HF GPT2LMHeadModel"
         else:  # HF -> megatron

@@ -1,4 +1,5 @@
-"""`b2b verify`: run a source and a grown HF model on the same inputs and compare outputs.
+"""`b2b verify`: run a source and a grown model (HF directories or megatron-core checkpoints) on
+the same inputs and compare outputs.
 
 Logits are compared where the model has a head; a headless model's hidden states are
 mapped back to the source's units through the hidden map (every map keeps source unit j
@@ -24,16 +25,29 @@ HEADED = ("logits", "prediction_logits", "seq_relationship_logits")
 
 
 def load_model(path: Path):
+    """The model at `path` (an HF directory, or a megatron-core checkpoint read as HF GPT-2), its
+    config, and the directory holding its tokenizer."""
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    from .megatron import hf_weights, open_source
+    source = open_source(path)
+    if source is not None:
+        cfg, state = hf_weights(source)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+        loaded = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()  # the embedding itself
+        if loaded.unexpected_keys or set(loaded.missing_keys) - tied:
+            raise GrowthError(f"{path}: the checkpoint does not make a GPT-2 of its config.json (missing "
+                              f"{sorted(set(loaded.missing_keys) - tied)}, unexpected {loaded.unexpected_keys})")
+        return model.eval(), cfg, source.config_dir
     cfg = read_config(path)
     name = model_class(cfg, path)
     try:
         model = getattr(transformers, name).from_pretrained(path, dtype=torch.float32)
     except (OSError, RuntimeError, ValueError) as err:
         raise GrowthError(f"{path}: could not load the model ({str(err).splitlines()[0]})") from None
-    return model.eval(), cfg
+    return model.eval(), cfg, path
 
 
 def sample_inputs(path: Path, cfg: dict, text: str | None) -> torch.Tensor:
@@ -70,12 +84,12 @@ def differences(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 def compare(src: str | Path, grown: str | Path, text: str | None = None) -> dict[str, dict[str, float]]:
     src, grown = resolve(src), resolve(grown)
-    src_model, src_cfg = load_model(src)
-    grown_model, _ = load_model(grown)
+    src_model, src_cfg, src_files = load_model(src)
+    grown_model, _, _ = load_model(grown)
     if type(src_model) is not type(grown_model):
         raise GrowthError(f"{type(src_model).__name__} vs {type(grown_model).__name__}: not the same architecture")
     hidden = src_model.config.hidden_size
-    ids = sample_inputs(src, src_cfg, text)
+    ids = sample_inputs(src_files, src_cfg, text)
     a, b = outputs(src_model, ids, hidden), outputs(grown_model, ids, hidden)
     return {k: differences(a[k], b[k]) for k in a}
 
