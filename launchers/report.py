@@ -166,6 +166,7 @@ def method_summary(rows: list[dict]) -> dict:
     reached = [r for r in rows if r["reached"]]
     return {
         "runs": len(rows), "reached": len(reached),
+        "final_val_loss": stats([r["final_val_loss"] for r in rows]),  # every run: the loss at equal budget
         **{key: stats([r[key] for r in reached])
            for key in ("flops_to_target", "seconds_to_target", "saving", "saving_with_source")},
     }
@@ -242,14 +243,15 @@ def markdown(report: dict) -> str:
                                           "(mean over its runs that reached it)." if baseline_ok else
                                           "no baseline run reached the target (or none was given): no savings."),
         "- Saving: 1 - FLOPs / baseline FLOPs; incl. source cost adds the source model's own pretraining "
-        "FLOPs (`training.json` in `model.grow_from`).", "",
-        "| method | runs | reached | FLOPs to target | wall-clock to target | saving vs baseline | "
+        "FLOPs (`training.json` in `model.grow_from`).",
+        "- Final val loss: each run's last validation loss (every run of the method, same step budget).", "",
+        "| method | runs | reached | final val loss | FLOPs to target | wall-clock to target | saving vs baseline | "
         "saving incl. source cost |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for label, m in report["methods"].items():
-        reached = f"{m['reached']} of {m['runs']}"
+        reached = f"{m['reached']} of {m['runs']} | {fmt_stat(m['final_val_loss'], '{:.4f}'.format, m['runs'])}"
         if m["reached"] == 0:
             lines.append(f"| {label} | {m['runs']} | {reached} | did not reach the target | – | – | – |")
             continue

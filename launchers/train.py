@@ -190,7 +190,9 @@ class Trainer:
             megatron.initialize(recipe.parallel.tensor)
             self.mpu = megatron.DeepSpeedMPU()
             self.dp_rank, self.dp_world = self.mpu.get_data_parallel_rank(), self.mpu.get_data_parallel_world_size()
-        local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        # processes on this node: torchrun and slurm/entrypoint.sh say LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if self.cpu:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         else:

@@ -158,7 +158,11 @@ def test_report_arithmetic_against_the_scalars_written(runs, tmp_path, capsys):
     assert f"{target:.4f}" in md and "trailing mean over the last 3" in md
     method_rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     assert "did not reach the target" in method_rows["direct"]
-    assert not any(ch.isdigit() for cell in method_rows["direct"].split("|")[4:] for ch in cell)
+    assert not any(ch.isdigit() for cell in method_rows["direct"].split("|")[5:] for ch in cell)
+    finals = [CURVES["aki"][s][-1] for s in (0, 1)]
+    assert m["aki"]["final_val_loss"]["mean"] == pytest.approx(statistics.mean(finals), rel=1e-6)
+    assert f"| {statistics.mean(finals):.4f} ± {statistics.stdev(finals):.4f} |" in method_rows["aki"]
+    assert f"| {CURVES['direct'][0][-1]:.4f} |" in method_rows["direct"]  # a run that missed the target has one too
     assert "1 of 2 runs reached it" in md
     assert "unknown" in method_rows["fpi"]
     assert f"{statistics.mean(h[1] for h in aki):.2e}" in method_rows["aki"]
