@@ -251,15 +251,16 @@ def markdown(report: dict) -> str:
     ]
     notes = []
     for label, m in report["methods"].items():
-        reached = f"{m['reached']} of {m['runs']} | {fmt_stat(m['final_val_loss'], '{:.4f}'.format, m['runs'])}"
+        head = (f"| {label} | {m['runs']} | {m['reached']} of {m['runs']} | "
+                f"{fmt_stat(m['final_val_loss'], '{:.4f}'.format, m['runs'])} |")  # the cells every method has
         if m["reached"] == 0:
-            lines.append(f"| {label} | {m['runs']} | {reached} | did not reach the target | – | – | – |")
+            lines.append(f"{head} did not reach the target | – | – | – |")
             continue
         if m["reached"] < m["runs"]:
             notes.append(f"- `{label}`: {m['reached']} of {m['runs']} runs reached it; statistics over those.")
         n = m["reached"]
         seconds = fmt_stat(m["seconds_to_target"], fmt_seconds, n) if m["seconds_to_target"] else "unknown"
-        lines.append(f"| {label} | {m['runs']} | {reached} | {fmt_stat(m['flops_to_target'], fmt_flops, n)} | "
+        lines.append(f"{head} {fmt_stat(m['flops_to_target'], fmt_flops, n)} | "
                      f"{seconds} | {saving_cell(m['saving'], baseline_ok, n)} | "
                      f"{saving_cell(m['saving_with_source'], baseline_ok, n, source=True)} |")
     lines += ["", *notes, *([""] if notes else []),
