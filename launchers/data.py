@@ -124,8 +124,7 @@ def train_tokenizer(texts, kind: str, vocab_size: int):
         tok.train_from_iterator(texts, trainer=trainer)
         # The trainer numbers its vocabulary in hash-map order, new in every process (tokenizers#1794):
         # renumber it, special tokens first and the rest sorted, so the ids depend only on the tokens
-        # learned. (Which tokens it learns can still change on tied merge counts; on the demo corpus
-        # at 2,048 they did not in 5 trainings.)
+        # learned. (Which tokens it learns can still change on tied merge counts.)
         learned = sorted(set(tok.get_vocab()) - set(BERT_SPECIALS))
         tok.model = models.WordPiece({t: i for i, t in enumerate(BERT_SPECIALS + learned)}, unk_token="[UNK]")
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
