@@ -1,5 +1,6 @@
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,13 +76,20 @@ def ids():
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def remove_deepspeed_shm_buffers():
+SHM = Path("/dev/shm")
+
+
+def pytest_sessionstart(session):
     """DeepSpeed's CPU shared-memory all-reduce leaves a 64 MiB /dev/shm file per rank and launch
-    (deepspeed/ops/csrc/cpu/comm/shm.cpp never unlinks it): remove those this session created."""
-    from pathlib import Path
-    shm = Path("/dev/shm")
-    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
-    yield
-    for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
-        path.unlink(missing_ok=True)
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp never unlinks it): remember those there before the tests.
+    Only the main process does this: pytest-xdist's workers run beside each other, and one must not
+    remove the buffers of another's live launch."""
+    if not hasattr(session.config, "workerinput"):
+        session.config.shm_before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
+
+
+def pytest_sessionfinish(session):
+    """... and remove those the test session created, once every worker has finished."""
+    if not hasattr(session.config, "workerinput"):
+        for path in set(SHM.glob("deepspeed_allreduce_buffer_*")) - session.config.shm_before:
+            path.unlink(missing_ok=True)
