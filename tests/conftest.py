@@ -76,7 +76,8 @@ def ids():
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
 
 
-SHM = Path("/dev/shm")
+def deepspeed_shm_buffers() -> set[Path]:
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
 
 
 def pytest_sessionstart(session):
@@ -85,11 +86,11 @@ def pytest_sessionstart(session):
     Only the main process does this: pytest-xdist's workers run beside each other, and one must not
     remove the buffers of another's live launch."""
     if not hasattr(session.config, "workerinput"):
-        session.config.shm_before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
+        session.config.shm_before = deepspeed_shm_buffers()
 
 
 def pytest_sessionfinish(session):
     """... and remove those the test session created, once every worker has finished."""
     if not hasattr(session.config, "workerinput"):
-        for path in set(SHM.glob("deepspeed_allreduce_buffer_*")) - session.config.shm_before:
+        for path in deepspeed_shm_buffers() - session.config.shm_before:
             path.unlink(missing_ok=True)
