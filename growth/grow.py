@@ -12,12 +12,13 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from .errors import GrowthError
-from .maps import AxisMap, layer_axis_maps, layer_map, prefix_map
+from .maps import AxisMap, layer_axis_maps, layer_map, prefix_map, split_shares
 from .schema import Param, Schema
 from .shape import Shape, check_growable
 
 WIDTH_METHODS = ("fpi", "aki", "direct", "exact")
 DEPTH_METHODS = ("stack", "identity")
+SYMMETRY_METHODS = ("none", "split")  # split: unequal fan-in shares of the copies (LEMON), exact at step 0
 FAN_OUT_NEW_UNITS = ("a_out", "q_out", "qkv_out", "hqkv_out", "f_out")  # the axes AKI fills from layer l+1
 
 
@@ -89,9 +90,13 @@ def widen(w: torch.Tensor, axes: tuple, maps: Mapping[str, AxisMap], scaled: boo
 class Grower:
     def __init__(self, schema: Schema, source: Shape, target: Shape, width: str = "fpi",
                  depth: str = "stack", seed: int = 0, tied: bool = True, init_std: float = 0.02,
-                 shards: int = 1):
+                 shards: int = 1, symmetry: str = "none"):
         """`shards` > 1: the heads and FFN units grow within each of that many tensor-parallel
-        shards (prefix_map(..., shards)), so `grow(..., shard=r)` needs source shard r only."""
+        shards (prefix_map(..., shards)), so `grow(..., shard=r)` needs source shard r only.
+        `symmetry` 'split': the copies of every grown axis (hidden, heads, head_dim, FFN) get
+        unequal fan-in shares (maps.split_shares, drawn from seed + 2 after the maps, so the maps
+        are those of 'none'): still exact where 'none' is, but a unit and its copy get different
+        gradients from the first step."""
         if width not in WIDTH_METHODS:
             raise GrowthError(f"unknown width method {width!r}: choose one of {WIDTH_METHODS}")
         if depth not in DEPTH_METHODS:
@@ -101,6 +106,11 @@ class Grower:
             raise GrowthError(f"--depth identity is exact only for pre-LayerNorm models; "
                               f"{schema.model_type} is post-LN, where a block with zero output "
                               "projections still applies its LayerNorm. Use --depth stack")
+        if symmetry not in SYMMETRY_METHODS:
+            raise GrowthError(f"unknown symmetry breaking {symmetry!r}: choose one of {SYMMETRY_METHODS}")
+        if symmetry != "none" and width == "direct":
+            raise GrowthError("--break-symmetry applies to copied units; --width direct initialises new units "
+                              "randomly and copies none: use --break-symmetry none")
         if width == "exact" and target.hidden % source.hidden:
             raise GrowthError(f"--width exact needs an integer hidden ratio so that LayerNorm "
                               f"statistics are unchanged; {source.hidden} -> {target.hidden} is not. "
@@ -110,6 +120,7 @@ class Grower:
             raise GrowthError("--width direct is not available for tensor-parallel checkpoints; "
                               "use exact, fpi or aki")
         self.width, self.depth, self.seed, self.tied, self.init_std = width, depth, seed, tied, init_std
+        self.symmetry = symmetry
         self.shards = shards
         self.order = layer_map(source.layers, target.layers)
 
@@ -119,12 +130,14 @@ class Grower:
         if width == "direct":
             self.layer_maps = [_direct_maps(source, target)] * source.layers
         else:
-            self.layer_maps = [
-                layer_axis_maps(self.hidden,
-                                prefix_map(source.heads, target.heads, kind, gen, shards),
-                                prefix_map(source.head_dim, target.head_dim, kind, gen),
-                                prefix_map(source.ffn, target.ffn, kind, gen, shards))
-                for _ in range(source.layers)]
+            per_layer = [(prefix_map(source.heads, target.heads, kind, gen, shards),
+                          prefix_map(source.head_dim, target.head_dim, kind, gen),
+                          prefix_map(source.ffn, target.ffn, kind, gen, shards)) for _ in range(source.layers)]
+            if symmetry == "split":
+                split = torch.Generator().manual_seed(seed + 2)
+                self.hidden = split_shares(self.hidden, split)
+                per_layer = [tuple(split_shares(m, split) for m in maps) for maps in per_layer]
+            self.layer_maps = [layer_axis_maps(self.hidden, *maps) for maps in per_layer]
         self.init_gen = torch.Generator().manual_seed(seed + 1)
         self._last = (None, None)  # grow(): the last source tensor grown, reused by its stacked copies
 
@@ -151,9 +164,9 @@ class Grower:
         return {
             "architecture": self.schema.model_type,
             "source_shape": vars_of(self.source), "target_shape": vars_of(self.target),
-            "width": self.width, "depth": self.depth, "seed": self.seed,
-            "tied_output": ("tied: the LayerNorm feeding the output embedding is divided by the "
-                            "hidden copy counts" if self.tied else "untied or no output layer"),
+            "width": self.width, "depth": self.depth, "seed": self.seed, "symmetry": self.symmetry,
+            "tied_output": ("tied: the LayerNorm feeding the output embedding is multiplied by the "
+                            "hidden copies' shares" if self.tied else "untied or no output layer"),
             "layer_map": self.order,
             "hidden_map": self.hidden.index.tolist(),
             "exact": exact, "exact_reason": why,
@@ -191,7 +204,7 @@ class Grower:
                         upper = get(self.schema.at_layer(name, layer, layer + 1))
                         out.index_copy_(dim, new, widen(upper, param.axes, only_new, moment=moment))
         if self.tied and param.kind.startswith("head_norm"):
-            extra = 1.0 / self.hidden.counts  # an extra weight scale, so a moment gets its inverse power
+            extra = self.hidden.share  # an extra weight scale, so a moment gets its inverse power
             out = _scale(out, 0, extra if moment == 0 else extra ** -moment)
         return out
 
@@ -266,7 +279,7 @@ def _direct_maps(source: Shape, target: Shape) -> dict[str, AxisMap]:
         return AxisMap(m.index, None, m.is_new, torch.ones(large, dtype=torch.float64))
     h, f = block(source.hidden, target.hidden), block(source.ffn, target.ffn)
     qkv = AxisMap(torch.cat([h.index + k * source.hidden for k in range(3)]), None, h.is_new.repeat(3),
-                  h.counts.repeat(3))
+                  h.share.repeat(3))
     return {"h_out": h, "h_in": h, "a_out": h, "q_out": h, "a_in": h, "qkv_out": qkv,
             "f_out": f, "f_in": f}
 

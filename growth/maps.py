@@ -21,6 +21,13 @@ from .errors import GrowthError
 class IndexMap:
     index: torch.Tensor   # [large] int64: source unit of each target unit
     small: int
+    shares: torch.Tensor | None = None  # [large] float64: each copy's share (split_shares); None: equal, 1/C
+
+    @property
+    def share(self) -> torch.Tensor:
+        """Each target unit's share of its source unit: the fan-in coefficient of the copy, positive
+        and summing to 1 over the copies of a source unit; 1/C(g(i)) unless split."""
+        return 1.0 / self.counts if self.shares is None else self.shares
 
     @property
     def large(self) -> int:
@@ -67,19 +74,30 @@ def prefix_map(small: int, large: int, kind: str, gen: torch.Generator, shards: 
     return IndexMap(torch.cat([torch.arange(small), new]), small)
 
 
+def split_shares(m: IndexMap, gen: torch.Generator, spread: float = 0.5) -> IndexMap:
+    """LEMON-style symmetry breaking: unequal positive shares for the copies of each source unit,
+    proportional to 1 + spread x u with u uniform in [-1, 1] and summing to 1 over the copies, so
+    a fan-in that reads the copies with these coefficients still computes the source's function
+    exactly while each copy gets a different gradient. A unit with one copy keeps share 1."""
+    raw = 1.0 + spread * (2.0 * torch.rand(m.large, generator=gen, dtype=torch.float64) - 1.0)
+    total = torch.zeros(m.small, dtype=torch.float64).index_add_(0, m.index, raw)
+    return dataclasses.replace(m, shares=raw / total[m.index])
+
+
 @dataclasses.dataclass(frozen=True)
 class AxisMap:
-    """How one tensor axis is grown: gather `index`, multiply by `scale` (None = 1); `counts`
-    is C(g(i)), the number of copies of each unit's source unit; `is_new` marks the target units
-    that AKI/DirectCopy fill differently."""
+    """How one tensor axis is grown: gather `index`, multiply by `scale` (None = 1); `share` is
+    the fraction of its source unit's gradient each target unit gets when the growth preserves the
+    function (1/C(g(i)) for equal copies, IndexMap.share); `is_new` marks the target units that
+    AKI/DirectCopy fill differently."""
     index: torch.Tensor
     scale: torch.Tensor | None
     is_new: torch.Tensor
-    counts: torch.Tensor
+    share: torch.Tensor
 
     def subset(self, rows: torch.Tensor) -> "AxisMap":
         return AxisMap(self.index[rows], None if self.scale is None else self.scale[rows], self.is_new[rows],
-                       self.counts[rows])
+                       self.share[rows])
 
     def shard(self, rank: int, shards: int, source_size: int) -> "AxisMap":
         """The rows of target shard `rank` of `shards`, indexing into source shard `rank` (whose
@@ -92,56 +110,57 @@ class AxisMap:
 
     def factor(self, moment: int = 0) -> torch.Tensor | None:
         """What a grown tensor is multiplied by along this axis: the weight's scale (moment 0), or
-        for Adam's moments (1: exp_avg, 2: exp_avg_sq) the power of 1 / (scale x copies).
+        for Adam's moments (1: exp_avg, 2: exp_avg_sq) the power of share / scale.
 
-        Why: when the growth preserves the function for every value of the source weights, the
-        gradient of the source weight is the sum over its copies of scale x (gradient of the copy),
-        and the copies are interchangeable, so each copy's gradient is the source's divided by
-        scale x copies. A fan-out copy (scale 1) gets 1/C of the gradient; a fan-in copy (scale 1/C)
-        gets all of it. exp_avg follows the gradient, exp_avg_sq its square."""
+        Why: when the growth preserves the function for every value of the source weights, a copy
+        on a fan-out axis (scale 1) feeds consumers that read it with its share, so its gradient is
+        the source's times the share (1/C for equal copies); a copy on a fan-in axis (scale = share)
+        sees the same input as its source unit, so its gradient is the source's (share / scale = 1).
+        exp_avg follows the gradient, exp_avg_sq its square."""
         if moment == 0:
             return self.scale
-        return (1.0 / (self.counts if self.scale is None else self.scale * self.counts)) ** moment
+        return (self.share if self.scale is None else self.share / self.scale) ** moment
 
 
 def attention_map(heads: IndexMap, head_dim: IndexMap) -> IndexMap:
     """Composite map over the flat attention axis (head, dim) -> source (g_h(head), g_d(dim))."""
     index = (heads.index[:, None] * head_dim.small + head_dim.index[None, :]).reshape(-1)
-    return IndexMap(index, heads.small * head_dim.small)
+    split = heads.shares is not None or head_dim.shares is not None
+    return IndexMap(index, heads.small * head_dim.small,
+                    (heads.share[:, None] * head_dim.share[None, :]).reshape(-1) if split else None)
 
 
 def layer_axis_maps(hidden: IndexMap, heads: IndexMap, head_dim: IndexMap,
                     ffn: IndexMap) -> dict[str, AxisMap]:
     """The axis roles of the schema, resolved for one layer.
 
-    fan-out ('*_out'): copy rows.  fan-in ('*_in'): copy and divide by C(g(i)).
-    'q_out' also compensates head_dim growth: q.k sums over the copies of each dim, so
-    the query copies are divided by their count, and the 1/sqrt(head_dim) the target
+    fan-out ('*_out'): copy rows.  fan-in ('*_in'): copy and multiply by the copy's share
+    (1/C(g(i)) for equal copies). 'q_out' also compensates head_dim growth: q.k sums over the
+    copies of each dim, so the query copies are multiplied by their share, and the 1/sqrt(head_dim) the target
     applies is undone by sqrt(d_t / d_s).
     """
     attn = attention_map(heads, head_dim)
     new_head = heads.is_new[:, None].expand(heads.large, head_dim.large).reshape(-1)
-    dim_counts = head_dim.counts.repeat(heads.large)
-    q_scale = math.sqrt(head_dim.large / head_dim.small) / dim_counts
+    q_scale = math.sqrt(head_dim.large / head_dim.small) * head_dim.share.repeat(heads.large)
     ones = torch.ones(attn.large, dtype=torch.float64)
     a_small = attn.small
-    h_counts, a_counts, f_counts = hidden.counts, attn.counts, ffn.counts
+    h_share, a_share, f_share = hidden.share, attn.share, ffn.share
     return {
-        "h_out": AxisMap(hidden.index, None, hidden.is_new, h_counts),
-        "h_in": AxisMap(hidden.index, 1.0 / h_counts, hidden.is_new, h_counts),
-        "a_out": AxisMap(attn.index, None, new_head, a_counts),
-        "q_out": AxisMap(attn.index, q_scale, new_head, a_counts),
-        "a_in": AxisMap(attn.index, 1.0 / a_counts, new_head, a_counts),
+        "h_out": AxisMap(hidden.index, None, hidden.is_new, h_share),
+        "h_in": AxisMap(hidden.index, h_share, hidden.is_new, h_share),
+        "a_out": AxisMap(attn.index, None, new_head, a_share),
+        "q_out": AxisMap(attn.index, q_scale, new_head, a_share),
+        "a_in": AxisMap(attn.index, a_share, new_head, a_share),
         "qkv_out": AxisMap(torch.cat([attn.index, attn.index + a_small, attn.index + 2 * a_small]),
-                           torch.cat([q_scale, ones, ones]), new_head.repeat(3), a_counts.repeat(3)),
-        "hqkv_out": _head_major_qkv(heads, head_dim, q_scale, new_head, a_counts),
-        "f_out": AxisMap(ffn.index, None, ffn.is_new, f_counts),
-        "f_in": AxisMap(ffn.index, 1.0 / f_counts, ffn.is_new, f_counts),
+                           torch.cat([q_scale, ones, ones]), new_head.repeat(3), a_share.repeat(3)),
+        "hqkv_out": _head_major_qkv(heads, head_dim, q_scale, new_head, a_share),
+        "f_out": AxisMap(ffn.index, None, ffn.is_new, f_share),
+        "f_in": AxisMap(ffn.index, f_share, ffn.is_new, f_share),
     }
 
 
 def _head_major_qkv(heads: IndexMap, head_dim: IndexMap, q_scale: torch.Tensor, new_head: torch.Tensor,
-                    counts: torch.Tensor) -> AxisMap:
+                    share: torch.Tensor) -> AxisMap:
     """megatron-core's fused QKV rows [head, (q, k, v), dim] (multi-head attention: one query
     group per head): target row (j, p, d) takes source row (g_h(j), p, g_d(d)); the query part
     gets the query scale."""
@@ -150,7 +169,7 @@ def _head_major_qkv(heads: IndexMap, head_dim: IndexMap, q_scale: torch.Tensor, 
     per_part = lambda t: t.view(ht, 1, dt).expand(ht, 3, dt)  # noqa: E731
     scale = torch.stack([q_scale.view(ht, dt), torch.ones(ht, dt, dtype=torch.float64),
                          torch.ones(ht, dt, dtype=torch.float64)], dim=1)
-    return AxisMap(index.reshape(-1), scale.reshape(-1), per_part(new_head).reshape(-1), per_part(counts).reshape(-1))
+    return AxisMap(index.reshape(-1), scale.reshape(-1), per_part(new_head).reshape(-1), per_part(share).reshape(-1))
 
 
 def layer_map(source_layers: int, target_layers: int) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from growth import DEPTH_METHODS, PRESETS, WIDTH_METHODS, GrowthError
+from growth import DEPTH_METHODS, PRESETS, SYMMETRY_METHODS, WIDTH_METHODS, GrowthError
 
 from .config import RecipeError
 
@@ -14,7 +14,8 @@ def cmd_grow(args) -> int:
     from growth.adapters import megatron
     from growth.adapters.deepspeed import grow_checkpoint, is_checkpoint
     from growth.adapters.hf import grow_directory
-    common = dict(width=args.width, depth=args.depth, seed=args.seed, overwrite=args.overwrite)
+    common = dict(width=args.width, depth=args.depth, seed=args.seed, symmetry=args.break_symmetry,
+                  overwrite=args.overwrite)
     if args.tp is not None and args.tp < 1:
         raise GrowthError(f"--tp {args.tp}: must be a positive integer")
     if megatron.open_source(args.src) is not None:
@@ -101,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--width", choices=WIDTH_METHODS, default="aki")
     g.add_argument("--depth", choices=DEPTH_METHODS, default="stack")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--break-symmetry", choices=SYMMETRY_METHODS, default="none",
+                   help="split: unequal fan-in shares of the copied units (LEMON), exact at initialisation, so "
+                        "a unit and its copy get different gradients (default: none)")
     g.add_argument("--optimizer", choices=("reset", "grow"),
                    help="DeepSpeed source: Adam moments grown with the weights and step kept (grow), or "
                         "fresh moments and step 0 (reset, the default)")

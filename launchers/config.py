@@ -35,6 +35,7 @@ class GrowthConfig:
     width: str = "aki"  # fpi | aki | direct | exact (b2b grow --width)
     depth: str = "stack"  # stack | identity (b2b grow --depth)
     seed: int = 0
+    symmetry: str = "none"  # none | split (b2b grow --break-symmetry)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class OptimConfig:
     warmup_steps: int = 1  # linear from the floor; step 1 runs at the floor (as HF schedules)
     schedule: str = "linear"  # linear decay, cosine decay or constant after warmup
     min_lr_ratio: float = 0.0  # the floor as a fraction of lr (linear: warmup starts there too)
+    decay_steps: int | None = None  # linear/cosine: the decay reaches the floor at this step, then stays (default train.steps)
     grad_clip: float = 1.0
 
 
@@ -100,6 +102,9 @@ class TrainConfig:
     precision: str = "fp32"
     eval_every: int = 50
     eval_batches: int = 4
+    eval_at_start: bool = True  # validate the starting model at step 0 (a fresh run: not on resume)
+    eval_early_every: int = 0  # also validate every N steps up to train.eval_early_until (the early curve; 0: off)
+    eval_early_until: int = 0
     stop_at: int | None = None  # checkpoint and stop after this step, as if preempted
 
 
@@ -155,6 +160,7 @@ class LoggingConfig:
 class Recipe:
     name: str = "run"
     method: str | None = None  # the label `b2b report` groups runs by (default: name)
+    setting: str | None = None  # the swept keys of this run (`b2b run`'s sweep), e.g. "optim.lr=0.002"
     out_dir: str | None = None  # default runs/<name>
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -369,7 +375,7 @@ def resolve_model(recipe: Recipe) -> None:
                  "required (or set model.init_from to a grown model directory)")
     if start is None:
         return
-    from growth import WIDTH_METHODS, DEPTH_METHODS, check_growable
+    from growth import DEPTH_METHODS, SYMMETRY_METHODS, WIDTH_METHODS, check_growable
     from growth.adapters.hf import read_config, resolve
     from growth.shape import shape_from_config
     key = "model.init_from" if m.init_from else "model.grow_from"
@@ -379,6 +385,10 @@ def resolve_model(recipe: Recipe) -> None:
         if m.grow_from:
             _require(m.growth.width in WIDTH_METHODS, "model.growth.width", f"use one of {', '.join(WIDTH_METHODS)}")
             _require(m.growth.depth in DEPTH_METHODS, "model.growth.depth", f"use one of {', '.join(DEPTH_METHODS)}")
+            _require(m.growth.symmetry in SYMMETRY_METHODS, "model.growth.symmetry",
+                     f"use one of {', '.join(SYMMETRY_METHODS)}")
+            _require(m.growth.symmetry == "none" or m.growth.width != "direct", "model.growth.symmetry",
+                     "split applies to copied units, and width direct copies none: set it to none")
             check_growable(shape, Shape(m.layers, m.hidden, m.heads, m.ffn))
     except GrowthError as err:
         raise RecipeError(f"{key}: {err}") from None
@@ -430,6 +440,10 @@ def validate(recipe: Recipe) -> Recipe:
     _require(o.schedule != "cosine" or o.warmup_steps >= 2, "optim.warmup_steps",
              "DeepSpeed's WarmupCosineLR needs at least 2 warmup steps: set 2 or more, or another optim.schedule")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(o.decay_steps is None or o.schedule != "constant", "optim.decay_steps",
+             "a constant schedule does not decay: remove the key or choose optim.schedule linear or cosine")
+    _require(o.decay_steps is None or o.decay_steps > o.warmup_steps, "optim.decay_steps",
+             f"{o.decay_steps}: must be greater than optim.warmup_steps ({o.warmup_steps})")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
     _require(b.micro >= 1, "batch.micro", "must be >= 1")
     _require(b.accum is None or b.accum >= 1, "batch.accum", "must be >= 1")
@@ -439,6 +453,8 @@ def validate(recipe: Recipe) -> Recipe:
     _require(t.precision in PRECISIONS, "train.precision", f"{t.precision!r}: use one of {', '.join(PRECISIONS)}")
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
     _require(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
+    _require(t.eval_early_every >= 0, "train.eval_early_every", "must be >= 0 (0: off)")
+    _require(t.eval_early_until >= 0, "train.eval_early_until", "must be >= 0")
     _require(t.stop_at is None or 1 <= t.stop_at <= t.steps, "train.stop_at", "must be in [1, train.steps]")
     s1 = recipe.stage1
     _require(0 <= s1.steps <= t.steps, "stage1.steps", f"{s1.steps}: must be in [0, train.steps]")
@@ -537,15 +553,16 @@ def deepspeed_config(recipe: Recipe, world: int, cpu: bool, load_universal: bool
     """The DeepSpeed JSON for this recipe at this data-parallel size; `load_universal` for an engine
     that loads a universal checkpoint (a grown one, see growth/adapters/deepspeed.py)."""
     o, t = recipe.optim, recipe.train
+    decay_end = o.decay_steps or t.steps
     warmup = dict(warmup_num_steps=o.warmup_steps, warmup_type="linear")
     if o.schedule == "constant":
         scheduler = {"type": "WarmupLR", "params": {**warmup, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr}}
     elif o.schedule == "linear":
         scheduler = {"type": "WarmupDecayLR", "params": {**warmup, "warmup_min_lr": o.lr * o.min_lr_ratio,
-                                                         "warmup_max_lr": o.lr, "total_num_steps": t.steps}}
+                                                         "warmup_max_lr": o.lr, "total_num_steps": decay_end}}
     else:
         scheduler = {"type": "WarmupCosineLR", "params": {**warmup, "warmup_min_ratio": 0.0,
-                                                          "cos_min_ratio": o.min_lr_ratio, "total_num_steps": t.steps}}
+                                                          "cos_min_ratio": o.min_lr_ratio, "total_num_steps": decay_end}}
     config = {
         "train_batch_size": fit_world(recipe, world),
         "train_micro_batch_size_per_gpu": recipe.batch.micro,

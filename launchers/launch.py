@@ -85,7 +85,7 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
     if m.grow_from and (resume == "none" or not (recipe.start_model / "growth.json").is_file()):
         from growth.adapters.hf import grow_directory
         grow_directory(m.grow_from, recipe.start_model, str(recipe.shape), width=m.growth.width,
-                       depth=m.growth.depth, seed=m.growth.seed, overwrite=True)
+                       depth=m.growth.depth, seed=m.growth.seed, symmetry=m.growth.symmetry, overwrite=True)
     (run_dir / "recipe.yaml").write_text(config.dump(recipe))
     (run_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2))
     status = run_dir / "status.json"

@@ -5,11 +5,19 @@ TensorBoard scalars, and smooths the validation-loss curve with a trailing movin
 the last K evaluations (fewer at the start of the curve). The target loss is `--target`, or the
 highest of the baseline runs' final smoothed validation losses (one run per seed), the loss
 every baseline run reaches, so that the baseline's FLOPs average over all its seeds. A run reaches
-the target at the first evaluation step whose smoothed loss is <= the target; its FLOPs and
-wall-clock to target are `train/flops` and `time/train_seconds` at that step.
+the target between the last evaluation whose smoothed loss is above it and the first at or below
+it; its FLOPs and wall-clock to target are `train/flops` and `time/train_seconds` interpolated
+linearly between those two evaluations, where the straight line between their smoothed losses
+meets the target (so they are not quantised to the evaluation interval). A run that starts at or
+below the target (step 0, `train.eval_at_start`) reaches it with 0 FLOPs.
+
+Sweeps (`b2b run` with `sweep:`): runs carry a `setting` (the swept recipe keys). Each method is
+ranked at its best setting: the lowest mean final smoothed validation loss over the seeds that
+every setting of the method ran. The baseline at its best setting sets the target; the other
+settings appear in a sweep table against the same target.
 
 Savings are against F_baseline, the mean FLOPs to target of the baseline's runs that reached it:
-`1 - F_run / F_baseline`, and with the source model's own pretraining cost counted,
+`1 - F_run / F_baseline`, paired by seed (against the baseline run of the same seed), and with the source model's own pretraining cost counted,
 `1 - (F_run + F_source) / F_baseline`, where F_source is the `flops` of `training.json` in the
 run's `model.grow_from` directory (relative to the current directory, as in the recipe; 0 for
 the baseline and for runs not grown; unknown, and reported as such, when the file is missing). Per method: runs, how many reached the target, and
@@ -42,6 +50,7 @@ class Run:
     path: Path
     name: str
     method: str
+    setting: str | None  # the swept keys (`b2b run`'s sweep), None when the method was not swept
     seed: int
     grow_from: str | None
     state: str | None  # status.json's state: finished, stopped, or None when absent
@@ -116,7 +125,8 @@ def read_run(run_dir: Path, k: int, baseline: str) -> Run:
         raise RecipeError(f"{run_dir / 'recipe.yaml'}: seed: expected an integer, got {seed!r}")
     grow_from = (recipe.get("model") or {}).get("grow_from")
     losses = [val[s] for s in steps]
-    return Run(path=run_dir, name=name, method=method, seed=seed,
+    setting = recipe.get("setting")
+    return Run(path=run_dir, name=name, method=method, setting=None if setting is None else str(setting), seed=seed,
                grow_from=grow_from, state=run_state(run_dir), steps=steps, val=losses, smoothed=smooth(losses, k),
                flops=[flops[s] for s in steps], seconds=[seconds.get(s) for s in steps],
                source_flops=0.0 if method == baseline else source_cost(grow_from))
@@ -125,9 +135,49 @@ def read_run(run_dir: Path, k: int, baseline: str) -> Run:
 # ---------------------------------------------------------------- arithmetic
 
 
-def crossing(run: Run, target: float) -> int | None:
-    """Index of the first evaluation whose smoothed loss is <= target, or None."""
-    return next((i for i, loss in enumerate(run.smoothed) if loss <= target), None)
+def crossing(run: Run, target: float) -> tuple[int, float] | None:
+    """Where the smoothed curve first reaches the target: (i, t) with i the first evaluation whose
+    smoothed loss is <= target and t the fraction of the interval from evaluation i - 1 to i at which
+    the straight line between their smoothed losses meets the target (t = 1 when i is the first
+    evaluation); None when it never does."""
+    i = next((i for i, loss in enumerate(run.smoothed) if loss <= target), None)
+    if i is None:
+        return None
+    if i == 0:
+        return 0, 1.0
+    before, at = run.smoothed[i - 1], run.smoothed[i]
+    return i, (before - target) / (before - at)
+
+
+def at_crossing(values: list, hit: tuple[int, float]) -> float | None:
+    """A cumulative counter (FLOPs, seconds, step) at the crossing, interpolated linearly between
+    the two evaluations; None when a value is missing."""
+    i, t = hit
+    if i == 0:
+        return values[0]
+    if values[i - 1] is None or values[i] is None:
+        return None
+    return values[i - 1] + t * (values[i] - values[i - 1])
+
+
+def setting_scores(runs: list[Run]) -> dict[str, dict[str | None, float]]:
+    """method -> setting -> its score: the mean final smoothed validation loss over the seeds that
+    every setting of the method ran (all of each setting's seeds when they share none); every run
+    has the same step budget. The settings keep the order in which the runs were given."""
+    scores = {}
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = [r for r in runs if r.method == method]
+        settings = list(dict.fromkeys(r.setting for r in mine))
+        common = set.intersection(*({r.seed for r in mine if r.setting == s} for s in settings))
+        scores[method] = {s: statistics.fmean(r.smoothed[-1] for r in mine
+                                              if r.setting == s and (not common or r.seed in common))
+                          for s in settings}
+    return scores
+
+
+def best_settings(runs: list[Run]) -> dict[str, str | None]:
+    """Each method's best setting: the lowest score (setting_scores); a tie goes to the one given first."""
+    return {method: min(scores, key=scores.get) for method, scores in setting_scores(runs).items()}
 
 
 def saving(flops: float | None, baseline_flops: float | None) -> float | None:
@@ -144,36 +194,51 @@ def stats(values: list[float | None]) -> dict | None:
             "min": min(values), "max": max(values)}
 
 
-def run_row(run: Run, target: float, baseline_flops: float | None) -> dict:
-    i = crossing(run, target)
-    flops = run.flops[i] if i is not None else None
+def run_row(run: Run, target: float, baseline_flops: float | None, paired_flops: float | None,
+            chosen: bool) -> dict:
+    """One run against the target; `paired_flops`: the baseline run of the same seed's FLOPs to target."""
+    hit = crossing(run, target)
+    flops = at_crossing(run.flops, hit) if hit else None
     with_source = flops + run.source_flops if flops is not None and run.source_flops is not None else None
     return {
-        "run_dir": str(run.path), "name": run.name, "method": run.method, "seed": run.seed,
-        "grow_from": run.grow_from, "state": run.state, "last_step": run.steps[-1],
+        "run_dir": str(run.path), "name": run.name, "method": run.method, "setting": run.setting, "chosen": chosen,
+        "seed": run.seed, "grow_from": run.grow_from, "state": run.state, "last_step": run.steps[-1],
         "final_val_loss": run.val[-1], "final_smoothed_val_loss": run.smoothed[-1],
-        "reached": i is not None,
-        "step_to_target": run.steps[i] if i is not None else None,
+        "start_val_loss": run.val[0] if run.steps[0] == 0 else None,
+        # how far the validation loss rises above the starting model's (step 0) before it falls
+        "rise_above_start": max(run.val[1:]) - run.val[0] if run.steps[0] == 0 and len(run.val) > 1 else None,
+        "reached": hit is not None,
+        "step_to_target": at_crossing(run.steps, hit) if hit else None,
         "flops_to_target": flops,
-        "seconds_to_target": run.seconds[i] if i is not None else None,
+        "seconds_to_target": at_crossing(run.seconds, hit) if hit else None,
         "source_flops": run.source_flops,
         "saving": saving(flops, baseline_flops),
+        "paired_saving": saving(flops, paired_flops),
         "saving_with_source": saving(with_source, baseline_flops),
     }
 
 
 def method_summary(rows: list[dict]) -> dict:
     reached = [r for r in rows if r["reached"]]
+    rises = [r["rise_above_start"] for r in rows if r["rise_above_start"] is not None]
     return {
-        "runs": len(rows), "reached": len(reached),
+        "setting": rows[0]["setting"], "runs": len(rows), "reached": len(reached),
         "final_val_loss": stats([r["final_val_loss"] for r in rows]),  # every run: the loss at equal budget
+        "max_rise_above_start": max(rises) if rises else None,
         **{key: stats([r[key] for r in reached])
            for key in ("flops_to_target", "seconds_to_target", "saving", "saving_with_source")},
+        # paired by seed: the runs whose seed's baseline run reached the target too
+        "paired_saving": stats([r["paired_saving"] for r in reached if r["paired_saving"] is not None]),
     }
 
 
 def build_report(runs: list[Run], target: float | None, k: int, baseline: str) -> dict:
-    base = [r for r in runs if r.method == baseline]
+    """Every method at its best setting (best_settings; the only one when it was not swept): the
+    target from the baseline's runs at its best setting, then each run against it."""
+    scores = setting_scores(runs)
+    best = {method: min(s, key=s.get) for method, s in scores.items()}
+    chosen = [r for r in runs if r.setting == best[r.method]]
+    base = [r for r in chosen if r.method == baseline]
     given = target is not None
     if not given:
         if not base:
@@ -181,16 +246,22 @@ def build_report(runs: list[Run], target: float | None, k: int, baseline: str) -
                               f"(methods: {', '.join(sorted({r.method for r in runs}))}); "
                               "pass its runs, name another with --baseline, or give --target LOSS")
         target = max(r.smoothed[-1] for r in base)
-    base_flops = [r.flops[i] for r in base if (i := crossing(r, target)) is not None]
+    base_by_seed = {r.seed: at_crossing(r.flops, hit) for r in base if (hit := crossing(r, target))}
+    base_flops = list(base_by_seed.values())
     baseline_flops = statistics.fmean(base_flops) if base_flops and min(base_flops) > 0 else None
     order = [r.method for r in runs]
     labels = sorted(set(order), key=lambda m: (m != baseline, order.index(m)))  # baseline first
-    runs = sorted(runs, key=lambda r: (labels.index(r.method), r.seed))
-    rows = [run_row(r, target, baseline_flops) for r in runs]
+    runs = sorted(runs, key=lambda r: (labels.index(r.method), r.setting != best[r.method], r.seed))
+    rows = [run_row(r, target, baseline_flops, base_by_seed.get(r.seed) if baseline_flops else None,
+                    r.setting == best[r.method]) for r in runs]
+    swept = [m for m in labels if len(scores[m]) > 1]
     return {
         "target": target, "target_source": "given" if given else "baseline",
         "smooth": k, "baseline": baseline, "baseline_runs": len(base), "baseline_flops_to_target": baseline_flops,
-        "methods": {m: method_summary([row for row in rows if row["method"] == m]) for m in labels},
+        "methods": {m: method_summary([row for row in rows if row["method"] == m and row["chosen"]]) for m in labels},
+        "sweep": [{"method": m, "setting": setting, "score": score, "chosen": setting == best[m],
+                   **method_summary([row for row in rows if row["method"] == m and row["setting"] == setting])}
+                  for m in swept for setting, score in scores[m].items()],
         "runs": rows,
     }
 
@@ -228,54 +299,81 @@ def saving_cell(value, baseline_ok: bool, n: int = 1, source: bool = False) -> s
     return fmt_stat(value, fmt_pct, n) if isinstance(value, dict) else fmt_pct(value)
 
 
+def fmt_rise(x: float | None) -> str:
+    return "–" if x is None else f"{x + 0.0:+.4f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(r)} |" for r in rows)]
+
+
 def markdown(report: dict) -> str:
     k, baseline, target = report["smooth"], report["baseline"], report["target"]
     how = (f"the highest final smoothed validation loss of the baseline `{baseline}` over its "
            f"{report['baseline_runs']} run(s), which every one of them reaches" if report["target_source"] == "baseline"
            else "given with --target")
     baseline_ok = report["baseline_flops_to_target"] is not None
+    swept = bool(report["sweep"])
     lines = [
         "# Compute to target loss", "",
         f"- Target validation loss: **{target:.4f}** ({how}).",
-        f"- Smoothing: trailing mean over the last {k} evaluation(s); a run reaches the target at the first "
-        "evaluation whose smoothed loss is <= the target.",
+        f"- Smoothing: trailing mean over the last {k} evaluation(s). A run reaches the target between the "
+        "last evaluation whose smoothed loss is above it and the first at or below it; FLOPs and wall-clock to "
+        "target are interpolated linearly between those two evaluations, at the point where the straight line "
+        "between their smoothed losses meets the target.",
         f"- Baseline: `{baseline}`; " + (f"FLOPs to target {fmt_flops(report['baseline_flops_to_target'])} "
                                           "(mean over its runs that reached it)." if baseline_ok else
                                           "no baseline run reached the target (or none was given): no savings."),
-        "- Saving: 1 - FLOPs / baseline FLOPs; incl. source cost adds the source model's own pretraining "
-        "FLOPs (`training.json` in `model.grow_from`).",
-        "- Final val loss: each run's last validation loss (every run of the method, same step budget).", "",
-        "| method | runs | reached | final val loss | FLOPs to target | wall-clock to target | saving vs baseline | "
-        "saving incl. source cost |",
-        "|---|---|---|---|---|---|---|---|",
+        "- Saving: 1 - FLOPs / baseline FLOPs; paired by seed: against the baseline run of the same seed; incl. "
+        "source cost adds the source model's own pretraining FLOPs (`training.json` in `model.grow_from`).",
+        "- Final val loss: each run's last validation loss (every run of the method, same step budget). "
+        "Max rise over step 0: the most the validation loss rose above the starting model's.",
     ]
-    notes = []
+    if swept:
+        lines.append("- Sweep: each method is reported at its best setting, the one with the lowest mean final "
+                     "smoothed validation loss over the seeds that all its settings ran (the sweep table); the "
+                     "baseline's best setting sets the target.")
+    setting = ["setting"] if swept else []
+    rows, notes = [], []
     for label, m in report["methods"].items():
-        head = (f"| {label} | {m['runs']} | {m['reached']} of {m['runs']} | "
-                f"{fmt_stat(m['final_val_loss'], '{:.4f}'.format, m['runs'])} |")  # the cells every method has
+        head = [label, *([m["setting"] or "–"] if swept else []), str(m["runs"]), f"{m['reached']} of {m['runs']}",
+                fmt_stat(m["final_val_loss"], "{:.4f}".format, m["runs"]), fmt_rise(m["max_rise_above_start"])]
         if m["reached"] == 0:
-            lines.append(f"{head} did not reach the target | – | – | – |")
+            rows.append(head + ["did not reach the target", "–", "–", "–", "–"])
             continue
         if m["reached"] < m["runs"]:
             notes.append(f"- `{label}`: {m['reached']} of {m['runs']} runs reached it; statistics over those.")
         n = m["reached"]
-        seconds = fmt_stat(m["seconds_to_target"], fmt_seconds, n) if m["seconds_to_target"] else "unknown"
-        lines.append(f"{head} {fmt_stat(m['flops_to_target'], fmt_flops, n)} | "
-                     f"{seconds} | {saving_cell(m['saving'], baseline_ok, n)} | "
-                     f"{saving_cell(m['saving_with_source'], baseline_ok, n, source=True)} |")
-    lines += ["", *notes, *([""] if notes else []),
-              "| run | method | seed | final val loss | FLOPs to target | saving | saving incl. source cost |",
-              "|---|---|---|---|---|---|---|"]
+        paired = m["paired_saving"]
+        rows.append(head + [fmt_stat(m["flops_to_target"], fmt_flops, n),
+                            fmt_stat(m["seconds_to_target"], fmt_seconds, n) if m["seconds_to_target"] else "unknown",
+                            saving_cell(m["saving"], baseline_ok, n),
+                            saving_cell(paired, baseline_ok, n) if paired else "–",
+                            saving_cell(m["saving_with_source"], baseline_ok, n, source=True)])
+    lines += ["", *table(["method", *setting, "runs", "reached", "final val loss", "max rise over step 0",
+                          "FLOPs to target", "wall-clock to target", "saving vs baseline", "saving paired by seed",
+                          "saving incl. source cost"], rows), "", *notes, *([""] if notes else [])]
+    if swept:
+        rows = [[s["method"], s["setting"] or "–", str(s["runs"]), f"{s['score']:.4f}",
+                 fmt_stat(s["final_val_loss"], "{:.4f}".format, s["runs"]), f"{s['reached']} of {s['runs']}",
+                 saving_cell(s["saving"], baseline_ok, s["reached"]) if s["reached"] else "–",
+                 "yes" if s["chosen"] else ""] for s in report["sweep"]]
+        lines += ["Sweep:", "", *table(["method", "setting", "runs", "score (final smoothed val loss)",
+                                        "final val loss", "reached", "saving vs baseline", "chosen"], rows), ""]
+    rows = []
     for r in report["runs"]:
         state = f" ({r['state']} at step {r['last_step']})" if r["state"] == "stopped" else ""
         if r["reached"]:
-            flops = fmt_flops(r["flops_to_target"])
-            cells = (saving_cell(r["saving"], baseline_ok),
-                     saving_cell(r["saving_with_source"], baseline_ok, source=True))
+            cells = [fmt_flops(r["flops_to_target"]), saving_cell(r["saving"], baseline_ok),
+                     saving_cell(r["paired_saving"], baseline_ok) if r["paired_saving"] is not None else "–",
+                     saving_cell(r["saving_with_source"], baseline_ok, source=True)]
         else:
-            flops, cells = "did not reach the target", ("–", "–")
-        lines.append(f"| {r['run_dir']}{state} | {r['method']} | {r['seed']} | {r['final_val_loss']:.4f} | "
-                     f"{flops} | {cells[0]} | {cells[1]} |")
+            cells = ["did not reach the target", "–", "–", "–"]
+        mark = [f"{r['setting'] or '–'}{' (chosen)' if r['chosen'] else ''}"] if swept else []
+        rows.append([f"{r['run_dir']}{state}", r["method"], *mark, str(r["seed"]), f"{r['final_val_loss']:.4f}",
+                     fmt_rise(r["rise_above_start"]), *cells])
+    lines += table(["run", "method", *setting, "seed", "final val loss", "rise over step 0", "FLOPs to target",
+                    "saving", "saving paired by seed", "saving incl. source cost"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -290,13 +388,14 @@ def plot(runs: list[Run], report: dict, path: Path) -> None:
     ax = fig.add_subplot()
     for n, label in enumerate(report["methods"]):
         colour = f"C{n % 10}"  # matplotlib's default colour cycle
-        for j, run in enumerate(r for r in runs if r.method == label):
+        setting = report["methods"][label]["setting"]  # each method at its best setting
+        for j, run in enumerate(r for r in runs if r.method == label and r.setting == setting):
             points = [(f, v) for f, v in zip(run.flops, run.smoothed) if f > 0]
             if points:
                 ax.plot(*zip(*points), color=colour, lw=1.5, alpha=0.85, label=label if j == 0 else None)
-            i = crossing(run, report["target"])
-            if i is not None and run.flops[i] > 0:
-                ax.plot(run.flops[i], run.smoothed[i], "o", color=colour, ms=4)
+            hit = crossing(run, report["target"])
+            if hit is not None and at_crossing(run.flops, hit) > 0:
+                ax.plot(at_crossing(run.flops, hit), report["target"], "o", color=colour, ms=4)
     ax.axhline(report["target"], color="k", ls="--", lw=1, label=f"target {report['target']:.4f}")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (cumulative)")

@@ -13,13 +13,22 @@ every method shares) and the methods as differences from the target:
       scratch: {}
       fpi: {grow: fpi}                 # model.grow_from = the source's final model, growth width fpi
       bert2bert: {grow: aki, set: {stage1.steps: 150, stage1.block: 1}}
+    sweep: {optim.lr: [5.0e-4, 1.0e-3, 2.0e-3]}   # optional: every method at every combination
+    sweep_seeds: [0]                              # the settings are compared at these seeds
 
 Runs land in OUT/source and OUT/<method>-s<seed>, the report in OUT/report. A finished run is
 not run again and a stopped one is resumed, so `b2b run` can be repeated after an interruption.
+
+A sweep (the set's `sweep:`, or a method's own, which replaces it for that method) runs each
+method at every combination of the listed values at the sweep seeds (default: the first seed),
+in OUT/<method>-<setting>-s<seed> (the setting's keys by their last part, e.g. lr0.002); then
+each method's best setting (b2b report's rule, `report.best_settings`) runs at the remaining
+seeds, and the report ranks every method at its best setting.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +44,7 @@ from .config import RecipeError
 class MethodConfig:
     grow: str | None = None  # a b2b grow width method: start from the source grown to the target shape
     set: dict[str, typing.Any] = field(default_factory=dict)  # recipe keys this method changes
+    sweep: dict[str, list[typing.Any]] | None = None  # recipe key -> values to sweep (replaces the set's sweep)
 
 
 @dataclass
@@ -53,11 +63,13 @@ class RecipeSet:
     target: str = ""
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: dict[str, MethodConfig] = field(default_factory=dict)
+    sweep: dict[str, list[typing.Any]] = field(default_factory=dict)  # recipe key -> values, for every method
+    sweep_seeds: list[int] | None = None  # seeds at which the settings are compared (default: the first seed)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def load_set(path: Path) -> RecipeSet:
-    s = config.build(RecipeSet, config.read_yaml(path))
+    s = config.build(RecipeSet, config.load_raw(path))  # a set may name a base set and what differs
     here = path.resolve().parent
     if (s.source is None) == (s.source_model is None):
         raise RecipeError(f"{path}: set one of source (a recipe to pretrain) or source_model (a model directory)")
@@ -68,6 +80,11 @@ def load_set(path: Path) -> RecipeSet:
     for name, method in s.methods.items():
         if method.grow is not None and method.grow not in WIDTH_METHODS:
             raise RecipeError(f"methods.{name}.grow: {method.grow!r}: use one of {', '.join(WIDTH_METHODS)}")
+        for key, values in (s.sweep if method.sweep is None else method.sweep).items():
+            if not values:
+                raise RecipeError(f"sweep.{key}: name at least one value (methods.{name})")
+    if s.sweep_seeds is not None and not set(s.sweep_seeds) <= set(s.seeds):
+        raise RecipeError(f"sweep_seeds: {s.sweep_seeds}: every sweep seed must be one of seeds {s.seeds}")
     s.target = str(here / s.target)
     s.source = s.source and str(here / s.source)
     return s
@@ -77,10 +94,29 @@ def as_sets(values: dict) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def method_sets(s: RecipeSet, out: Path, method: str, seed: int, source_model: Path) -> list[str]:
+def settings(s: RecipeSet, method: str) -> list[dict]:
+    """Every combination of the method's swept values ([{}] when it is not swept)."""
+    sweep = s.sweep if s.methods[method].sweep is None else s.methods[method].sweep
+    return [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())]
+
+
+def setting_text(setting: dict) -> str | None:
+    """The recipe's `setting`: the swept keys, e.g. 'optim.lr=0.002'; None when not swept."""
+    return ",".join(f"{k}={v}" for k, v in setting.items()) or None
+
+
+def run_name(method: str, setting: dict, seed: int) -> str:
+    label = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in setting.items())
+    return f"{method}-{label}-s{seed}" if label else f"{method}-s{seed}"
+
+
+def method_sets(s: RecipeSet, out: Path, method: str, seed: int, source_model: Path, setting: dict) -> list[str]:
     m = s.methods[method]
-    values = {"name": f"{s.name}-{method}-s{seed}", "method": method, "seed": seed,
-              "out_dir": str(out / f"{method}-s{seed}"), **m.set}
+    name = run_name(method, setting, seed)
+    values = {"name": f"{s.name}-{name}", "method": method, "seed": seed, "out_dir": str(out / name),
+              **m.set, **setting}
+    if setting:
+        values["setting"] = setting_text(setting)
     if m.grow:
         values |= {"model.grow_from": str(source_model), "model.growth.width": m.grow}
     return as_sets(values)
@@ -107,27 +143,47 @@ def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = N
     if unknown:
         raise RecipeError(f"--methods: {unknown[0]!r} is not in {path} ({', '.join(s.methods)})")
     seeds = seeds if seeds is not None else s.seeds
+    sweep_seeds = [x for x in (s.sweep_seeds or s.seeds[:1]) if x in seeds]
     source_dir = out / "source"
     source_model = Path(s.source_model).resolve() if s.source_model else source_dir / "final"
-    # every recipe is checked before anything trains (the grown ones without their source, which may not exist yet)
+
+    def planned(method, setting, seed):
+        sets = method_sets(s, out, method, seed, source_model, setting)
+        # checked before anything trains (without the source, which may not exist yet)
+        config.load(s.target, [x for x in sets if not x.startswith("model.grow_from=")])
+        return out / run_name(method, setting, seed), sets
+
     if s.source:
         config.load(s.source, as_sets({"out_dir": str(source_dir)}))
-    plan = []
-    for seed in seeds:
-        for method in methods:
-            sets = method_sets(s, out, method, seed, source_model)
-            config.load(s.target, [x for x in sets if not x.startswith("model.grow_from=")])
-            plan.append((out / f"{method}-s{seed}", sets))
+    swept = [m for m in methods if len(settings(s, m)) > 1]
+    # first every setting of a swept method at the sweep seeds, every seed of the others
+    plan = [planned(m, setting, seed) for seed in seeds for m in methods for setting in settings(s, m)
+            if m not in swept or seed in sweep_seeds]
+    later = [seed for seed in seeds if seed not in sweep_seeds] if swept else []
+    for m in swept:  # the best settings' runs are checked too: any setting may win
+        for setting in settings(s, m):
+            for seed in later:
+                planned(m, setting, seed)
     if dry_run:
         print(f"source: {s.source or s.source_model} -> {source_model}")
         for run_dir, sets in plan:
             print(f"{run_dir.name}: b2b train {s.target} " + " ".join(f"--set '{x}'" for x in sets))
+        if later:
+            print(f"then at seeds {later}: the best setting of {', '.join(swept)} (b2b report's rule)")
         return 0
     if s.source:
         train_once(s.source, as_sets({"out_dir": str(source_dir), "method": "source"}), procs, source_dir)
     for run_dir, sets in plan:
         train_once(s.target, sets, procs, run_dir)
-    from .report import report
+    from .report import best_settings, read_run, report
     r = s.report
+    if later:
+        best = best_settings([read_run(d, r.smooth, r.baseline) for d, _ in plan])
+        for m in swept:
+            setting = next(x for x in settings(s, m) if setting_text(x) == best[m])
+            print(f"b2b run: {m}: best setting {best[m]}", flush=True)
+            for seed in later:
+                plan.append(planned(m, setting, seed))
+                train_once(s.target, plan[-1][1], procs, plan[-1][0])
     report([str(d) for d, _ in plan], target=r.target, k=r.smooth, baseline=r.baseline, out=str(out / "report"))
     return 0

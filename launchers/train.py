@@ -82,6 +82,13 @@ def plan_for(recipe: config.Recipe, step: int) -> StepPlan:
     return StepPlan(1, k * s1.block, (k - 1) * s1.block, s1.train_embeddings, s1.train_head)
 
 
+def is_eval_step(t: config.TrainConfig, step: int) -> bool:
+    """Validation steps: every eval_every steps, every eval_early_every steps up to eval_early_until,
+    and the last step (step 0, the starting model, is train.eval_at_start)."""
+    return bool((t.eval_every and step % t.eval_every == 0) or step == t.steps or
+                (t.eval_early_every and step <= t.eval_early_until and step % t.eval_early_every == 0))
+
+
 def flops_budget(recipe: config.Recipe, world: int, vocab: int, tied: bool = True) -> float:
     """Total training FLOPs of the recipe: every step's plan, as the trainer counts them."""
     tokens = config.fit_world(recipe, world) * recipe.data.seq_len
@@ -226,6 +233,7 @@ class Trainer:
             self.engine.lr_scheduler.step()
         else:
             self._load(tag)
+        self.copies = self._copy_grower()
         self.stop_signal = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
@@ -429,6 +437,36 @@ class Trainer:
                   for batch in self.data.val_batches(self.recipe.train.eval_batches)]
         return self._all_mean(sum(losses) / len(losses))
 
+    def _copy_grower(self):
+        """The growth that made the start model (its growth.json), for growth/copy_cosine/*: HF
+        models grown by copying units (not DirectCopy); None otherwise."""
+        start = self.recipe.start_model
+        manifest = start / "growth.json" if start is not None else None
+        if self.megatron or manifest is None or not manifest.is_file():
+            return None
+        from growth import GrowthError
+        from growth.copies import grower_from_manifest
+        try:
+            return grower_from_manifest(json.loads(manifest.read_text()))
+        except (GrowthError, ValueError) as err:
+            if self.rank == 0:
+                print(f"warning: no growth/copy_cosine scalars: {err}", flush=True)
+            return None
+
+    def copy_cosines(self) -> dict:
+        """growth/copy_cosine/{hidden,heads,ffn}: how alike the grown copies still are (growth/copies.py),
+        on rank 0; every rank takes part in gathering ZeRO-3's partitioned parameters."""
+        if self.copies is None:
+            return {}
+        import deepspeed
+        from growth.copies import copy_cosines
+        module = self.engine.module
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters())) \
+            if self.recipe.zero.stage == 3 else nullcontext()
+        with gather:
+            found = copy_cosines(self.copies, module.named_parameters()) if self.rank == 0 else {}
+        return {f"growth/copy_cosine/{kind}": value for kind, value in found.items()}
+
     def _should_stop(self) -> bool:
         flag = torch.tensor([self.stop_signal], dtype=torch.int64, device=self.engine.device)
         self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
@@ -440,6 +478,9 @@ class Trainer:
         last = t.stop_at or t.steps
         outcome = "finished"
         try:
+            if self.state["step"] == 0 and t.eval_at_start:  # the starting model, before any update
+                monitor.scalars(0, {"val/loss": self.evaluate(), **self.copy_cosines(), "train/tokens": 0,
+                                    "train/flops": 0.0, "time/train_seconds": 0.0})
             while self.state["step"] < last:
                 step = self.state["step"] + 1
                 plan = plan_for(r, step)
@@ -454,11 +495,12 @@ class Trainer:
                          seconds=s.get("seconds", 0.0) + elapsed)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"step {step}: training loss is {loss}; lower optim.lr or check the data")
-                evaluate = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+                evaluate = is_eval_step(t, step)
                 if evaluate or step % r.logging.every == 0 or step == last:
                     values = self._train_scalars(loss, lr, elapsed, plan)
                     if evaluate:
                         values["val/loss"] = self.evaluate()
+                        values |= self.copy_cosines()
                     monitor.scalars(step, values)
                 monitor.advance()
                 stop = self._should_stop()

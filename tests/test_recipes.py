@@ -125,6 +125,22 @@ def test_deepspeed_schedules():
         assert config.deepspeed_config(recipe, 1, cpu=False)["scheduler"]["type"] == kind
 
 
+def test_decay_steps_end_the_decay_early_and_the_early_evaluations():
+    tiny = RECIPES[0].parent / "gpt-tiny-cpu.yaml"
+    for schedule in ("linear", "cosine"):
+        recipe = config.load(tiny, [f"optim.schedule={schedule}", "train.steps=100", "optim.decay_steps=60"])
+        assert config.deepspeed_config(recipe, 1, cpu=True)["scheduler"]["params"]["total_num_steps"] == 60
+    recipe = config.load(tiny, ["train.steps=100"])
+    assert config.deepspeed_config(recipe, 1, cpu=True)["scheduler"]["params"]["total_num_steps"] == 100
+    for sets, message in ((["optim.schedule=constant", "optim.decay_steps=50"], "does not decay"),
+                          (["optim.warmup_steps=10", "optim.decay_steps=10"], "greater than optim.warmup_steps")):
+        with pytest.raises(config.RecipeError, match=message):
+            config.load(tiny, sets)
+    from launchers.train import is_eval_step
+    t = config.TrainConfig(steps=100, eval_every=40, eval_early_every=10, eval_early_until=30)
+    assert [s for s in range(1, 101) if is_eval_step(t, s)] == [10, 20, 30, 40, 80, 100]
+
+
 SETS = sorted(RECIPES[0].parent.joinpath("sets").glob("*.yaml"))
 
 
@@ -133,10 +149,36 @@ def test_every_recipe_set_dry_runs(recipe_set, capsys):
     code, out, err = run(capsys, "run", recipe_set, "--dry-run")
     assert code == 0, err
     lines = out.strip().splitlines()
-    methods = yaml.safe_load(recipe_set.read_text())["methods"]
-    seeds = yaml.safe_load(recipe_set.read_text())["seeds"]
+    s = config.load_raw(recipe_set)
+    methods, seeds, sweep = s["methods"], s["seeds"], s.get("sweep")
+    if sweep:  # every setting at the sweep seeds, then a line for the best settings at the other seeds
+        (values,) = sweep.values()
+        assert len(lines) == 1 + len(methods) * len(values) * len(s["sweep_seeds"]) + 1
+        assert all(f"{m}-lr{v}-s{x}:" in out for m in methods for v in values for x in s["sweep_seeds"])
+        assert lines[-1].startswith(f"then at seeds {[x for x in seeds if x not in s['sweep_seeds']]}")
+        return
     assert len(lines) == 1 + len(methods) * len(seeds)
-    assert all(f"{m}-s{s}:" in out for m in methods for s in seeds)
+    assert all(f"{m}-s{x}:" in out for m in methods for x in seeds)
+
+
+def test_a_sweep_expands_per_method(tmp_path, capsys):
+    target = RECIPES[0].parent / "demo-bert-target.yaml"
+    (tmp_path / "set.yaml").write_text(
+        f"target: {target}\nsource_model: /x\nseeds: [0, 1, 2]\nsweep_seeds: [0, 1]\n"
+        "sweep: {optim.lr: [1.0e-3, 2.0e-3]}\n"
+        "methods: {scratch: {}, fpi: {grow: fpi, sweep: {optim.lr: [3.0e-3], optim.warmup_steps: [5, 10]}},"
+        " aki: {grow: aki, sweep: {}}}\n")
+    code, out, err = run(capsys, "run", tmp_path / "set.yaml", "--dry-run")
+    assert code == 0, err
+    runs = [line.split(":")[0] for line in out.splitlines()[1:-1]]
+    assert runs == ["scratch-lr0.001-s0", "scratch-lr0.002-s0", "fpi-lr0.003-warmup_steps5-s0",
+                    "fpi-lr0.003-warmup_steps10-s0", "aki-s0",
+                    "scratch-lr0.001-s1", "scratch-lr0.002-s1", "fpi-lr0.003-warmup_steps5-s1",
+                    "fpi-lr0.003-warmup_steps10-s1", "aki-s1", "aki-s2"]
+    line = next(x for x in out.splitlines() if x.startswith("fpi-lr0.003-warmup_steps10-s1:"))
+    assert "--set 'optim.lr=0.003'" in line and "--set 'optim.warmup_steps=10'" in line
+    assert """--set 'setting="optim.lr=0.003,optim.warmup_steps=10"'""" in line
+    assert out.splitlines()[-1] == "then at seeds [2]: the best setting of scratch, fpi (b2b report's rule)"
 
 
 def test_bad_recipe_sets(tmp_path, capsys):
@@ -146,6 +188,9 @@ def test_bad_recipe_sets(tmp_path, capsys):
         f"target: {target}\nmethods: {{a: {{}}}}\n": "set one of source",
         f"target: {target}\nsource_model: /x\nmethods: {{a: {{set: {{optim.lrr: 1}}}}}}\n": "unknown key optim.lrr",
         f"target: {target}\nsource_model: /x\nmethodz: {{}}\n": "unknown key methodz",
+        f"target: {target}\nsource_model: /x\nmethods: {{a: {{}}}}\nsweep: {{optim.lr: []}}\n": "sweep.optim.lr",
+        f"target: {target}\nsource_model: /x\nmethods: {{a: {{}}}}\nsweep: {{optim.lrr: [1]}}\n": "unknown key optim.lrr",
+        f"target: {target}\nsource_model: /x\nmethods: {{a: {{}}}}\nsweep_seeds: [4]\n": "sweep_seeds",
     }
     for text, message in cases.items():
         path = tmp_path / "set.yaml"

@@ -21,31 +21,44 @@ def test_a_miniature_comparison_end_to_end(tmp_path):
     (tmp_path / "target.yaml").write_text(common + "model: {layers: 4, hidden: 64, heads: 4, ffn: 128}\n")
     (tmp_path / "source.yaml").write_text(common + "model: {layers: 2, hidden: 32, heads: 2, ffn: 64}\n")
     (tmp_path / "set.yaml").write_text(
-        f"name: mini\nout_dir: {tmp_path / 'out'}\nsource: source.yaml\ntarget: target.yaml\nseeds: [0]\n"
-        "methods:\n  scratch: {}\n  aki: {grow: aki}\n"
+        f"name: mini\nout_dir: {tmp_path / 'out'}\nsource: source.yaml\ntarget: target.yaml\nseeds: [0, 1]\n"
+        "sweep_seeds: [0]\nmethods:\n  scratch: {}\n  aki: {grow: aki, sweep: {optim.lr: [1.0e-4, 1.0e-3]}}\n"
         "  bert2bert: {grow: aki, set: {stage1.steps: 8, stage1.block: 2}}\n")
     cmd = [sys.executable, "-m", "launchers.cli", "run", str(tmp_path / "set.yaml"), "--procs", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "out"
-    assert (out / "aki-s0" / "grown" / "growth.json").is_file()
-    report = json.loads((out / "report" / "report.json").read_text())
-    assert (out / "report" / "loss_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
 
     def smoothed(run):
         val = read_scalars(out / run)["val/loss"]
         steps = sorted(val)
         return steps, [statistics.fmean([val[s] for s in steps[max(0, i - 2):i + 1]]) for i in range(len(steps))]
 
-    steps, curve = smoothed("scratch-s0")
-    assert abs(report["target"] - curve[-1]) < 1e-9  # the scratch run's final smoothed loss (3 evaluations)
+    report = json.loads((out / "report" / "report.json").read_text())
+    # the sweep: both settings at seed 0, then the better one (lower final smoothed loss) at seed 1
+    final = {lr: smoothed(f"aki-lr{lr}-s0")[1][-1] for lr in ("0.0001", "0.001")}
+    best = min(final, key=final.get)
+    assert report["methods"]["aki"]["setting"] == f"optim.lr={best}" and report["methods"]["aki"]["runs"] == 2
+    assert sorted(p.name for p in out.glob("aki-*")) == sorted([f"aki-lr{lr}-s0" for lr in final] + [f"aki-lr{best}-s1"])
+    assert f"aki: best setting optim.lr={best}" in done.stdout
+    assert (out / f"aki-lr{best}-s0" / "grown" / "growth.json").is_file()
+    assert (out / "report" / "loss_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
 
-    def flops_to_target(run):
+    assert abs(report["target"] - max(smoothed(f"scratch-s{s}")[1][-1] for s in (0, 1))) < 1e-9
+
+    def flops_to_target(run):  # interpolated between the evaluations around the crossing
         s, c = smoothed(run)
-        hit = next((step for step, loss in zip(s, c) if loss <= report["target"]), None)
-        return None if hit is None else read_scalars(out / run)["train/flops"][hit]
+        i = next((i for i, loss in enumerate(c) if loss <= report["target"]), None)
+        if i is None:
+            return None
+        flops = read_scalars(out / run)["train/flops"]
+        if i == 0:
+            return flops[s[0]]
+        t = (c[i - 1] - report["target"]) / (c[i - 1] - c[i])
+        return flops[s[i - 1]] + t * (flops[s[i]] - flops[s[i - 1]])
 
-    baseline = flops_to_target("scratch-s0")
+    scratch = {seed: flops_to_target(f"scratch-s{seed}") for seed in (0, 1)}
+    baseline = statistics.fmean(scratch.values())
     source_flops = json.loads((out / "source" / "final" / "training.json").read_text())["flops"]
     assert source_flops == read_scalars(out / "source")["train/flops"][24]
     for row in report["runs"]:
@@ -56,10 +69,11 @@ def test_a_miniature_comparison_end_to_end(tmp_path):
             continue
         assert row["reached"] and abs(row["flops_to_target"] - f) <= 1e-6 * f
         assert abs(row["saving"] - (1 - f / baseline)) < 1e-9
-        if run != "scratch-s0":
+        assert abs(row["paired_saving"] - (1 - f / scratch[row["seed"]])) < 1e-9
+        if not run.startswith("scratch"):
             assert abs(row["saving_with_source"] - (1 - (f + source_flops) / baseline)) < 1e-9
     stage = read_scalars(out / "bert2bert-s0")["train/stage"]
     assert {stage[s] for s in (4, 8)} == {1} and stage[12] == 2
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # finished runs are not redone
-    assert again.returncode == 0 and again.stdout.count("already finished") == 4, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("already finished") == 8, again.stdout[-2000:]

@@ -15,24 +15,49 @@ HEADED = [("BertForMaskedLM", True), ("BertForMaskedLM", False), ("BertForPreTra
 HEADLESS = ["BertModel", "GPT2Model"]
 
 
+@pytest.mark.parametrize("symmetry", ["none", "split"])
 @pytest.mark.parametrize("width", ["exact", "fpi"])
 @pytest.mark.parametrize("cls,tied", HEADED + [(c, True) for c in HEADLESS])
-def test_integer_hidden_ratio_preserves_outputs(cls, tied, width, ids):
+def test_integer_hidden_ratio_preserves_outputs(cls, tied, width, symmetry, ids):
     rng = random.Random(f"{cls}{tied}{width}")
     for draw in range(3):
         source, target = random_growth(rng, integer_hidden=True)
         small = make_model(cls, source, tied, seed=draw)
-        grown, manifest = grow_model(small, target, width=width, seed=draw)
+        grown, manifest = grow_model(small, target, width=width, seed=draw, symmetry=symmetry)
         assert manifest["exact"], manifest["exact_reason"]
+        assert manifest["symmetry"] == symmetry
         for a, b in zip(model_outputs(small, ids, source.hidden), model_outputs(grown, ids, source.hidden)):
             assert max_rel(a, b) < 1e-5, (source, target)
 
 
-def test_head_dim_growth_is_compensated(ids):
+@pytest.mark.parametrize("symmetry", ["none", "split"])
+def test_head_dim_growth_is_compensated(symmetry, ids):
     """MiniLM-like H384/12 heads -> BERT_BASE-like 768/12 heads doubles head_dim."""
     small = make_model("BertForMaskedLM", Shape(2, 24, 12, 48))
-    grown, _ = grow_model(small, Shape(2, 48, 12, 96), width="fpi")
+    grown, _ = grow_model(small, Shape(2, 48, 12, 96), width="fpi", symmetry=symmetry)
     assert max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("cls,tied", HEADED)
+def test_split_gives_a_unit_and_its_copy_different_gradients(cls, tied, ids):
+    """With equal copies (none) a hidden unit and its copy get the same gradient, so they stay
+    equal; split gives each copy its share of the gradient, at the same outputs."""
+    small = make_model(cls, Shape(2, 16, 2, 32), tied)
+    grads = {}
+    for symmetry in ("none", "split"):
+        grown, manifest = grow_model(small, Shape(2, 32, 4, 64), width="fpi", seed=3, symmetry=symmetry)
+        assert max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0]) < 1e-5
+        out = grown.train(False)(input_ids=ids)
+        logits = out["logits"] if "logits" in out else out["prediction_logits"]
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        embedding = grown.get_input_embeddings().weight.grad  # fan-out copies along the hidden axis
+        hidden_map = torch.tensor(manifest["hidden_map"])
+        copies = torch.arange(16, 32)
+        grads[symmetry] = embedding[:, copies], embedding[:, hidden_map[copies]]
+    copy, original = grads["none"]
+    assert torch.allclose(copy, original, rtol=1e-4, atol=1e-7)
+    copy, original = grads["split"]
+    assert (copy - original).abs().max() > 0.05 * original.abs().max()
 
 
 @pytest.mark.parametrize("cls", ["BertForMaskedLM", "GPT2LMHeadModel"])

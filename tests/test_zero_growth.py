@@ -79,27 +79,30 @@ def universal_tensor(path: Path) -> torch.Tensor:
     return value["param"] if isinstance(value, dict) else value
 
 
-def grower_for(src: Path, to: str, width: str) -> tuple[Grower, dict]:
+def grower_for(src: Path, to: str, width: str, symmetry: str = "none") -> tuple[Grower, dict]:
     cfg = read_config(src / TAG)
     from growth import parse_target, shape_from_config
     source = shape_from_config(cfg)
     return Grower(schema_for(cfg["model_type"]), source, parse_target(to, source), width=width,
-                  tied=has_tied_output(cfg, cfg["architectures"][0])), cfg
+                  tied=has_tied_output(cfg, cfg["architectures"][0]), symmetry=symmetry), cfg
 
 
-@pytest.mark.parametrize("width", ["exact", "aki", "direct"])
+@pytest.mark.parametrize("width,symmetry", [("exact", "none"), ("aki", "none"), ("direct", "none"),
+                                            ("fpi", "split")])
 @pytest.mark.parametrize("name", ADAM)
-def test_sharded_growth_equals_consolidating_first(name, width, sources, universal, tmp_path):
+def test_sharded_growth_equals_consolidating_first(name, width, symmetry, sources, universal, tmp_path):
     src, out = sources / name, tmp_path / "grown"
-    assert b2b("grow", src, "--to", TARGET, "--width", width, "--optimizer", "grow", "--out", out) == 0
+    assert b2b("grow", src, "--to", TARGET, "--width", width, "--break-symmetry", symmetry, "--optimizer", "grow",
+               "--out", out) == 0
     shapes = ZeroCheckpoint(src).shapes
     names = list(shapes)
 
     # weights: zero_to_fp32, then the in-memory growth with the same seed
-    grower, cfg = grower_for(src, TARGET, width)
+    grower, cfg = grower_for(src, TARGET, width, symmetry)
     full = consolidated(src)
-    expected, _ = grow_state_dict(full, schema_for(cfg["model_type"]), grower.source, grower.target, width=width,
-                                  tied=grower.tied)
+    expected, manifest = grow_state_dict(full, schema_for(cfg["model_type"]), grower.source, grower.target,
+                                         width=width, tied=grower.tied, symmetry=symmetry)
+    assert json.loads((out / "growth.json").read_text())["symmetry"] == manifest["symmetry"] == symmetry
     got = read_universal(out)
     assert set(got) == {n for n, _, _ in grower.plan({n: tuple(full[n].shape) for n in names})}
     assert all(torch.equal(got[n], expected[n]) for n in got)
@@ -108,7 +111,7 @@ def test_sharded_growth_equals_consolidating_first(name, width, sources, univers
     zero, oracle = out / TAG / "zero", universal / name / TAG / "zero"
     for key in ("exp_avg", "exp_avg_sq"):
         source = {n: universal_tensor(oracle / n / f"{key}.pt").view(shapes[n]) for n in names}
-        grown = dict(grower_for(src, TARGET, width)[0].items(names, source.__getitem__, moment=STATES[key]))
+        grown = dict(grower_for(src, TARGET, width, symmetry)[0].items(names, source.__getitem__, moment=STATES[key]))
         for n, tensor in grown.items():
             assert torch.equal(torch.load(zero / n / f"{key}.pt", weights_only=True)["param"], tensor), (key, n)
     assert all(torch.load(zero / n / "step.pt", weights_only=True) == STEPS for n in got)  # Adam's step, kept

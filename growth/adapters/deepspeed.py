@@ -259,7 +259,7 @@ def _optimizer_state(ckpt: ZeroCheckpoint, count: int, step: torch.Tensor) -> di
 
 
 def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                    seed: int = 0, optimizer: str = "reset", schedule: str = "restart", overwrite: bool = False,
+                    seed: int = 0, symmetry: str = "none", optimizer: str = "reset", schedule: str = "restart", overwrite: bool = False,
                     log=print) -> dict:
     """`b2b grow CKPT`: grow a ZeRO checkpoint into a universal checkpoint in `out`; returns the manifest."""
     if optimizer not in OPTIMIZERS:
@@ -269,7 +269,7 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
     out = free_output(out, overwrite)
     ckpt = ZeroCheckpoint(src)
     where = find_config(ckpt)
-    cfg, grower = grower_for(where, to, width=width, depth=depth, seed=seed)
+    cfg, grower = grower_for(where, to, width=width, depth=depth, seed=seed, symmetry=symmetry)
     source, target = grower.source, grower.target
     check_source(ckpt.shapes, grower.schema, source)
     plan = grower.plan(ckpt.shapes)
@@ -278,7 +278,7 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
                 **grower.manifest(), "optimizer": optimizer, "schedule": schedule, "adam_step": ckpt.step,
                 "format": "deepspeed universal checkpoint: load with \"checkpoint\": {\"load_universal\": true}"}
     log(f"growing {cfg['model_type']} {source} -> {target} from a ZeRO-{ckpt.stage} checkpoint at DP {ckpt.dp} "
-        f"(width {width}, depth {depth}, seed {seed}, optimizer {optimizer}, schedule {schedule})")
+        f"(width {width}, depth {depth}, seed {seed}, symmetry {symmetry}, optimizer {optimizer}, schedule {schedule})")
 
     with atomic_directory(out) as tmp:
         zero = tmp / ckpt.tag / "zero"

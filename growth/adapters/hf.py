@@ -163,18 +163,19 @@ def grower_for(config_dir: Path, to: str, **options) -> tuple[dict, Grower]:
 
 
 def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                   seed: int = 0, overwrite: bool = False, log=print) -> dict:
+                   seed: int = 0, symmetry: str = "none", overwrite: bool = False, log=print) -> dict:
     """`b2b grow`: grow an HF model directory into `out`; returns the manifest."""
     out = free_output(out, overwrite)
     src = resolve(src)
-    cfg, grower = grower_for(src, to, width=width, depth=depth, seed=seed)
+    cfg, grower = grower_for(src, to, width=width, depth=depth, seed=seed, symmetry=symmetry)
     source, target = grower.source, grower.target
     files = weight_files(src)
     weights = open_weights(files)
     shapes = weights.shapes
     check_source(shapes, grower.schema, source)
     manifest = {"source": str(src), "source_sha256": sha256(files), **grower.manifest()}
-    log(f"growing {cfg['model_type']} {source} -> {target} (width {width}, depth {depth}, seed {seed})")
+    log(f"growing {cfg['model_type']} {source} -> {target} (width {width}, depth {depth}, seed {seed}, "
+        f"symmetry {symmetry})")
 
     with atomic_directory(out) as tmp:
         plan = [(t, shape, weights.dtypes[s]) for t, s, shape in grower.plan(shapes)]
