@@ -5,7 +5,7 @@ Growth duplicates units (FPI, exact; AKI's hidden units), and equal copies get e
 unless something breaks the symmetry (dropout, AKI's next-layer units, `--break-symmetry`). A
 copy and its original are compared along every parameter axis of their kind: the slice of the
 tensor at the copy's index against the slice at the original's, flattened. The figure per kind
-(hidden, heads, ffn) is the median over all copies and all such axes; 1.0 means the copies are
+(hidden, heads, ffn) is the mean over all copies and all such axes; 1.0 means the copies are
 still identical up to scale, as at initialisation.
 
 The maps come from the growth manifest (growth.json): the Grower is rebuilt from its shapes,
@@ -54,7 +54,7 @@ def _originals(m: AxisMap) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def copy_cosines(grower: Grower, params: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
-    """kind -> median cosine similarity between each copy and its original over every axis of
+    """kind -> mean cosine similarity between each copy and its original over every axis of
     that kind, for the target model's named parameters."""
     found: dict[str, list[torch.Tensor]] = {}
     schema = grower.schema
@@ -73,4 +73,4 @@ def copy_cosines(grower: Grower, params: Iterable[tuple[str, torch.Tensor]]) -> 
             t = tensor.detach().float().movedim(dim, 0)
             a, b = t[copies].flatten(1), t[originals].flatten(1)
             found.setdefault(KINDS[role], []).append(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12))
-    return {kind: float(torch.cat(values).median()) for kind, values in found.items()}
+    return {kind: float(torch.cat(values).mean()) for kind, values in found.items()}

@@ -36,6 +36,13 @@ def cmd_grow(args) -> int:
     return 0
 
 
+def cmd_copies(args) -> int:
+    from growth.adapters.hf import copy_cosines_of
+    for kind, value in copy_cosines_of(args.model, args.manifest).items():
+        print(f"{kind}: {value:.4f}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from growth.adapters.megatron import convert
     convert(args.src, args.out, overwrite=args.overwrite)
@@ -129,6 +136,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("grown")
     v.add_argument("--text", help="a text file to run both models on (default: a fixed paragraph)")
     v.set_defaults(func=cmd_verify)
+
+    cp = sub.add_parser("copies", help="how alike a grown model's copied units still are (mean cosine per kind)")
+    cp.add_argument("model", help="an HF model directory, or a b2b train run directory (RUN/final against "
+                                  "RUN/grown/growth.json)")
+    cp.add_argument("--manifest", help="the growth.json the model was grown by (default: MODEL/growth.json)")
+    cp.set_defaults(func=cmd_copies)
 
     t = sub.add_parser("train", help="train a recipe with DeepSpeed")
     t.add_argument("recipe", help="a YAML recipe (see recipes/)")

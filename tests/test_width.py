@@ -131,3 +131,30 @@ def test_direct_copies_the_block_and_initialises_the_rest():
     assert torch.equal(ln[:8], sd["encoder.layer.0.output.LayerNorm.weight"]) and torch.all(ln[8:] == 1)
     assert torch.all(got["encoder.layer.0.output.LayerNorm.bias"][8:] == 0)
     assert not grower.exactness()[0]
+
+
+def test_copy_cosines_from_the_manifest(tmp_path, capsys):
+    """growth/copies.py: 1 for every kind right after FPI, lower once the copies move apart; the
+    maps are rebuilt from growth.json; DirectCopy and a manifest that does not match are refused."""
+    from growth import GrowthError
+    from growth.copies import copy_cosines, grower_from_manifest
+    from launchers.cli import main
+    small = make_model("BertForMaskedLM", Shape(2, 16, 2, 32))
+    grown, manifest = grow_model(small, Shape(2, 32, 4, 64), width="fpi", seed=1)
+    grower = grower_from_manifest(manifest)
+    assert copy_cosines(grower, grown.named_parameters()) == pytest.approx({"hidden": 1.0, "heads": 1.0, "ffn": 1.0})
+    with torch.no_grad():
+        grown.bert.encoder.layer[0].intermediate.dense.weight.add_(torch.randn(64, 32))
+    moved = copy_cosines(grower, grown.named_parameters())
+    assert moved["ffn"] < 0.99 and moved["heads"] == pytest.approx(1.0, abs=1e-6)
+    assert grower_from_manifest({**manifest, "width": "direct"}) is None
+    with pytest.raises(GrowthError, match="hidden map"):
+        grower_from_manifest({**manifest, "seed": 2})
+    out = tmp_path / "grown"
+    grown.save_pretrained(out)
+    (out / "growth.json").write_text(__import__("json").dumps(manifest))
+    assert main(["copies", str(out)]) == 0
+    assert "ffn: " in capsys.readouterr().out
+    (out / "growth.json").write_text("{")
+    assert main(["copies", str(out)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
