@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from .config import RecipeError
-from .events import read_scalars
+from .events import SCALARS, read_scalars
 
 VAL, FLOPS, SECONDS = "val/loss", "train/flops", "time/train_seconds"
 
@@ -107,7 +107,7 @@ def read_run(run_dir: Path, k: int, baseline: str) -> Run:
     if not run_dir.is_dir():
         raise RecipeError(f"{run_dir}: no such run directory")
     recipe = read_recipe(run_dir)
-    if not any((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+    if not any((run_dir / "tensorboard").glob("events.out.tfevents.*")) and not (run_dir / SCALARS).is_file():
         raise RecipeError(f"{run_dir}: no TensorBoard events in {run_dir / 'tensorboard'}")
     scalars = read_scalars(run_dir)
     val = scalars.get(VAL)

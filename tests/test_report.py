@@ -318,3 +318,22 @@ def test_a_sweep_ranks_each_method_at_its_best_setting(tmp_path, capsys):
     assert aki["step_to_target"] == pytest.approx(200 + 100 * 0.1 / 0.5, rel=1e-6)  # 4.1 -> 3.6 meets 4.0 at 1/5
     md = (tmp_path / "r" / "report.md").read_text()
     assert "Sweep:" in md and f"| aki | {lr1} | 1 |" in md and f"{lr1} (chosen)" in md
+
+
+def test_a_run_kept_as_exported_scalars_reports_as_its_event_files(runs, tmp_path, capsys):
+    """benchmarks/export_scalars.py keeps recipe.yaml and scalars.json in the repository; the
+    report reads them as it reads the event files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    chosen = [r for r in runs if r.name.startswith(("scratch", "aki"))]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "export_scalars.py"), *map(str, chosen),
+                           "--out", str(tmp_path / "kept")], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
+    kept = sorted((tmp_path / "kept").glob("*-s?"))
+    assert [p.name for p in kept] == sorted(r.name for r in chosen) and not any(kept[0].glob("tensorboard"))
+    for dirs, out in ((chosen, "a"), (kept, "b")):
+        assert run_cli(capsys, *dirs, "--out", tmp_path / out)[0] == 0
+    a, b = (json.loads((tmp_path / x / "report.json").read_text()) for x in "ab")
+    assert a["methods"] == b["methods"] and a["target"] == b["target"]
