@@ -474,6 +474,11 @@ def validate(recipe: Recipe) -> Recipe:
     _require(recipe.zero.stage > 0 or not (m.init_from and universal_tag(m.init_from)),
              "zero.stage", "0, but model.init_from is a grown DeepSpeed checkpoint, which DeepSpeed loads "
              "into ZeRO stages 1-3 only: set zero.stage to 1, 2 or 3")
+    kept = kept_step(m.init_from) if m.init_from and universal_tag(m.init_from) else None
+    _require(kept is None or kept < t.steps, "train.steps",
+             f"{t.steps}, but model.init_from {m.init_from} was grown with --schedule keep at step {kept}: the run "
+             f"continues that step count, so set train.steps above {kept} (--set train.steps=N), or grow it with "
+             "--schedule restart")
     _require(pg.optimizer in ("reset", "grow"), "progressive.optimizer", f"{pg.optimizer!r}: use reset or grow")
     _require(pg.optimizer == "reset" or recipe.zero.stage > 0, "progressive.optimizer",
              "grow carries Adam's state through the sharded checkpoint: set zero.stage to 1, 2 or 3")
@@ -483,6 +488,17 @@ def validate(recipe: Recipe) -> Recipe:
     _require(recipe.logging.peak_tflops is None or recipe.logging.peak_tflops > 0, "logging.peak_tflops",
              "must be positive")
     return recipe
+
+
+def kept_step(grown: str) -> int | None:
+    """The step a grown DeepSpeed checkpoint keeps its lr schedule at (b2b grow --schedule keep), or None."""
+    import json
+    from growth.adapters.hf import resolve
+    try:
+        manifest = json.loads((resolve(grown) / "growth.json").read_text())
+    except (OSError, ValueError, GrowthError):
+        return None
+    return int(manifest.get("adam_step", 0)) if manifest.get("schedule") == "keep" else None
 
 
 def check_parallel(recipe: Recipe) -> None:

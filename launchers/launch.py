@@ -33,7 +33,7 @@ def resolve(path: str, sets: list[str], procs: int | None) -> tuple[config.Recip
     import torch
     recipe = config.load(path, sets)
     cpu = not torch.cuda.is_available()
-    procs = procs or (recipe.parallel.tensor if cpu else torch.cuda.device_count())
+    procs = procs if procs is not None else (recipe.parallel.tensor if cpu else torch.cuda.device_count())
     if procs < 1:
         raise RecipeError(f"--procs {procs}: must be >= 1")
     return recipe, procs, cpu, config.deepspeed_config(recipe, config.data_parallel_size(recipe, procs), cpu)
@@ -65,6 +65,11 @@ def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
     tag = resume_tag(ckpts, resume)
     if tag is not None:
         check_same_parallel(recipe, ckpts / tag)
+        step = int(tag.removeprefix("step"))
+        if step > recipe.train.steps:  # resuming would save again at once and stop "before the end" forever
+            raise RecipeError(f"train.steps: {recipe.train.steps}, but {ckpts / tag} is at step {step}: raise "
+                              f"train.steps above {step} to train on (--set train.steps=N), or start a new run "
+                              "from its weights (model.init_from)")
 
 
 def train(path: str, sets: list[str], procs: int | None, resume: str = "none", dry_run: bool = False,

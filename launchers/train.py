@@ -234,6 +234,7 @@ class Trainer:
         else:
             self._load(tag)
         self.copies = self._copy_grower()
+        self.fresh = tag is None  # not resumed from a checkpoint of this run
         self.stop_signal = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
@@ -263,6 +264,8 @@ class Trainer:
         self._recipe_hyperparameters()
         scheduler = self.engine.lr_scheduler
         scheduler.step(scheduler.last_batch_iteration if keep else None)  # a fresh schedule: as in __init__
+        if keep:  # the run continues the source's step count: train.steps is the total, as in one long run
+            self.state["step"] = scheduler.last_batch_iteration
         if self.rank == 0:
             print(f"initialised from the grown checkpoint {path} ({tag}; lr schedule "
                   f"{'at iteration %d' % scheduler.last_batch_iteration if keep else 'restarted'})", flush=True)
@@ -478,9 +481,9 @@ class Trainer:
         last = t.stop_at or t.steps
         outcome = "finished"
         try:
-            if self.state["step"] == 0 and t.eval_at_start:  # the starting model, before any update
-                monitor.scalars(0, {"val/loss": self.evaluate(), **self.copy_cosines(), "train/tokens": 0,
-                                    "train/flops": 0.0, "time/train_seconds": 0.0})
+            if self.fresh and t.eval_at_start:  # the starting model, before any update (step 0, or a kept schedule's)
+                monitor.scalars(self.state["step"], {"val/loss": self.evaluate(), **self.copy_cosines(),
+                                                     "train/tokens": 0, "train/flops": 0.0, "time/train_seconds": 0.0})
             while self.state["step"] < last:
                 step = self.state["step"] + 1
                 plan = plan_for(r, step)

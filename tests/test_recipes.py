@@ -107,6 +107,11 @@ def test_a_missing_recipe_file_and_a_base_cycle(tmp_path, capsys):
     assert code == 2 and "cycle" in err
 
 
+def test_procs_zero_is_refused(capsys):
+    code, _, err = run(capsys, "train", RECIPES[0].parent / "bert-tiny-cpu.yaml", "--dry-run", "--procs", 0)
+    assert code == 2 and "--procs 0: must be >= 1" in err
+
+
 def test_reduced_precision_needs_a_gpu(tmp_path, capsys):
     out_dir = tmp_path / "run"
     code, _, err = run(capsys, "train", RECIPES[0].parent / "bert-tiny-cpu.yaml", "--set", "train.precision=bf16",

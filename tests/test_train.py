@@ -124,6 +124,11 @@ def test_resume_errors(tmp_path, cache):
     assert again.returncode == 2 and "already holds checkpoints: continue it with --resume auto" in again.stderr
     missing = b2b_train(TINY["gpt2"], run, cache, "train.steps=2", "optim.warmup_steps=2", resume="step00000099")
     assert missing.returncode == 2 and "--resume step00000099: no such checkpoint" in missing.stderr
+    # a checkpoint past the recipe's end: refused at once, not "stopped before the end" and requeued forever
+    fewer = b2b_train(TINY["gpt2"], run, cache, "train.steps=1", "optim.warmup_steps=1", "optim.schedule=linear",
+                      resume="auto")
+    assert fewer.returncode == 2 and "train.steps: 1, but" in fewer.stderr and "at step 2" in fewer.stderr
+    assert len(fewer.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")

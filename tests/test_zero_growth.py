@@ -258,10 +258,12 @@ def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "initialised from the grown checkpoint" in done.stdout
     scalars = read_scalars(run)
-    assert scalars["train/lr"][1] == pytest.approx(1e-3 * (8 - 4) / (8 - 2), rel=1e-6)  # iteration 4 of 8
-    # the copies' cosine, gathered from ZeRO-3's partitions: identical at step 0, and the same figure offline
+    # --schedule keep continues the source's step count: steps 5 to 8, the first at iteration 4 of 8
+    assert sorted(scalars["train/loss"]) == [5, 6, 7, 8]
+    assert scalars["train/lr"][5] == pytest.approx(1e-3 * (8 - 4) / (8 - 2), rel=1e-6)
+    # the copies' cosine, gathered from ZeRO-3's partitions: identical at the start, and the same figure offline
     from growth.adapters.hf import copy_cosines_of
-    assert all(scalars[f"growth/copy_cosine/{k}"][0] == pytest.approx(1.0, abs=1e-6) for k in ("hidden", "ffn"))
+    assert all(scalars[f"growth/copy_cosine/{k}"][4] == pytest.approx(1.0, abs=1e-6) for k in ("hidden", "ffn"))
     offline = copy_cosines_of(run / "final", grown / "growth.json")
     assert offline["hidden"] == pytest.approx(scalars["growth/copy_cosine/hidden"][8], abs=1e-6)
 
@@ -270,8 +272,14 @@ def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path):
     recipe = config.load(run / "recipe.yaml")
     model = hf_model(grown, read_universal(grown))
     with torch.no_grad():
-        losses = [model(**Batches(cache_path(recipe), recipe, rank, 2).train_batch(1, 0)).loss for rank in (0, 1)]
-    assert abs(scalars["train/loss"][1] - sum(losses).item() / 2) < 1e-5
+        losses = [model(**Batches(cache_path(recipe), recipe, rank, 2).train_batch(5, 0)).loss for rank in (0, 1)]
+    assert abs(scalars["train/loss"][5] - sum(losses).item() / 2) < 1e-5
+    # a budget the kept schedule has already spent is refused before anything starts
+    refused = train(f"out_dir={tmp_path / 'refused'}", "zero.stage=3", f"model.init_from={grown}", "model.arch=null",
+                    "model.layers=null", "model.hidden=null", "model.heads=null", "model.ffn=null",
+                    "data.tokenizer=null", "train.steps=4")
+    assert refused.returncode == 2 and "grown with --schedule keep at step 4" in refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 # -- bad input: one clear error, exit 2, nothing written ---------------------------------------------
