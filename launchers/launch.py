@@ -1,9 +1,12 @@
 """`b2b train`: check the recipe, prepare the data, start the workers with the DeepSpeed launcher.
 
-Everything that can be wrong with a recipe fails here, before any process starts. A SIGTERM
-or SIGUSR1 sent to `b2b train` reaches the workers as SIGUSR1: they checkpoint at the end of
-the current step and exit. The exit code says how the run ended: 0 finished, 75 stopped early
-with a checkpoint (resume with `--resume auto`), anything else failed.
+Everything that can be wrong with a recipe fails here, before any process starts. The workers
+run in a session of their own, so a terminal's Ctrl-C or a signal to b2b's process group reaches
+b2b only: SIGINT, SIGTERM or SIGUSR1 sent to `b2b train` is forwarded to the workers, which
+checkpoint at the end of the current step and exit; a second Ctrl-C kills them at once. When b2b
+returns, no worker of the run is left. The exit code says how the run ended: 0 finished, 75
+stopped early with a checkpoint (resume with `--resume auto`), 130 aborted by a second Ctrl-C,
+anything else failed.
 """
 
 from __future__ import annotations
@@ -101,14 +104,31 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
            "--master_port", str(free_port()), "--no_local_rank", "--module", "launchers.train",
            "--run-dir", str(run_dir), "--resume", resume]
-    proc = subprocess.Popen(cmd, env=env)
-    previous = {sig: signal.signal(sig, lambda signum, frame: forward_stop(proc.pid))
-                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # terminal signals reach b2b, not the workers
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        if received.count(signal.SIGINT) > 1:  # a second Ctrl-C: stop now, without a checkpoint
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif len(received) == 1:
+            print(f"b2b train: {signal.Signals(signum).name}: saving a checkpoint at the end of the step "
+                  "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+            forward_stop(proc.pid, signum)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         code = proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the run outlives b2b (a worker the launcher left)
+        except ProcessLookupError:
+            pass
+    if received.count(signal.SIGINT) > 1:
+        print("b2b train: aborted by a second Ctrl-C; the last complete checkpoint is kept "
+              f"(continue with: b2b train {path} --resume auto)", file=sys.stderr)
+        return 130
     if code != 0 or not status.is_file():
         print(f"b2b train: error: the workers failed (exit code {code}); see the log above", file=sys.stderr)
         return code or 1
@@ -120,14 +140,18 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
     return EXIT_STOPPED
 
 
-def forward_stop(launcher_pid: int) -> None:
-    """SIGUSR1 to every training worker under the DeepSpeed launcher (not to the launcher itself,
-    which would kill them)."""
+def forward_stop(launcher_pid: int, signum: int = signal.SIGUSR1) -> None:
+    """The stop signal to every training worker under the DeepSpeed launcher (not to the launcher
+    itself, which would kill them); the workers record which signal stopped them."""
     import psutil
-    for child in psutil.Process(launcher_pid).children(recursive=True):
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
         try:
             if "launchers.train" in " ".join(child.cmdline()):
-                child.send_signal(signal.SIGUSR1)
+                child.send_signal(signum)
         except psutil.Error:
             pass
 

@@ -236,7 +236,7 @@ class Trainer:
         self.copies = self._copy_grower()
         self.fresh = tag is None  # not resumed from a checkpoint of this run
         self.stop_signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     # ------------------------------------------------------------ checkpoints

@@ -94,21 +94,30 @@ def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
     assert auto.from_pretrained(full / "final").config.num_hidden_layers == 2
 
 
-def test_a_signal_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):
+def test_ctrl_c_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):
+    """Ctrl-C as a terminal sends it, SIGINT to b2b's whole process group: one line, a checkpoint at
+    the end of the step, exit 75, the signal named in status.json, no process of the run left."""
+    import os
+
+    import psutil
     run = tmp_path / "run"
     sets = ["train.steps=40", "train.eval_every=0", "checkpoint.every=0", "optim.warmup_steps=2"]
     proc = subprocess.Popen(train_cmd(TINY["bert"], run, cache, *sets), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # a terminal's job
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step 3:"):
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGINT)
             break
     lines += proc.stdout.readlines()
     assert proc.wait(timeout=300) == EXIT_STOPPED, "".join(lines[-40:])
+    text = "".join(lines)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert text.count("b2b train: SIGINT: saving a checkpoint") == 1
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "stopped" and status["reason"] == "stopped by signal SIGUSR1"
+    assert status["state"] == "stopped" and status["reason"] == "stopped by signal SIGINT"
     assert 3 <= status["step"] < 40
     assert (run / "checkpoints" / "latest").read_text() == f"step{status['step']:08d}"
     resumed = b2b_train(TINY["bert"], run, cache, *sets, resume="auto")
