@@ -217,6 +217,12 @@ def main(argv=None) -> int:
     except (GrowthError, RecipeError) as err:
         print(f"b2b {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (NotADirectoryError, FileExistsError, PermissionError, IsADirectoryError) as err:
+        # an output path that cannot be made (a file where a directory should be, no permission)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"b2b {args.command}: error: cannot write{where} ({err.strerror or err}); choose another path",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -183,3 +183,15 @@ def test_verify_runs_on_a_given_text(minilm_exact, tmp_path, capsys):
     assert code == 0 and "says exact: OK" in out
     code, _, err = run(capsys, "verify", "minilm", minilm_exact, "--text", tmp_path / "missing.txt")
     assert code == 2 and "missing.txt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_output_path_under_a_file_is_one_clear_error(tiny_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    for argv in (["grow", tiny_dir, "--to", "layers=3", "--out", afile / "x"],
+                 ["grow", tiny_dir, "--to", "layers=3", "--width", "direct", "--break-symmetry", "split",
+                  "--out", tmp_path / "y"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and err.startswith("b2b grow: error:") and len(err.strip().splitlines()) == 1, err
+    assert "cannot write" in run(capsys, "grow", tiny_dir, "--to", "layers=3", "--out", afile / "x")[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "tiny"]
