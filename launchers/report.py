@@ -34,6 +34,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Run:
     flops: list[float]  # cumulative training FLOPs at those steps
     seconds: list[float | None]  # cumulative training seconds (None where not logged)
     source_flops: float | None  # None: unknown
+    budget: int | None = None  # the recipe's train.steps
 
 
 # ---------------------------------------------------------------- reading runs
@@ -129,7 +131,8 @@ def read_run(run_dir: Path, k: int, baseline: str) -> Run:
     return Run(path=run_dir, name=name, method=method, setting=None if setting is None else str(setting), seed=seed,
                grow_from=grow_from, state=run_state(run_dir), steps=steps, val=losses, smoothed=smooth(losses, k),
                flops=[flops[s] for s in steps], seconds=[seconds.get(s) for s in steps],
-               source_flops=0.0 if method == baseline else source_cost(grow_from))
+               source_flops=0.0 if method == baseline else source_cost(grow_from),
+               budget=(recipe.get("train") or {}).get("steps"))
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -428,6 +431,10 @@ def report(run_dirs: list[str], target: float | None = None, k: int = 3, baselin
             raise RecipeError(f"{p}: run directory given twice")
         seen[p.resolve()] = p
     runs = [read_run(p, k, baseline) for p in paths]
+    budgets = sorted({r.budget for r in runs if r.budget is not None})
+    if len(budgets) > 1:
+        print(f"b2b report: warning: the runs have different step budgets (train.steps {budgets}); their final "
+              "losses are not at the same budget", file=sys.stderr)
     result = build_report(runs, target, k, baseline)
     text = markdown(result)
     out_dir = Path(out)

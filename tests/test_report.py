@@ -337,3 +337,15 @@ def test_a_run_kept_as_exported_scalars_reports_as_its_event_files(runs, tmp_pat
         assert run_cli(capsys, *dirs, "--out", tmp_path / out)[0] == 0
     a, b = (json.loads((tmp_path / x / "report.json").read_text()) for x in "ab")
     assert a["methods"] == b["methods"] and a["target"] == b["target"]
+
+
+def test_different_step_budgets_are_warned_about(tmp_path, capsys):
+    runs = [write_run(tmp_path, "scratch", 0, [8.0, 6.0, 5.0, 4.0]), write_run(tmp_path, "aki", 0, [5.0, 4.5, 4.0, 3.5])]
+    recipe = yaml.safe_load((runs[1] / "recipe.yaml").read_text())
+    (runs[1] / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "train": {"steps": 400}}))
+    code, _, err = run_cli(capsys, *runs, "--out", tmp_path / "r")
+    assert code == 0 and err == ""  # one run says nothing of its budget: nothing to compare
+    recipe = yaml.safe_load((runs[0] / "recipe.yaml").read_text())
+    (runs[0] / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "train": {"steps": 800}}))
+    code, _, err = run_cli(capsys, *runs, "--out", tmp_path / "r")
+    assert code == 0 and "different step budgets (train.steps [400, 800])" in err
