@@ -150,7 +150,9 @@ def forward_stop(launcher_pid: int, signum: int = signal.SIGUSR1) -> None:
         return
     for child in children:
         try:
-            if "launchers.train" in " ".join(child.cmdline()):
+            args = child.cmdline()
+            # the workers run `-m launchers.train`; DeepSpeed's launch process names it too, and kills them on a signal
+            if "launchers.train" in args and not any("deepspeed.launcher" in a for a in args):
                 child.send_signal(signum)
         except psutil.Error:
             pass
