@@ -84,6 +84,10 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
         sys.stdout.write(dry_run_text(recipe, procs, ds))
         return 0
     check_can_run(recipe, cpu, resume)
+    if resume == "auto" and finished_at(recipe.run_dir) == recipe.train.steps:
+        print(f"b2b train: {recipe.run_dir} already finished at step {recipe.train.steps}; the model is in "
+              f"{recipe.run_dir / 'final'}")
+        return 0
     from .data import prepare, quiet_libraries
     quiet_libraries()
     prepare(recipe)  # tokenising once here surfaces data errors before workers start
@@ -138,6 +142,15 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
     print(f"b2b train: stopped before the end; continue with: b2b train {path} --resume auto {again}".rstrip(),
           file=sys.stderr)
     return EXIT_STOPPED
+
+
+def finished_at(run_dir: Path) -> int | None:
+    """The step a finished run ended at (status.json, with its RUN/final), or None."""
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return status.get("step") if status.get("state") == "finished" and (run_dir / "final").is_dir() else None
 
 
 def forward_stop(launcher_pid: int, signum: int = signal.SIGUSR1) -> None:
