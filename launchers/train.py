@@ -328,6 +328,8 @@ class Trainer:
         if path is None or "b2b" not in client:
             raise config.RecipeError(f"{self.ckpt_dir / tag}: not a checkpoint written by b2b train")
         self._recipe_hyperparameters()
+        scheduler = self.engine.lr_scheduler  # the recipe's schedule at the saved iteration: a changed
+        scheduler.step(scheduler.last_batch_iteration)  # train.steps applies from the first resumed step
         self.state = dict(client["b2b"])
         if self.rank == 0:
             print(f"resumed from {self.ckpt_dir / tag} at step {self.state['step']}", flush=True)

@@ -133,6 +133,13 @@ def test_resume_errors(tmp_path, cache):
     assert again.returncode == 2 and "already holds checkpoints: continue it with --resume auto" in again.stderr
     done = b2b_train(TINY["gpt2"], run, cache, "train.steps=2", "optim.warmup_steps=2", resume="auto")
     assert done.returncode == 0 and "already finished at step 2" in done.stdout and "step 1:" not in done.stdout
+    # a larger budget continues the run, and its first resumed step runs on the new schedule: cosine from
+    # step 2 to 4, so step 3 is at iteration 2, half-way down to 10% (the old schedule had ended at 10%)
+    longer = b2b_train(TINY["gpt2"], run, cache, "train.steps=4", "optim.warmup_steps=2", resume="auto")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    lr = read_scalars(run)["train/lr"]
+    assert lr[3] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-6)  # without the fix: 1e-4, the old end
+    assert lr[2] == pytest.approx(1e-3 * 0.5, rel=1e-6)  # step 2 of the first run: warmup iteration 1 of 2
     missing = b2b_train(TINY["gpt2"], run, cache, "train.steps=2", "optim.warmup_steps=2", resume="step00000099")
     assert missing.returncode == 2 and "--resume step00000099: no such checkpoint" in missing.stderr
     # a checkpoint past the recipe's end: refused at once, not "stopped before the end" and requeued forever
