@@ -145,7 +145,7 @@ def test_resume_errors(tmp_path, cache):
     # a checkpoint past the recipe's end: refused at once, not "stopped before the end" and requeued forever
     fewer = b2b_train(TINY["gpt2"], run, cache, "train.steps=1", "optim.warmup_steps=1", "optim.schedule=linear",
                       resume="auto")
-    assert fewer.returncode == 2 and "train.steps: 1, but" in fewer.stderr and "at step 2" in fewer.stderr
+    assert fewer.returncode == 2 and "train.steps: 1, but" in fewer.stderr and "at step 4" in fewer.stderr
     assert len(fewer.stderr.strip().splitlines()) == 1
 
 
