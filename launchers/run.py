@@ -122,6 +122,22 @@ def method_sets(s: RecipeSet, out: Path, method: str, seed: int, source_model: P
     return as_sets(values)
 
 
+def planned_run(s: RecipeSet, out: Path, method: str, setting: dict, seed: int, source_model: Path) -> tuple:
+    """(run directory, --set overrides) of one run, its recipe checked (without the source, which
+    may not exist yet)."""
+    sets = method_sets(s, out, method, seed, source_model, setting)
+    config.load(s.target, [x for x in sets if not x.startswith("model.grow_from=")])
+    return out / run_name(method, setting, seed), sets
+
+
+def first_phase(s: RecipeSet, out: Path, source_model: Path, methods: list[str], seeds: list[int],
+                sweep_seeds: list[int]) -> list[tuple]:
+    """Every setting of a swept method at the sweep seeds, every seed of the others; the best
+    settings' remaining seeds follow once these have run."""
+    return [planned_run(s, out, m, setting, seed, source_model) for seed in seeds for m in methods
+            for setting in settings(s, m) if len(settings(s, m)) == 1 or seed in sweep_seeds]
+
+
 def train_once(recipe: str, sets: list[str], procs: int | None, run_dir: Path) -> None:
     """Train unless already finished; resume when stopped."""
     from .launch import train
@@ -148,17 +164,12 @@ def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = N
     source_model = Path(s.source_model).resolve() if s.source_model else source_dir / "final"
 
     def planned(method, setting, seed):
-        sets = method_sets(s, out, method, seed, source_model, setting)
-        # checked before anything trains (without the source, which may not exist yet)
-        config.load(s.target, [x for x in sets if not x.startswith("model.grow_from=")])
-        return out / run_name(method, setting, seed), sets
+        return planned_run(s, out, method, setting, seed, source_model)
 
     if s.source:
         config.load(s.source, as_sets({"out_dir": str(source_dir)}))
     swept = [m for m in methods if len(settings(s, m)) > 1]
-    # first every setting of a swept method at the sweep seeds, every seed of the others
-    plan = [planned(m, setting, seed) for seed in seeds for m in methods for setting in settings(s, m)
-            if m not in swept or seed in sweep_seeds]
+    plan = first_phase(s, out, source_model, methods, seeds, sweep_seeds)
     later = [seed for seed in seeds if seed not in sweep_seeds] if swept else []
     for m in swept:  # the best settings' runs are checked too: any setting may win
         for setting in settings(s, m):

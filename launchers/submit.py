@@ -158,7 +158,7 @@ def recipe_jobs(path: str, sets: list[str], res: Resources, part: Partition | No
 
 def set_jobs(path: str, sets: list[str], res: Resources, part: Partition | None) -> list[Job]:
     """A method comparison: the source's job, the methods' job array, the report."""
-    from .run import as_sets, load_set, method_sets
+    from .run import as_sets, first_phase, load_set
     s = load_set(Path(path))
     out = Path(s.out_dir or f"runs/{s.name}").resolve()
     source_dir = out / "source"
@@ -169,12 +169,10 @@ def set_jobs(path: str, sets: list[str], res: Resources, part: Partition | None)
         config.load(s.source, source_sets)
         jobs.append(train_job(f"{s.name}-source", [(s.source, source_dir, source_sets)],
                               source_dir / "slurm-%j.out", res, part))
-    runs = []
-    for seed in s.seeds:
-        for method in s.methods:
-            run_sets = [*sets, *method_sets(s, out, method, seed, source_model)]
-            config.load(s.target, [x for x in run_sets if not x.startswith("model.grow_from=")])
-            runs.append((s.target, out / f"{method}-s{seed}", run_sets))
+    # a sweep's first phase (every setting at the sweep seeds); its best settings' other seeds
+    # need these results: `b2b run SET` runs them afterwards, skipping what finished here
+    runs = [(s.target, run_dir, [*sets, *run_sets]) for run_dir, run_sets in
+            first_phase(s, out, source_model, list(s.methods), s.seeds, s.sweep_seeds or s.seeds[:1])]
     jobs.append(train_job(f"{s.name}-methods", runs, out / "slurm-%A_%a.out", res, part, after=list(range(len(jobs)))))
     r = s.report
     args = [*(str(d) for _, d, _ in runs), "--smooth", str(r.smooth), "--baseline", r.baseline,
@@ -194,7 +192,7 @@ def sbatch(job: Job, after: list[str]) -> str:
 
 
 def submit(path: str, sets: list[str], res: Resources, dry_run: bool = False) -> int:
-    is_set = "methods" in config.read_yaml(Path(path))
+    is_set = "methods" in config.load_raw(Path(path))  # a set, or a set naming a base set
     part = None if dry_run else check_resources(res)
     jobs = (set_jobs if is_set else recipe_jobs)(path, sets, res, part)
     if dry_run:
