@@ -163,9 +163,6 @@ def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = N
     source_dir = out / "source"
     source_model = Path(s.source_model).resolve() if s.source_model else source_dir / "final"
 
-    def planned(method, setting, seed):
-        return planned_run(s, out, method, setting, seed, source_model)
-
     if s.source:
         config.load(s.source, as_sets({"out_dir": str(source_dir)}))
     swept = [m for m in methods if len(settings(s, m)) > 1]
@@ -174,7 +171,7 @@ def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = N
     for m in swept:  # the best settings' runs are checked too: any setting may win
         for setting in settings(s, m):
             for seed in later:
-                planned(m, setting, seed)
+                planned_run(s, out, m, setting, seed, source_model)
     if dry_run:
         print(f"source: {s.source or s.source_model} -> {source_model}")
         for run_dir, sets in plan:
@@ -194,7 +191,7 @@ def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = N
             setting = next(x for x in settings(s, m) if setting_text(x) == best[m])
             print(f"b2b run: {m}: best setting {best[m]}", flush=True)
             for seed in later:
-                plan.append(planned(m, setting, seed))
+                plan.append(planned_run(s, out, m, setting, seed, source_model))
                 train_once(s.target, plan[-1][1], procs, plan[-1][0])
     report([str(d) for d, _ in plan], target=r.target, k=r.smooth, baseline=r.baseline, out=str(out / "report"))
     return 0
