@@ -471,10 +471,11 @@ def validate(recipe: Recipe) -> Recipe:
              "progressive stacking starts from scratch: it does not combine with stage1 or a start model")
     check_parallel(recipe)
     from growth.adapters.deepspeed import universal_tag
-    _require(recipe.zero.stage > 0 or not (m.init_from and universal_tag(m.init_from)),
+    grown_checkpoint = bool(m.init_from and universal_tag(m.init_from))
+    _require(recipe.zero.stage > 0 or not grown_checkpoint,
              "zero.stage", "0, but model.init_from is a grown DeepSpeed checkpoint, which DeepSpeed loads "
              "into ZeRO stages 1-3 only: set zero.stage to 1, 2 or 3")
-    kept = kept_step(m.init_from) if m.init_from and universal_tag(m.init_from) else None
+    kept = kept_step(m.init_from) if grown_checkpoint else None
     _require(kept is None or kept < t.steps, "train.steps",
              f"{t.steps}, but model.init_from {m.init_from} was grown with --schedule keep at step {kept}: the run "
              f"continues that step count, so set train.steps above {kept} (--set train.steps=N), or grow it with "

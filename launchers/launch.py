@@ -146,10 +146,8 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
 
 def finished_at(run_dir: Path) -> int | None:
     """The step a finished run ended at (status.json, with its RUN/final), or None."""
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return None
+    from .report import run_status
+    status = run_status(run_dir)
     return status.get("step") if status.get("state") == "finished" and (run_dir / "final").is_dir() else None
 
 

@@ -97,12 +97,19 @@ def source_cost(grow_from: str | None) -> float | None:
         return None
 
 
-def run_state(run_dir: Path) -> str | None:
-    """status.json's state (finished or stopped); None when absent or unreadable (still running, or crashed)."""
+def run_status(run_dir: Path) -> dict:
+    """status.json (state finished or stopped, step, ...); {} when absent or unreadable (still
+    running, or crashed)."""
     try:
-        return json.loads((run_dir / "status.json").read_text()).get("state")
-    except (OSError, ValueError, AttributeError):
-        return None
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def run_state(run_dir: Path) -> str | None:
+    """status.json's state (finished or stopped); None when absent or unreadable."""
+    return run_status(run_dir).get("state")
 
 
 def read_run(run_dir: Path, k: int, baseline: str) -> Run:

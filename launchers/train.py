@@ -450,10 +450,10 @@ class Trainer:
         if self.megatron or manifest is None or not manifest.is_file():
             return None
         from growth import GrowthError
-        from growth.copies import grower_from_manifest
+        from growth.adapters.hf import copies_grower
         try:
-            return grower_from_manifest(json.loads(manifest.read_text()))
-        except (GrowthError, ValueError) as err:
+            return copies_grower(manifest)
+        except GrowthError as err:
             if self.rank == 0:
                 print(f"warning: no growth/copy_cosine scalars: {err}", flush=True)
             return None

@@ -219,7 +219,7 @@ def copy_cosines_of(model: str | Path, manifest: str | Path | None = None) -> di
     """`b2b copies`: growth/copies.py's figure (mean cosine between each grown copy and its
     original, per kind) for an HF model directory against the growth manifest it was grown by;
     a `b2b train` run directory stands for RUN/final against RUN/grown/growth.json."""
-    from growth.copies import copy_cosines, grower_from_manifest
+    from growth.copies import copy_cosines
     path = Path(model)
     if manifest is None and (path / "final").is_dir() and (path / "grown" / "growth.json").is_file():
         path, manifest = path / "final", path / "grown" / "growth.json"
@@ -227,11 +227,18 @@ def copy_cosines_of(model: str | Path, manifest: str | Path | None = None) -> di
     manifest = Path(manifest) if manifest is not None else path / "growth.json"
     if not manifest.is_file():
         raise GrowthError(f"{manifest}: no growth manifest; pass --manifest GROWN/growth.json (b2b grow writes it)")
-    try:
-        grower = grower_from_manifest(json.loads(manifest.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GrowthError(f"{manifest}: corrupt growth manifest ({err})") from None
+    grower = copies_grower(manifest)
     if grower is None:
         raise GrowthError(f"{manifest}: width direct copies no unit, so there are no copies to compare")
     weights = open_weights(weight_files(path))
     return copy_cosines(grower, ((name, weights[name]) for name in weights.shapes))
+
+
+def copies_grower(manifest: Path):
+    """The Grower a growth.json describes (growth.copies.grower_from_manifest), None for DirectCopy;
+    a corrupt file is a GrowthError."""
+    from growth.copies import grower_from_manifest
+    try:
+        return grower_from_manifest(json.loads(manifest.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GrowthError(f"{manifest}: corrupt growth manifest ({err})") from None
