@@ -57,7 +57,7 @@ def cmd_verify(args) -> int:
 def cmd_train(args) -> int:
     from .launch import train
     return train(args.recipe, args.set, args.procs, resume=args.resume, dry_run=args.dry_run,
-                 prepare_only=args.prepare_only)
+                 prepare_only=args.prepare_only, verbose=args.verbose)
 
 
 def cmd_tokenizer(args) -> int:
@@ -79,14 +79,23 @@ def cmd_report(args) -> int:
 
 def cmd_run(args) -> int:
     from .run import run
-    return run(args.set_file, methods=args.methods, seeds=args.seeds, procs=args.procs, dry_run=args.dry_run)
+    return run(args.set_file, methods=args.methods, seeds=args.seeds, procs=args.procs, dry_run=args.dry_run,
+               verbose=args.verbose)
 
 
 def cmd_submit(args) -> int:
     from .submit import Resources, submit
     res = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
-                    account=args.account, signal_seconds=args.signal_seconds)
+                    account=args.account, signal_seconds=args.signal_seconds, cpus_per_node=args.cpus_per_node)
     return submit(args.recipe, args.set, res, dry_run=args.dry_run)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("bert2bert-recipes")
+    except PackageNotFoundError:  # run from a checkout without installing it
+        return "unknown (not installed)"
 
 
 def csv(kind):
@@ -95,6 +104,7 @@ def csv(kind):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="b2b", description="bert2BERT: grow pretrained transformers and train them.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("grow", help="grow an HF model directory, a DeepSpeed ZeRO checkpoint or a megatron-core "
@@ -106,9 +116,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--to", required=True,
                    help=f"target: a preset ({', '.join(PRESETS)}), an HF config.json, "
                         "or layers=..,hidden=..,heads=..,ffn=.. (omitted keys keep the source's)")
-    g.add_argument("--width", choices=WIDTH_METHODS, default="aki")
-    g.add_argument("--depth", choices=DEPTH_METHODS, default="stack")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--width", choices=WIDTH_METHODS, default="aki",
+                   help="new neurons and heads: fpi (copies of the source's), aki (fan-in weights from the next "
+                        "layer), direct (the small weights in a corner, the rest random), exact (fpi with the "
+                        "symmetric map, integer ratios only) (default: %(default)s)")
+    g.add_argument("--depth", choices=DEPTH_METHODS, default="stack",
+                   help="new layers: stack (copies of the source's, in order) or identity (blocks that start as "
+                        "the identity) (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="for the random choices of growth (default: %(default)s)")
     g.add_argument("--break-symmetry", choices=SYMMETRY_METHODS, default="none",
                    help="split: unequal fan-in shares of the copied units (LEMON), exact at initialisation, so "
                         "a unit and its copy get different gradients (default: none)")
@@ -152,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default="none",
                    help="'auto' (the newest complete checkpoint, if any), a checkpoint tag, or 'none'")
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and DeepSpeed JSON, and exit")
+    t.add_argument("--verbose", action="store_true", help="keep DeepSpeed's and megatron's routine log lines and "
+                                                          "warnings (default: errors only)")
     t.add_argument("--prepare-only", action="store_true",
                    help="check, prepare the data and the run directory for --procs processes in all, and exit "
                         "(a scheduler starts the workers: see slurm/)")
@@ -177,11 +194,12 @@ def parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_vocab_transfer)
 
     u = sub.add_parser("run", help="a method comparison: source pretraining, each method and seed, the report")
-    u.add_argument("set_file", metavar="SET", help="a recipe set (e.g. recipes/demo-bert.yaml)")
+    u.add_argument("set_file", metavar="SET", help="a recipe set (e.g. recipes/sets/demo-bert.yaml)")
     u.add_argument("--methods", type=csv(str), help="comma-separated subset of the set's methods")
     u.add_argument("--seeds", type=csv(int), help="comma-separated seeds (default: the set's)")
     u.add_argument("--procs", type=int, help="processes per run (default: GPUs, or 1 on CPU)")
     u.add_argument("--dry-run", action="store_true", help="check every recipe and print the runs, and exit")
+    u.add_argument("--verbose", action="store_true", help="keep DeepSpeed's and megatron's routine log lines")
     u.set_defaults(func=cmd_run)
 
     b = sub.add_parser("submit", help="submit a recipe (or a recipe set) to SLURM: requeued on preemption, resumed")
@@ -189,12 +207,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     b.add_argument("--nodes", type=int, default=1)
     b.add_argument("--gpus-per-node", type=int, help="processes per node (default: the nodes' GPUs, or 1 on CPU nodes)")
+    b.add_argument("--cpus-per-node", type=int, help="CPUs per node, shared by its processes (default: the "
+                                                      "partition's smallest node)")
     b.add_argument("--partition", help="default: the cluster's default partition")
     b.add_argument("--time", default="1:00:00", help="time limit, e.g. 2-00:00:00 (default 1:00:00)")
     b.add_argument("--account")
     b.add_argument("--signal-seconds", type=int, default=120, metavar="S",
                    help="checkpoint and requeue S seconds before the time limit (default 120)")
-    b.add_argument("--dry-run", action="store_true", help="print the job scripts, and submit nothing")
+    b.add_argument("--dry-run", action="store_true", help="print the job scripts, and submit nothing (the "
+                                                          "partition is checked when the controller answers)")
     b.set_defaults(func=cmd_submit)
 
     r = sub.add_parser("report", help="FLOPs and wall-clock to a target loss, and savings against the baseline")

@@ -8,6 +8,7 @@ tree (`deepspeed_config`), never kept beside the recipe.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -24,6 +25,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 STAGE1_SAMPLING = ("uniform", "cyclic")
 TOKENIZER_KINDS = ("wordpiece", "bpe")  # trained on the corpus by `b2b tokenizer` / the data pipeline
+# A run directory (out_dir): its DeepSpeed checkpoints, status (launchers/train.py) and trained model.
+CHECKPOINTS = "checkpoints"
+STATUS = "status.json"
+FINAL = "final"  # an HF directory
+VERBOSE = "B2B_VERBOSE"  # "1" in the workers' environment: DeepSpeed's and megatron's routine output kept
 
 
 class RecipeError(ValueError):
@@ -305,6 +311,8 @@ def _convert(value, tp, key: str):
         return {k: build(item, v, f"{key}.{k}.") if dataclasses.is_dataclass(item) else _convert(v, item, f"{key}.{k}")
                 for k, v in value.items()}
     if origin is list:
+        if isinstance(value, str) and typing.get_args(tp) == (str,):
+            value = [value]  # a single path (--set data.files=/path)
         if not isinstance(value, list):
             raise RecipeError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
@@ -396,7 +404,8 @@ def resolve_model(recipe: Recipe) -> None:
     for k, value in found.items():
         mine = getattr(m, k)
         _require(mine is None or mine == value, f"model.{k}",
-                 f"{mine!r} but {key} {start} has {value!r}: remove the key or fix it")
+                 f"{mine!r} but {key} {start} has {value!r}: take the model's with --set model.{k}=null, "
+                 "or fix it")
         setattr(m, k, value)
     positions = cfg.get("max_position_embeddings", cfg.get("n_positions"))
     if positions is not None:
@@ -419,7 +428,7 @@ def validate(recipe: Recipe) -> Recipe:
         _require(Path(file).is_file(), "data.files", f"{file}: no such file")
         _require(Path(file).suffix in (".txt", ".jsonl", ".json", ".parquet"), "data.files",
                  f"{file}: use .txt, .jsonl, .json or .parquet files")
-    _require(d.files != [], "data.files", "empty list: name files or remove the key")
+    _require(d.files != [], "data.files", "empty list: name files, or read the offline corpus with --set data.files=null")
     if d.tokenizer not in (None, *TOKENIZER_KINDS, "minilm"):
         _require(Path(d.tokenizer).is_dir(), "data.tokenizer",
                  f"{d.tokenizer}: not a directory; use a tokenizer or model directory, 'minilm', "
@@ -441,7 +450,7 @@ def validate(recipe: Recipe) -> Recipe:
              "DeepSpeed's WarmupCosineLR needs at least 2 warmup steps: set 2 or more, or another optim.schedule")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _require(o.decay_steps is None or o.schedule != "constant", "optim.decay_steps",
-             "a constant schedule does not decay: remove the key or choose optim.schedule linear or cosine")
+             "a constant schedule does not decay: --set optim.decay_steps=null, or choose optim.schedule linear or cosine")
     _require(o.decay_steps is None or o.decay_steps > o.warmup_steps, "optim.decay_steps",
              f"{o.decay_steps}: must be greater than optim.warmup_steps ({o.warmup_steps})")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
@@ -543,9 +552,34 @@ def data_parallel_size(recipe: Recipe, procs: int) -> int:
     return procs // tp
 
 
+# What a starting model named on the command line brings with it: its architecture, its shape
+# (init_from; grow_from's shape is the target's), and its tokenizer, whose ids its embeddings index.
+FROM_MODEL = {"model.init_from": ("model.arch", "model.layers", "model.hidden", "model.heads", "model.ffn",
+                                  "data.tokenizer"),
+              "model.grow_from": ("model.arch", "data.tokenizer")}
+
+
+def yield_to_model(data: dict, overrides: list[str]) -> dict:
+    """The recipe file's keys that a `--set model.init_from=DIR` (or grow_from) takes from the model
+    itself, removed unless the command line sets them too: `--set model.init_from=DIR` alone works."""
+    given = {item.partition("=")[0] for item in overrides}
+    dropped = {key for start, keys in FROM_MODEL.items() if start in given for key in keys if key not in given}
+    out = copy.deepcopy(data)
+    for key in dropped:
+        section, leaf = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(leaf, None)
+    return out
+
+
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, merge the base chain, apply --set overrides, type-check and validate."""
-    data = apply_overrides(load_raw(Path(path)), list(overrides))
+    overrides = list(overrides)
+    raw = load_raw(Path(path))
+    if "methods" in raw:
+        raise RecipeError(f"{path}: a recipe set (it names methods), not a training recipe: run it with "
+                          f"b2b run {path} (or b2b submit)")
+    data = apply_overrides(yield_to_model(raw, overrides), overrides)
     return validate(build(Recipe, data))
 
 

@@ -56,12 +56,37 @@ def dry_run_text(recipe: config.Recipe, procs: int, ds: dict) -> str:
             f"{recipe.data.seq_len} tokens, vocabulary {vocab}; forward and backward as the trainer counts them)\n")
 
 
+def check_vocabulary(recipe: config.Recipe, tokens: int | None = None) -> None:
+    """A starting model's embeddings index its own tokenizer's ids: the recipe's tokenizer must have
+    as many tokens (`tokens`: the prepared data's count; before it, a trained tokenizer's
+    data.vocab_size is an upper bound). Checked here, before any process starts."""
+    from growth.adapters.hf import read_config, resolve
+
+    from .data import TOKENIZER_KINDS, load_tokenizer, tokenizer_source
+    m = recipe.model
+    start = m.init_from or m.grow_from
+    if start is None:
+        return
+    rows = read_config(resolve(start)).get("vocab_size")
+    source = tokenizer_source(recipe)
+    trained = source in TOKENIZER_KINDS
+    if tokens is None and not trained:
+        tokens = len(load_tokenizer(source))
+    key = "model.init_from" if m.init_from else "model.grow_from"
+    if rows is None or (rows == tokens if tokens is not None else rows <= recipe.data.vocab_size):
+        return
+    what = (f"data.tokenizer {source} trains a new one of {tokens or f'at most {recipe.data.vocab_size}'} tokens"
+            if trained else f"data.tokenizer {source} has {tokens}")
+    raise RecipeError(f"{key}: {start} has a vocabulary of {rows} rows, but {what}: use the model's own tokenizer "
+                      "(--set data.tokenizer=null) or give the model another vocabulary first (b2b vocab transfer)")
+
+
 def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
     if cpu and recipe.train.precision != "fp32":
         raise RecipeError(f"train.precision: {recipe.train.precision} needs a GPU; this machine has none: "
                           "use --set train.precision=fp32")
-    from .train import CHECKPOINTS, check_same_parallel, checkpoint_tags, resume_tag
-    ckpts = recipe.run_dir / CHECKPOINTS
+    from .train import check_same_parallel, checkpoint_tags, resume_tag
+    ckpts = recipe.run_dir / config.CHECKPOINTS
     if resume == "none" and ckpts.is_dir() and checkpoint_tags(ckpts):
         raise RecipeError(f"{recipe.run_dir} already holds checkpoints: continue it with --resume auto, "
                           "or choose a new out_dir (--set out_dir=...)")
@@ -76,21 +101,41 @@ def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
 
 
 def train(path: str, sets: list[str], procs: int | None, resume: str = "none", dry_run: bool = False,
-          prepare_only: bool = False) -> int:
+          prepare_only: bool = False, verbose: bool = False) -> int:
     """prepare_only: check, prepare the data and the run directory for `procs` processes in all and
-    stop there; a cluster scheduler then starts the workers itself (slurm/entrypoint.sh)."""
+    stop there; a cluster scheduler then starts the workers itself (slurm/entrypoint.sh).
+    verbose: DeepSpeed's and megatron's routine INFO lines and warnings too."""
     recipe, procs, cpu, ds = resolve(path, sets, procs)
+    check_vocabulary(recipe)
     if dry_run:
         sys.stdout.write(dry_run_text(recipe, procs, ds))
         return 0
     check_can_run(recipe, cpu, resume)
     if resume == "auto" and finished_at(recipe.run_dir) == recipe.train.steps:
         print(f"b2b train: {recipe.run_dir} already finished at step {recipe.train.steps}; the model is in "
-              f"{recipe.run_dir / 'final'}")
+              f"{recipe.run_dir / config.FINAL}")
         return 0
     from .data import prepare, quiet_libraries
     quiet_libraries()
-    prepare(recipe)  # tokenising once here surfaces data errors before workers start
+    data = prepare(recipe)  # tokenising once here surfaces data errors before workers start
+    check_vocabulary(recipe, json.loads((data / "meta.json").read_text())["vocab_size"])
+    run_dir = recipe.run_dir
+    fresh = not run_dir.exists()  # a failed start of a new run leaves nothing behind
+    try:
+        code = start(recipe, ds, procs, cpu, path, sets, resume, prepare_only, verbose)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if fresh and code not in (0, EXIT_STOPPED, 130) and not (run_dir / config.CHECKPOINTS).is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"b2b train: removed {run_dir}: the run saved nothing", file=sys.stderr)
+    return code
+
+
+def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, sets: list[str], resume: str,
+          prepare_only: bool, verbose: bool) -> int:
+    """Write the run directory and run the workers; the exit code (see the module's docstring)."""
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     m = recipe.model
@@ -100,13 +145,14 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
                        depth=m.growth.depth, seed=m.growth.seed, symmetry=m.growth.symmetry, overwrite=True)
     (run_dir / "recipe.yaml").write_text(config.dump(recipe))
     (run_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2))
-    status = run_dir / "status.json"
+    status = run_dir / config.STATUS
     status.unlink(missing_ok=True)
     if prepare_only:
         return 0
-    env = dict(os.environ, **({"DS_ACCELERATOR": "cpu"} if cpu else {}))
+    env = dict(os.environ, **({"DS_ACCELERATOR": "cpu"} if cpu else {}), **({config.VERBOSE: "1"} if verbose else {}))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
-           "--master_port", str(free_port()), "--no_local_rank", "--module", "launchers.train",
+           "--master_port", str(free_port()), "--no_local_rank", *([] if verbose else ["--log_level", "error"]),
+           "--module", "launchers.train",
            "--run-dir", str(run_dir), "--resume", resume]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # terminal signals reach b2b, not the workers
     received = []
@@ -137,6 +183,7 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
         print(f"b2b train: error: the workers failed (exit code {code}); see the log above", file=sys.stderr)
         return code or 1
     if json.loads(status.read_text())["state"] == "finished":
+        print(f"b2b train: finished; the model is in {run_dir / config.FINAL}")
         return 0
     again = " ".join(f"--set {s}" for s in sets if not s.startswith("train.stop_at="))
     print(f"b2b train: stopped before the end; continue with: b2b train {path} --resume auto {again}".rstrip(),
@@ -148,7 +195,7 @@ def finished_at(run_dir: Path) -> int | None:
     """The step a finished run ended at (status.json, with its RUN/final), or None."""
     from .report import run_status
     status = run_status(run_dir)
-    return status.get("step") if status.get("state") == "finished" and (run_dir / "final").is_dir() else None
+    return status.get("step") if status.get("state") == "finished" and (run_dir / config.FINAL).is_dir() else None
 
 
 def forward_stop(launcher_pid: int, signum: int = signal.SIGUSR1) -> None:

@@ -35,11 +35,12 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from . import config
 from .config import RecipeError
 from .events import SCALARS, read_scalars
 
@@ -62,6 +63,18 @@ class Run:
     seconds: list[float | None]  # cumulative training seconds (None where not logged)
     source_flops: float | None  # None: unknown
     budget: int | None = None  # the recipe's train.steps
+    trains: dict = field(default_factory=dict)  # what compared runs must share: the shape, the data, the batch
+
+
+COMPARED = {"model": ("arch", "layers", "hidden", "heads", "ffn"), "data": ("files", "hub", "seq_len"),
+            "batch": ("micro", "accum", "global_size")}
+
+
+def trains(recipe: dict) -> dict:
+    """The keys of a run's recipe that must agree across a comparison (methods differ in the rest:
+    the rate, the start model, the stages)."""
+    return {f"{section}.{key}": (recipe.get(section) or {}).get(key) for section, keys in COMPARED.items()
+            for key in keys}
 
 
 # ---------------------------------------------------------------- reading runs
@@ -101,7 +114,7 @@ def run_status(run_dir: Path) -> dict:
     """status.json (state finished or stopped, step, ...); {} when absent or unreadable (still
     running, or crashed)."""
     try:
-        status = json.loads((run_dir / "status.json").read_text())
+        status = json.loads((run_dir / config.STATUS).read_text())
     except (OSError, ValueError):
         return {}
     return status if isinstance(status, dict) else {}
@@ -139,7 +152,7 @@ def read_run(run_dir: Path, k: int, baseline: str) -> Run:
                grow_from=grow_from, state=run_state(run_dir), steps=steps, val=losses, smoothed=smooth(losses, k),
                flops=[flops[s] for s in steps], seconds=[seconds.get(s) for s in steps],
                source_flops=0.0 if method == baseline else source_cost(grow_from),
-               budget=(recipe.get("train") or {}).get("steps"))
+               budget=(recipe.get("train") or {}).get("steps"), trains=trains(recipe))
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -442,6 +455,11 @@ def report(run_dirs: list[str], target: float | None = None, k: int = 3, baselin
     if len(budgets) > 1:
         print(f"b2b report: warning: the runs have different step budgets (train.steps {budgets}); their final "
               "losses are not at the same budget", file=sys.stderr)
+    other = next((r for r in runs if r.trains != runs[0].trains), None)
+    if other is not None:
+        differ = [f"{k} {runs[0].trains[k]} vs {v}" for k, v in other.trains.items() if runs[0].trains[k] != v]
+        print(f"b2b report: warning: {runs[0].path} and {other.path} train different models, data or batches "
+              f"({', '.join(differ)}); their losses do not compare", file=sys.stderr)
     result = build_report(runs, target, k, baseline)
     text = markdown(result)
     out_dir = Path(out)

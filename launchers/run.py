@@ -28,6 +28,7 @@ seeds, and the report ranks every method at its best setting.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import typing
@@ -69,7 +70,10 @@ class RecipeSet:
 
 
 def load_set(path: Path) -> RecipeSet:
-    s = config.build(RecipeSet, config.load_raw(path))  # a set may name a base set and what differs
+    raw = config.load_raw(path)  # a set may name a base set and what differs
+    if "methods" not in raw and set(raw) & {f.name for f in dataclasses.fields(config.Recipe)} - {"name", "out_dir"}:
+        raise RecipeError(f"{path}: a training recipe, not a recipe set: train it with b2b train {path}")
+    s = config.build(RecipeSet, raw)
     here = path.resolve().parent
     if (s.source is None) == (s.source_model is None):
         raise RecipeError(f"{path}: set one of source (a recipe to pretrain) or source_model (a model directory)")
@@ -138,20 +142,20 @@ def first_phase(s: RecipeSet, out: Path, source_model: Path, methods: list[str],
             for setting in settings(s, m) if len(settings(s, m)) == 1 or seed in sweep_seeds]
 
 
-def train_once(recipe: str, sets: list[str], procs: int | None, run_dir: Path) -> None:
+def train_once(recipe: str, sets: list[str], procs: int | None, run_dir: Path, verbose: bool = False) -> None:
     """Train unless already finished; resume when stopped."""
     from .launch import train
     from .report import run_state
     if run_state(run_dir) == "finished":
         print(f"b2b run: {run_dir} already finished", flush=True)
         return
-    code = train(recipe, sets, procs, resume="auto" if run_dir.is_dir() else "none")
+    code = train(recipe, sets, procs, resume="auto" if run_dir.is_dir() else "none", verbose=verbose)
     if code != 0:
         raise RecipeError(f"{run_dir}: b2b train exited with {code}; fix it and run b2b run again to continue")
 
 
 def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = None, procs: int | None = None,
-        dry_run: bool = False) -> int:
+        dry_run: bool = False, verbose: bool = False) -> int:
     s = load_set(Path(path))
     out = Path(s.out_dir or f"runs/{s.name}").resolve()
     methods = methods or list(s.methods)
@@ -180,9 +184,9 @@ def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = N
             print(f"then at seeds {later}: the best setting of {', '.join(swept)} (b2b report's rule)")
         return 0
     if s.source:
-        train_once(s.source, as_sets({"out_dir": str(source_dir), "method": "source"}), procs, source_dir)
+        train_once(s.source, as_sets({"out_dir": str(source_dir), "method": "source"}), procs, source_dir, verbose)
     for run_dir, sets in plan:
-        train_once(s.target, sets, procs, run_dir)
+        train_once(s.target, sets, procs, run_dir, verbose)
     from .report import best_settings, read_run, report
     r = s.report
     if later:
@@ -192,6 +196,6 @@ def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = N
             print(f"b2b run: {m}: best setting {best[m]}", flush=True)
             for seed in later:
                 plan.append(planned_run(s, out, m, setting, seed, source_model))
-                train_once(s.target, plan[-1][1], procs, plan[-1][0])
+                train_once(s.target, plan[-1][1], procs, plan[-1][0], verbose)
     report([str(d) for d, _ in plan], target=r.target, k=r.smooth, baseline=r.baseline, out=str(out / "report"))
     return 0

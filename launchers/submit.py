@@ -41,6 +41,7 @@ class Resources:
     time: str = "1:00:00"
     account: str | None = None
     signal_seconds: int = 120  # USR1 this long before the time limit: time to save a checkpoint
+    cpus_per_node: int | None = None  # default: the partition's (the smallest node's)
 
 
 @dataclass
@@ -61,13 +62,18 @@ class Job:
     tensorboard: str | None = None
 
 
+class NoController(RecipeError):
+    """SLURM cannot be asked: its commands are missing or the controller does not answer."""
+
+
 def read_partitions() -> dict[str, tuple[Partition, bool]]:
     """Every partition from sinfo: (its sizes, whether it is the default)."""
     if shutil.which("sinfo") is None:
-        raise RecipeError("sinfo: not found on PATH; run b2b submit on a SLURM login node")
+        raise NoController("sinfo: not found on PATH; run b2b submit on a SLURM login node")
     out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G"], capture_output=True, text=True)
     if out.returncode != 0:
-        raise RecipeError(f"sinfo failed: {out.stderr.strip() or out.returncode}; is slurmctld reachable?")
+        raise NoController(f"sinfo failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
+                           "; is slurmctld reachable?")
     found: dict[str, tuple[Partition, bool]] = {}
     for line in out.stdout.splitlines():  # one line per group of alike nodes
         name, nodes, cpus, gres = line.strip().split("|")
@@ -84,8 +90,8 @@ def read_partitions() -> dict[str, tuple[Partition, bool]]:
 def check_resources(res: Resources) -> Partition:
     """The partition the job goes to, once it is known to fit; fills res.gpus_per_node."""
     if shutil.which("sbatch") is None:
-        raise RecipeError("sbatch: not found on PATH; run b2b submit on a SLURM login node "
-                          "(or use --dry-run to see the job scripts)")
+        raise NoController("sbatch: not found on PATH; run b2b submit on a SLURM login node "
+                           "(or use --dry-run to see the job scripts)")
     partitions = read_partitions()
     name = res.partition or next((n for n, (_, default) in partitions.items() if default), None)
     if name not in partitions:
@@ -97,8 +103,16 @@ def check_resources(res: Resources) -> Partition:
     res.gpus_per_node = res.gpus_per_node or (part.gpus or 1)
     if res.gpus_per_node > per_node:
         raise RecipeError(f"--gpus-per-node {res.gpus_per_node}: the nodes of partition {name} have {per_node} {what}")
+    if res.cpus_per_node is not None and res.cpus_per_node > part.cpus:
+        raise RecipeError(f"--cpus-per-node {res.cpus_per_node}: the nodes of partition {name} have {part.cpus}")
     res.partition = name
     return part
+
+
+def assumed_partition(res: Resources) -> Partition:
+    """What a dry run without a controller renders: the partition the flags describe."""
+    procs = res.gpus_per_node or 1
+    return Partition(res.partition or "(default)", res.nodes, res.cpus_per_node or procs, res.gpus_per_node or 0)
 
 
 def render(template: str, **values: str) -> str:
@@ -110,7 +124,7 @@ def render(template: str, **values: str) -> str:
     return re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], text)
 
 
-def header_values(name: str, log: Path, res: Resources, part: Partition | None, extra: list[str]) -> dict:
+def header_values(name: str, log: Path, res: Resources, part: Partition, extra: list[str]) -> dict:
     extra = [*extra, *([f"--partition={res.partition}"] if res.partition else []),
              *([f"--account={res.account}"] if res.account else [])]
     return dict(JOB_NAME=name, TIME=res.time, WORKDIR=shlex.quote(str(Path.cwd())),
@@ -119,10 +133,10 @@ def header_values(name: str, log: Path, res: Resources, part: Partition | None, 
 
 
 def train_job(name: str, runs: list[tuple[str, Path, list[str]]], log: Path, res: Resources,
-              part: Partition | None, after: list[int] = ()) -> Job:
+              part: Partition, after: list[int] = ()) -> Job:
     """A training job; with several runs, a job array whose task i trains runs[i]."""
     procs = res.gpus_per_node or 1
-    extra = [f"--gres=gpu:{procs}"] if part and part.gpus else []
+    extra = [f"--gres=gpu:{procs}"] if part.gpus else []
     if len(runs) > 1:
         extra.append(f"--array=0-{len(runs) - 1}")
 
@@ -135,14 +149,14 @@ def train_job(name: str, runs: list[tuple[str, Path, list[str]]], log: Path, res
         cases = "".join(f"    {i}) {select(*run)} ;;\n" for i, run in enumerate(runs))
         choose = f'case "$SLURM_ARRAY_TASK_ID" in\n{cases}esac'
     script = render("train.sbatch", **header_values(name, log, res, part, extra), NODES=str(res.nodes),
-                    PROCS_PER_NODE=str(procs), CPUS_PER_TASK=str(max(1, (part.cpus if part else procs) // procs)),
+                    PROCS_PER_NODE=str(procs), CPUS_PER_TASK=str(max(1, (res.cpus_per_node or part.cpus) // procs)),
                     SIGNAL_SECONDS=str(res.signal_seconds), SELECT=choose,
                     ENTRYPOINT=shlex.quote(str(SLURM_DIR / "entrypoint.sh")))
     tensorboard = runs[0][1] / "tensorboard" if len(runs) == 1 else runs[0][1].parent / "*" / "tensorboard"
     return Job(name, script, str(log), list(after), str(tensorboard))
 
 
-def recipe_jobs(path: str, sets: list[str], res: Resources, part: Partition | None) -> list[Job]:
+def recipe_jobs(path: str, sets: list[str], res: Resources, part: Partition) -> list[Job]:
     """One job, or two for a two-stage recipe (stage 2 resumes stage 1's checkpoint)."""
     recipe = config.load(path, sets)
     run_dir = recipe.run_dir.resolve()
@@ -156,7 +170,7 @@ def recipe_jobs(path: str, sets: list[str], res: Resources, part: Partition | No
     return [train_job(recipe.name, [(path, run_dir, sets)], run_dir / "slurm-%j.out", res, part)]
 
 
-def set_jobs(path: str, sets: list[str], res: Resources, part: Partition | None) -> list[Job]:
+def set_jobs(path: str, sets: list[str], res: Resources, part: Partition) -> list[Job]:
     """A method comparison: the source's job, the methods' job array, the report."""
     from .run import as_sets, first_phase, load_set
     s = load_set(Path(path))
@@ -193,7 +207,14 @@ def sbatch(job: Job, after: list[str]) -> str:
 
 def submit(path: str, sets: list[str], res: Resources, dry_run: bool = False) -> int:
     is_set = "methods" in config.load_raw(Path(path))  # a set, or a set naming a base set
-    part = None if dry_run else check_resources(res)
+    try:
+        part = check_resources(res)
+    except NoController as err:
+        if not dry_run:
+            raise
+        part = assumed_partition(res)
+        print(f"b2b submit: could not check the partition ({err}); the scripts below follow the flags "
+              f"({part.gpus} GPU(s) and {part.cpus} CPU(s) per node)", file=sys.stderr)
     jobs = (set_jobs if is_set else recipe_jobs)(path, sets, res, part)
     if dry_run:
         for i, job in enumerate(jobs):
@@ -217,7 +238,7 @@ def outcome(run_dir: Path) -> int:
     state = run_state(run_dir)
     if state == "stopped":
         stop_at = config.read_yaml(run_dir / "recipe.yaml").get("train", {}).get("stop_at")
-        step = json.loads((run_dir / "status.json").read_text())["step"]
+        step = json.loads((run_dir / config.STATUS).read_text())["step"]
         return 0 if step == stop_at else EXIT_STOPPED
     return 0 if state == "finished" else 1
 

@@ -20,7 +20,10 @@ its GPT-2 config.json and tokenizer), which loads at any tensor-parallel degree.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import math
 import os
 import random
@@ -38,11 +41,10 @@ import yaml
 from growth.adapters.deepspeed import universal_tag
 
 from . import config
+from .config import CHECKPOINTS, STATUS
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
 from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
 
-CHECKPOINTS = "checkpoints"
-STATUS = "status.json"
 STEP_TAG = "step{:08d}"
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight",
             "layernorm.weight")  # the last: megatron-core's input_/pre_mlp_/final_layernorm
@@ -143,11 +145,17 @@ def check_same_parallel(recipe: config.Recipe, tag_dir: Path) -> None:
 
 
 class Monitor:
-    """Rank-0 logging: TensorBoard scalars, a progress bar on a terminal, a line per log step."""
+    """Rank-0 logging: every scalar to TensorBoard; to the terminal a progress bar, or elsewhere (a
+    log file, SLURM) a compact line per log step, with the few figures a person watches."""
+
+    LINE = (("train/loss", "loss"), ("val/loss", "val_loss"), ("train/lr", "lr"), ("train/grad_norm", "grad_norm"),
+            ("perf/tokens_per_s", "tokens_per_s"))
+    BAR = (("train/loss", "loss"), ("val/loss", "val_loss"), ("train/lr", "lr"))
 
     def __init__(self, recipe: config.Recipe, rank: int, start: int):
         self.enabled = rank == 0
         self.writer = self.bar = None
+        self.last = {}  # the latest value of each scalar (the bar shows the last val_loss between evaluations)
         if not self.enabled:
             return
         if recipe.logging.tensorboard:
@@ -155,7 +163,9 @@ class Monitor:
             self.writer = SummaryWriter(str(recipe.run_dir / "tensorboard"))
         if recipe.logging.progress and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=recipe.train.steps, initial=start, desc=recipe.name, unit="step")
+            self.bar = tqdm(total=recipe.train.steps, initial=start, desc=recipe.name, unit="step",
+                            dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar:12}| {n_fmt}/{total_fmt} "
+                                                           "[{elapsed}<{remaining}] {postfix}")
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -164,12 +174,13 @@ class Monitor:
             for key, value in values.items():
                 if value is not None:
                     self.writer.add_scalar(key, value, step)
-        text = " ".join(f"{k.removeprefix('train/').replace('/', '_')}={v:.4g}"
-                        for k, v in values.items() if v is not None)
+        self.last |= {k: v for k, v in values.items() if v is not None}
         if self.bar:
-            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.set_postfix_str(" ".join(f"{name}={self.last[k]:.4g}" for k, name in self.BAR if k in self.last),
+                                     refresh=False)
         else:
-            print(f"step {step}: {text}", flush=True)
+            print(f"step {step}: " + " ".join(f"{name}={values[k]:.4g}" for k, name in self.LINE
+                                              if values.get(k) is not None), flush=True)
 
     def advance(self):
         if self.bar:
@@ -188,7 +199,8 @@ class Trainer:
         import torch.distributed as dist
         self.recipe, self.dist = recipe, dist
         self.cpu = not torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl")
+        with contextlib.redirect_stdout(io.StringIO()) if os.environ.get(config.VERBOSE) != "1" else nullcontext():
+            deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl")  # quiet: "... built successfully"
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.megatron = recipe.megatron
         self.dp_rank, self.dp_world = self.rank, self.world  # data parallelism: over tensor-parallel groups
@@ -376,7 +388,7 @@ class Trainer:
             if self.recipe.zero.stage == 3 else nullcontext()
         with gather:
             if self.rank == 0:
-                final = self.recipe.run_dir / "final"
+                final = self.recipe.run_dir / config.FINAL
                 tmp = self.recipe.run_dir / "final.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 module.save_pretrained(str(tmp))
@@ -548,12 +560,25 @@ class Trainer:
         }
 
 
+def quiet_workers() -> None:
+    """Without `b2b train --verbose`: no routine INFO lines and warnings from DeepSpeed (its logger,
+    the lr scheduler's), megatron-core and torch; errors still print."""
+    if os.environ.get(config.VERBOSE) == "1":
+        return
+    from deepspeed.utils import logger
+    logger.setLevel(logging.ERROR)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launchers.train")
     p.add_argument("--run-dir", required=True, type=Path)
     p.add_argument("--resume", default="none")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    quiet_workers()
     quiet_libraries()
     recipe = config.validate(config.build(config.Recipe, yaml.safe_load((args.run_dir / "recipe.yaml").read_text())))
     import torch.distributed as dist

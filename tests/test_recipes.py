@@ -81,6 +81,14 @@ BAD = {
     "indivisible global batch": ("", ["batch.accum=null", "batch.global_size=20"], "batch.global_size: 20 is not a multiple"),
     "bad override": ("", ["optim.lr"], "--set 'optim.lr': expected key=value"),
     "missing tokenizer": ("", ["data.tokenizer=/no/such/tok"], "data.tokenizer: /no/such/tok"),
+    "a tokenizer the model was not trained with": ("", ["model.init_from=minilm", "data.tokenizer=wordpiece"],
+                                                   "model.init_from: minilm has a vocabulary of 30522 rows, but "
+                                                   "data.tokenizer wordpiece trains a new one"),
+    "a shape the model does not have": ("", ["model.init_from=minilm", "model.layers=4"],
+                                        "model.layers: 4 but model.init_from minilm has 6: take the model's with "
+                                        "--set model.layers=null"),
+    "a recipe set": ("methods: {scratch: {}}", [], "a recipe set (it names methods), not a training recipe: run it "
+                                                  "with b2b run"),
 }
 
 
@@ -105,6 +113,24 @@ def test_a_missing_recipe_file_and_a_base_cycle(tmp_path, capsys):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     code, _, err = run(capsys, "train", tmp_path / "a.yaml", "--dry-run")
     assert code == 2 and "cycle" in err
+
+
+def test_a_starting_model_on_the_command_line_brings_its_shape_arch_and_tokenizer(tmp_path):
+    from growth.adapters.hf import resolve
+    recipe = config.load(RECIPES[0].parent / "bert-tiny-cpu.yaml", ["model.init_from=minilm"])
+    m = recipe.model
+    assert (m.arch, m.layers, m.hidden, m.heads, m.ffn) == ("bert", 6, 384, 12, 1536)
+    assert recipe.data.tokenizer is None  # the model's own: tokenizer_source is its directory
+    from launchers.data import tokenizer_source
+    assert Path(tokenizer_source(recipe)) == resolve("minilm").resolve()
+    grown = config.load(RECIPES[0].parent / "bert-tiny-cpu.yaml", ["model.grow_from=minilm", "model.layers=8",
+                                                                     "model.hidden=768", "model.heads=12",
+                                                                     "model.ffn=3072", "data.seq_len=32"])
+    assert grown.model.layers == 8 and grown.data.tokenizer is None and grown.data.seq_len == 32
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n")
+    one = config.load(RECIPES[0].parent / "bert-tiny-cpu.yaml", [f"data.files={corpus}"])
+    assert one.data.files == [str(corpus)]  # a single path is a list of one
 
 
 def test_procs_zero_is_refused(capsys):

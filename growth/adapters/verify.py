@@ -75,19 +75,46 @@ def outputs(model, ids: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:
 
 
 def differences(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Absolute differences, and both relative to the largest source output (max |a|), so that
+    the mean relative figure never exceeds the max."""
     diff = (a.double() - b.double()).abs()
-    scale = a.double().abs()
+    scale = a.double().abs().max().clamp_min(1e-30)
     return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
-            "max_rel": (diff.max() / scale.max().clamp_min(1e-30)).item(),
-            "mean_rel": (diff.mean() / scale.mean().clamp_min(1e-30)).item()}
+            "max_rel": (diff.max() / scale).item(), "mean_rel": (diff.mean() / scale).item()}
+
+
+def vocabulary(model, files: Path) -> dict[str, int] | int:
+    """The model's token -> id map where it has a tokenizer, else its vocabulary size."""
+    if (files / "tokenizer.json").is_file() or (files / "vocab.txt").is_file() or (files / "vocab.json").is_file():
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(files).get_vocab()
+        except (OSError, ValueError) as err:
+            raise GrowthError(f"{files}: tokenizer does not load ({str(err).splitlines()[0]})") from None
+    return model.config.vocab_size
+
+
+def check_same_vocabulary(src: Path, grown: Path, src_model, grown_model, src_files: Path, grown_files: Path):
+    """Growth keeps the vocabulary; a model given another one (b2b vocab transfer) computes another
+    function of other token ids, so there is nothing to compare."""
+    a, b = src_model.config.vocab_size, grown_model.config.vocab_size
+    if a != b:
+        raise GrowthError(f"{src} has {a} tokens and {grown} has {b}: verify compares a model with its growth, "
+                          "which keeps the vocabulary; models with different vocabularies have no outputs to "
+                          "compare")
+    va, vb = vocabulary(src_model, src_files), vocabulary(grown_model, grown_files)
+    if isinstance(va, dict) and isinstance(vb, dict) and va != vb:
+        raise GrowthError(f"{src} and {grown} have different tokenizers (of {a} tokens each): verify compares a "
+                          "model with its growth, which keeps the tokenizer")
 
 
 def compare(src: str | Path, grown: str | Path, text: str | None = None) -> dict[str, dict[str, float]]:
     src, grown = resolve(src), resolve(grown)
     src_model, src_cfg, src_files = load_model(src)
-    grown_model, _, _ = load_model(grown)
+    grown_model, _, grown_files = load_model(grown)
     if type(src_model) is not type(grown_model):
         raise GrowthError(f"{type(src_model).__name__} vs {type(grown_model).__name__}: not the same architecture")
+    check_same_vocabulary(src, grown, src_model, grown_model, src_files, grown_files)
     hidden = src_model.config.hidden_size
     ids = sample_inputs(src_files, src_cfg, text)
     a, b = outputs(src_model, ids, hidden), outputs(grown_model, ids, hidden)
