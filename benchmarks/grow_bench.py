@@ -23,7 +23,6 @@ from pathlib import Path
 from measure import rss_bytes, run_phase
 
 
-
 def phase_source(src: str) -> dict:
     import torch
     from transformers import BertConfig, BertForMaskedLM

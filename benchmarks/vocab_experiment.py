@@ -81,6 +81,7 @@ def run_sets(out: Path, direction: str, method: str, seed: int, documents: int |
 def init_loss(recipe_path: str, sets: list[str]) -> float:
     """Validation loss of a run's starting model on the batches the trainer evaluates."""
     import torch
+
     from launchers import config
     from launchers.data import Batches, prepare
     from launchers.model import build_model

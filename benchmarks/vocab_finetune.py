@@ -113,7 +113,7 @@ def main() -> None:
     print(f"{args.task} pairs: {len(train)} train, {len(test)} test, "
           f"{sum(x[2] for x in test) / len(test):.1%} of the test pairs in order")
     if args.model:
-        from growth.adapters.hf import resolve
+        from growth.adapters.files import resolve
         got = [finetune(resolve(args.model), int(seed), train, test) for seed in args.seeds.split(",")]
         for seed, r in zip(args.seeds.split(","), got):
             print(f"{args.model} seed {seed}: {r}")

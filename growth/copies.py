@@ -14,7 +14,7 @@ methods and seed, which determine every map, and checked against the manifest's 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -7,7 +7,7 @@ shard by shard; `grow_state_dict` is the in-memory convenience on top.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -280,7 +280,15 @@ def _direct_maps(source: Shape, target: Shape) -> dict[str, AxisMap]:
     h, f = block(source.hidden, target.hidden), block(source.ffn, target.ffn)
     qkv = AxisMap(torch.cat([h.index + k * source.hidden for k in range(3)]), None, h.is_new.repeat(3),
                   h.share.repeat(3))
-    return {"h_out": h, "h_in": h, "a_out": h, "q_out": h, "a_in": h, "qkv_out": qkv,
+    # megatron-core's head-major fused QKV, rows [head, (q, k, v), dim]: the same attention units as
+    # qkv_out's (unit a of q, k or v from the source's unit a), at their head-major rows
+    rows = torch.arange(3 * target.hidden)
+    kind, unit = rows % (3 * target.head_dim) // target.head_dim, \
+        rows // (3 * target.head_dim) * target.head_dim + rows % target.head_dim
+    small = h.index[unit]
+    hqkv = AxisMap(small // source.head_dim * 3 * source.head_dim + kind * source.head_dim + small % source.head_dim,
+                   None, h.is_new[unit], h.share[unit])
+    return {"h_out": h, "h_in": h, "a_out": h, "q_out": h, "a_in": h, "qkv_out": qkv, "hqkv_out": hqkv,
             "f_out": f, "f_in": f}
 
 

@@ -95,11 +95,11 @@ class AxisMap:
     is_new: torch.Tensor
     share: torch.Tensor
 
-    def subset(self, rows: torch.Tensor) -> "AxisMap":
+    def subset(self, rows: torch.Tensor) -> AxisMap:
         return AxisMap(self.index[rows], None if self.scale is None else self.scale[rows], self.is_new[rows],
                        self.share[rows])
 
-    def shard(self, rank: int, shards: int, source_size: int) -> "AxisMap":
+    def shard(self, rank: int, shards: int, source_size: int) -> AxisMap:
         """The rows of target shard `rank` of `shards`, indexing into source shard `rank` (whose
         first unit becomes 0); the map must be sharded (prefix_map(..., shards))."""
         size, base = self.index.numel() // shards, rank * (source_size // shards)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 from .errors import GrowthError
 
@@ -65,8 +63,8 @@ def shape_from_config(cfg: dict) -> Shape:
 
 
 def parse_target(spec: str, source: Shape) -> Shape:
-    """A preset name, a path to an HF config.json, or 'layers=..,hidden=..,heads=..,ffn=..'
-    (keys left out keep the source's value)."""
+    """A preset name or 'layers=..,hidden=..,heads=..,ffn=..' (keys left out keep the source's
+    value). A target given as an HF config.json is read by the adapters (adapters.files.target_shape)."""
     if spec in PRESETS:
         return PRESETS[spec]
     if "=" in spec:
@@ -81,15 +79,6 @@ def parse_target(spec: str, source: Shape) -> Shape:
             except ValueError:
                 raise GrowthError(f"--to: {key}={value!r} is not an integer") from None
         return Shape(**values)
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise GrowthError(f"--to {spec}: not valid JSON ({err})") from None
-        return shape_from_config(cfg)
     raise GrowthError(
         f"--to {spec!r}: not a preset ({', '.join(PRESETS)}), not a config.json, "
         "and not 'layers=..,hidden=..,heads=..,ffn=..'")

@@ -30,7 +30,7 @@ fresh, the baseline "same model, random embedding for the new vocabulary".
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from growth import DEPTH_METHODS, PRESETS, SYMMETRY_METHODS, WIDTH_METHODS, GrowthError
-
-from .config import RecipeError
+from growth import DEPTH_METHODS, PRESETS, SYMMETRY_METHODS, WIDTH_METHODS, B2BError, GrowthError
 
 
 def cmd_grow(args) -> int:
@@ -162,7 +160,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="a YAML recipe (see recipes/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set optim.lr=3e-4 (repeatable)")
-    t.add_argument("--procs", type=int, help="processes on this node: data-parallel x parallel.tensor (default: GPUs, or "
+    t.add_argument("--procs", type=int, help="processes on this node: data-parallel x parallel.tensor (default: GPUs, "
+                                             "or "
                                                   "parallel.tensor on CPU)")
     t.add_argument("--resume", default="none",
                    help="'auto' (the newest complete checkpoint, if any), a checkpoint tag, or 'none'")
@@ -235,7 +234,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (GrowthError, RecipeError) as err:
+    except B2BError as err:
         print(f"b2b {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (NotADirectoryError, FileExistsError, PermissionError, IsADirectoryError) as err:

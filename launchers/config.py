@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from growth import GrowthError, Shape
+from growth import B2BError, GrowthError, Shape
 
 ARCHS = ("bert", "gpt2")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -32,8 +32,8 @@ FINAL = "final"  # an HF directory
 VERBOSE = "B2B_VERBOSE"  # "1" in the workers' environment: DeepSpeed's and megatron's routine output kept
 
 
-class RecipeError(ValueError):
-    """A bad recipe: the message names the key and how to fix it."""
+class RecipeError(B2BError):
+    """A bad recipe or command line: the message names the key and how to fix it."""
 
 
 @dataclass
@@ -86,7 +86,7 @@ class OptimConfig:
     warmup_steps: int = 1  # linear from the floor; step 1 runs at the floor (as HF schedules)
     schedule: str = "linear"  # linear decay, cosine decay or constant after warmup
     min_lr_ratio: float = 0.0  # the floor as a fraction of lr (linear: warmup starts there too)
-    decay_steps: int | None = None  # linear/cosine: the decay reaches the floor at this step, then stays (default train.steps)
+    decay_steps: int | None = None  # linear/cosine: the decay reaches the floor here, then stays (default train.steps)
     grad_clip: float = 1.0
 
 
@@ -192,7 +192,7 @@ class Recipe:
         if self.model.grow_from is not None:
             return self.run_dir / "grown"
         if self.model.init_from is not None:
-            from growth.adapters.hf import resolve
+            from growth.adapters.files import resolve
             return resolve(self.model.init_from)
         return None
 
@@ -373,18 +373,20 @@ def resolve_model(recipe: Recipe) -> None:
     """Fill arch (and for init_from, the shape) from the starting model's config.json;
     conflicting values are errors. A grow_from source must be growable into the recipe's shape."""
     m = recipe.model
-    _require(m.init_from is None or m.grow_from is None, "model.grow_from", "set model.init_from or model.grow_from, not both")
+    _require(m.init_from is None or m.grow_from is None, "model.grow_from",
+             "set model.init_from or model.grow_from, not both")
     start = m.init_from or m.grow_from
     shape_keys = ("layers", "hidden", "heads", "ffn")
     if start is None or m.grow_from is not None:
-        missing = [k for k in shape_keys if getattr(m, k) is None] + (["arch"] if start is None and m.arch is None else [])
+        missing = [k for k in shape_keys if getattr(m, k) is None]
+        missing += ["arch"] if start is None and m.arch is None else []
         _require(not missing, f"model.{missing[0] if missing else ''}",
                  "required (the target shape)" if m.grow_from else
                  "required (or set model.init_from to a grown model directory)")
     if start is None:
         return
     from growth import DEPTH_METHODS, SYMMETRY_METHODS, WIDTH_METHODS, check_growable
-    from growth.adapters.hf import read_config, resolve
+    from growth.adapters.files import read_config, resolve
     from growth.shape import shape_from_config
     key = "model.init_from" if m.init_from else "model.grow_from"
     try:
@@ -417,7 +419,7 @@ def validate(recipe: Recipe) -> Recipe:
     resolve_model(recipe)
     _require(m.arch in ARCHS, "model.arch", f"{m.arch!r}: use one of {', '.join(ARCHS)}")
     try:
-        recipe.shape
+        _ = recipe.shape  # the property checks the shape
     except GrowthError as err:
         raise RecipeError(f"model: {err}") from None
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout}: must be in [0, 1)")
@@ -428,7 +430,8 @@ def validate(recipe: Recipe) -> Recipe:
         _require(Path(file).is_file(), "data.files", f"{file}: no such file")
         _require(Path(file).suffix in (".txt", ".jsonl", ".json", ".parquet"), "data.files",
                  f"{file}: use .txt, .jsonl, .json or .parquet files")
-    _require(d.files != [], "data.files", "empty list: name files, or read the offline corpus with --set data.files=null")
+    _require(d.files != [], "data.files",
+             "empty list: name files, or read the offline corpus with --set data.files=null")
     if d.tokenizer not in (None, *TOKENIZER_KINDS, "minilm"):
         _require(Path(d.tokenizer).is_dir(), "data.tokenizer",
                  f"{d.tokenizer}: not a directory; use a tokenizer or model directory, 'minilm', "
@@ -450,7 +453,8 @@ def validate(recipe: Recipe) -> Recipe:
              "DeepSpeed's WarmupCosineLR needs at least 2 warmup steps: set 2 or more, or another optim.schedule")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _require(o.decay_steps is None or o.schedule != "constant", "optim.decay_steps",
-             "a constant schedule does not decay: --set optim.decay_steps=null, or choose optim.schedule linear or cosine")
+             "a constant schedule does not decay: --set optim.decay_steps=null, or choose optim.schedule linear "
+             "or cosine")
     _require(o.decay_steps is None or o.decay_steps > o.warmup_steps, "optim.decay_steps",
              f"{o.decay_steps}: must be greater than optim.warmup_steps ({o.warmup_steps})")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
@@ -469,9 +473,11 @@ def validate(recipe: Recipe) -> Recipe:
     _require(0 <= s1.steps <= t.steps, "stage1.steps", f"{s1.steps}: must be in [0, train.steps]")
     _require(s1.steps == 0 or (s1.block >= 1 and m.layers % s1.block == 0), "stage1.block",
              f"{s1.block}: must divide model.layers ({m.layers}) so that the sub-models are block, 2 block, ...")
-    _require(s1.sampling in STAGE1_SAMPLING, "stage1.sampling", f"{s1.sampling!r}: use one of {', '.join(STAGE1_SAMPLING)}")
+    _require(s1.sampling in STAGE1_SAMPLING, "stage1.sampling",
+             f"{s1.sampling!r}: use one of {', '.join(STAGE1_SAMPLING)}")
     pg = recipe.progressive
-    _require(len(pg.layers) == len(pg.steps), "progressive.steps", "give one step count per entry of progressive.layers")
+    _require(len(pg.layers) == len(pg.steps), "progressive.steps",
+             "give one step count per entry of progressive.layers")
     _require(all(a < b for a, b in zip([0] + pg.layers, pg.layers + [m.layers + 1])), "progressive.layers",
              f"{pg.layers}: must increase, from 1 up to model.layers ({m.layers})")
     _require(all(n >= 1 for n in pg.steps) and sum(pg.steps) < t.steps, "progressive.steps",
@@ -503,7 +509,8 @@ def validate(recipe: Recipe) -> Recipe:
 def kept_step(grown: str) -> int | None:
     """The step a grown DeepSpeed checkpoint keeps its lr schedule at (b2b grow --schedule keep), or None."""
     import json
-    from growth.adapters.hf import resolve
+
+    from growth.adapters.files import resolve
     try:
         manifest = json.loads((resolve(grown) / "growth.json").read_text())
     except (OSError, ValueError, GrowthError):
@@ -613,7 +620,8 @@ def deepspeed_config(recipe: Recipe, world: int, cpu: bool, load_universal: bool
                                                          "warmup_max_lr": o.lr, "total_num_steps": decay_end}}
     else:
         scheduler = {"type": "WarmupCosineLR", "params": {**warmup, "warmup_min_ratio": 0.0,
-                                                          "cos_min_ratio": o.min_lr_ratio, "total_num_steps": decay_end}}
+                                                          "cos_min_ratio": o.min_lr_ratio,
+                                                          "total_num_steps": decay_end}}
     config = {
         "train_batch_size": fit_world(recipe, world),
         "train_micro_batch_size_per_gpu": recipe.batch.micro,

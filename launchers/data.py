@@ -16,15 +16,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
-import shutil
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from growth.adapters.files import atomic_directory, sha256
 
 from .config import TOKENIZER_KINDS, Recipe, RecipeError
 
@@ -92,20 +91,12 @@ def load_corpus(recipe: Recipe):
 def corpus_key(recipe: Recipe) -> dict:
     d = recipe.data
     if d.files:
-        source = {"files": [[str(Path(f).resolve()), _sha256(Path(f))] for f in d.files]}
+        source = {"files": [[str(Path(f).resolve()), sha256([Path(f)])] for f in d.files]}
     elif d.hub:
         source = {"hub": d.hub, "config": d.hub_config}
     else:
         source = {"python-docs": sys.version}
     return {**source, "text_field": d.text_field, "max_documents": d.max_documents}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -129,7 +120,8 @@ def train_tokenizer(texts, kind: str, vocab_size: int):
         tok.model = models.WordPiece({t: i for i, t in enumerate(BERT_SPECIALS + learned)}, unk_token="[UNK]")
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                        sep_token="[SEP]", mask_token="[MASK]", model_max_length=10 ** 6)
     if kind == "bpe":
@@ -155,7 +147,7 @@ def tokenizer_source(recipe: Recipe) -> str:
 
 
 def _resolve_dir(name: str) -> Path:
-    from growth.adapters.hf import resolve
+    from growth.adapters.files import resolve
     return resolve(name).resolve()
 
 
@@ -193,7 +185,8 @@ def cache_path(recipe: Recipe) -> Path:
     d = recipe.data
     tok = tokenizer_source(recipe)
     tok_key = {"train": tok, "vocab_size": d.vocab_size} if tok in TOKENIZER_KINDS else \
-        {"dir": tok, "sha256": _sha256(Path(tok) / "tokenizer.json") if (Path(tok) / "tokenizer.json").is_file() else None}
+        {"dir": tok, "sha256": sha256([Path(tok) / "tokenizer.json"]) if (Path(tok) / "tokenizer.json").is_file()
+         else None}
     key = json.dumps({"corpus": corpus_key(recipe), "tokenizer": tok_key, "arch": recipe.model.arch,
                       "seq_len": d.seq_len, "val_fraction": d.val_fraction, "format": 1}, sort_keys=True)
     return Path(d.cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -217,9 +210,7 @@ def prepare(recipe: Recipe, log=print) -> Path:
         ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
         return {"input_ids": pack(ids, arch, d.seq_len, tok)}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path, replace=False) as tmp:  # a concurrent run's complete entry is as good
         sizes = {}
         for split in ("train", "test"):
             packed = corpus[split].map(tokenize_and_pack, batched=True, batch_size=2000,
@@ -233,10 +224,6 @@ def prepare(recipe: Recipe, log=print) -> Path:
         tok.save_pretrained(str(tmp / "tokenizer"))
         meta = {"sequences": sizes, "seq_len": d.seq_len, "vocab_size": len(tok), "tokenizer": source}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"data: {sizes['train']} train and {sizes['val']} validation sequences of {d.seq_len} tokens, "
         f"vocabulary {len(tok)}")
     return path
@@ -280,7 +267,8 @@ class Batches:
         first = (step - 1) * self.micro * self.accum * self.world + (micro_step * self.world + self.rank) * self.micro
         rows = [int(self._order(k // n)[k % n]) for k in range(first, first + self.micro)]
         ids = torch.from_numpy(self.train[rows]["input_ids"].astype(np.int64))
-        return self.objective(ids, torch.Generator().manual_seed(seed_for(self.recipe.seed, step, self.rank, micro_step)))
+        gen = torch.Generator().manual_seed(seed_for(self.recipe.seed, step, self.rank, micro_step))
+        return self.objective(ids, gen)
 
     def val_batches(self, count: int):
         """`count` fixed validation batches for this rank (split round-robin over ranks, wrapping)."""

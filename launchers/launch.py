@@ -60,7 +60,7 @@ def check_vocabulary(recipe: config.Recipe, tokens: int | None = None) -> None:
     """A starting model's embeddings index its own tokenizer's ids: the recipe's tokenizer must have
     as many tokens (`tokens`: the prepared data's count; before it, a trained tokenizer's
     data.vocab_size is an upper bound). Checked here, before any process starts."""
-    from growth.adapters.hf import read_config, resolve
+    from growth.adapters.files import read_config, resolve
 
     from .data import TOKENIZER_KINDS, load_tokenizer, tokenizer_source
     m = recipe.model
@@ -226,12 +226,8 @@ def train_tokenizer_command(kind: str, vocab_size: int, files: list[str] | None,
         if not Path(file).is_file():
             raise RecipeError(f"{file}: no such file")
     tok = train_tokenizer(iter(load_corpus(recipe)["text"]), kind, vocab_size)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    try:
+    from growth.adapters.files import atomic_directory
+    with atomic_directory(out_dir) as tmp:
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"{kind} tokenizer with {len(tok)} tokens written to {out_dir}")
     return 0

@@ -205,7 +205,7 @@ def build_model(recipe: Recipe, tokenizer) -> GPT:
     at every TP degree), or loaded from model.init_from / grow_from: an HF GPT-2 directory or a
     megatron-core torch_dist checkpoint (b2b grow, b2b convert, or RUN/checkpoints/TAG/dist)."""
     from growth.adapters.dist_checkpoint import is_dist_checkpoint
-    from growth.adapters.hf import read_config
+    from growth.adapters.files import read_config
     model = GPT(gpt2_config(recipe, tokenizer), seed=recipe.seed)
     start = recipe.start_model
     if start is None:
@@ -246,7 +246,7 @@ def _copy_full(model: GPT, full: dict[str, torch.Tensor], source) -> None:
 
 def load_hf(model: GPT, path: Path) -> None:
     """Weights from an HF GPT-2 directory (each rank reads the full tensors and keeps its slice)."""
-    from growth.adapters.hf import open_weights, weight_files
+    from growth.adapters.files import open_weights, weight_files
     weights = open_weights(weight_files(path))
     hf = {name: weights[name] for name in weights.shapes}
     _copy_full(model, hf_to_mcore(hf, model.config.n_head, model.config.padded_vocab_size), path)

@@ -17,8 +17,14 @@ from .config import Recipe, RecipeError
 
 def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
     """A fresh model of the recipe's shape (seeded; `layers` blocks if given), or the start model."""
-    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, GPT2Config,
-                              GPT2LMHeadModel)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        BertConfig,
+        BertForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
     m = recipe.model
     vocab = len(tokenizer)
     dropout = {"hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.dropout} if m.arch == "bert" \

@@ -17,10 +17,12 @@ every setting of the method ran. The baseline at its best setting sets the targe
 settings appear in a sweep table against the same target.
 
 Savings are against F_baseline, the mean FLOPs to target of the baseline's runs that reached it:
-`1 - F_run / F_baseline`, paired by seed (against the baseline run of the same seed), and with the source model's own pretraining cost counted,
+`1 - F_run / F_baseline`, paired by seed (against the baseline run of the same seed), and with
+the source model's own pretraining cost counted,
 `1 - (F_run + F_source) / F_baseline`, where F_source is the `flops` of `training.json` in the
 run's `model.grow_from` directory (relative to the current directory, as in the recipe; 0 for
-the baseline and for runs not grown; unknown, and reported as such, when the file is missing). Per method: runs, how many reached the target, and
+the baseline and for runs not grown; unknown, and reported as such, when the file is missing).
+Per method: runs, how many reached the target, and
 mean, sample standard deviation, min and max over those that did. A method that never reached
 the target gets no number.
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -40,8 +41,10 @@ from pathlib import Path
 
 import yaml
 
+from growth import B2BError
+from growth.adapters.files import atomic_file
+
 from . import config
-from .config import RecipeError
 from .events import SCALARS, read_scalars
 
 VAL, FLOPS, SECONDS = "val/loss", "train/flops", "time/train_seconds"
@@ -77,6 +80,10 @@ def trains(recipe: dict) -> dict:
             for key in keys}
 
 
+class ReportError(B2BError):
+    """Run directories that cannot be read or compared as asked."""
+
+
 # ---------------------------------------------------------------- reading runs
 
 
@@ -88,13 +95,13 @@ def smooth(values: list[float], k: int) -> list[float]:
 def read_recipe(run_dir: Path) -> dict:
     path = run_dir / "recipe.yaml"
     if not path.is_file():
-        raise RecipeError(f"{run_dir}: no recipe.yaml; is this a run directory written by b2b train?")
+        raise ReportError(f"{run_dir}: no recipe.yaml; is this a run directory written by b2b train?")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+        raise ReportError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping, got {type(data).__name__}")
+        raise ReportError(f"{path}: expected a mapping, got {type(data).__name__}")
     return data
 
 
@@ -127,24 +134,24 @@ def run_state(run_dir: Path) -> str | None:
 
 def read_run(run_dir: Path, k: int, baseline: str) -> Run:
     if not run_dir.is_dir():
-        raise RecipeError(f"{run_dir}: no such run directory")
+        raise ReportError(f"{run_dir}: no such run directory")
     recipe = read_recipe(run_dir)
     if not any((run_dir / "tensorboard").glob("events.out.tfevents.*")) and not (run_dir / SCALARS).is_file():
-        raise RecipeError(f"{run_dir}: no TensorBoard events in {run_dir / 'tensorboard'}")
+        raise ReportError(f"{run_dir}: no TensorBoard events in {run_dir / 'tensorboard'}")
     scalars = read_scalars(run_dir)
     val = scalars.get(VAL)
     if not val:
-        raise RecipeError(f"{run_dir}: no {VAL} scalars; the run never validated (train.eval_every)")
+        raise ReportError(f"{run_dir}: no {VAL} scalars; the run never validated (train.eval_every)")
     steps = sorted(val)
     flops, seconds = scalars.get(FLOPS, {}), scalars.get(SECONDS, {})
     missing = [s for s in steps if s not in flops]
     if missing:
-        raise RecipeError(f"{run_dir}: no {FLOPS} at evaluation step {missing[0]}")
+        raise ReportError(f"{run_dir}: no {FLOPS} at evaluation step {missing[0]}")
     name = str(recipe.get("name") or run_dir.name)
     method = str(recipe.get("method") or name)
     seed = recipe.get("seed", 0)
     if not isinstance(seed, int):
-        raise RecipeError(f"{run_dir / 'recipe.yaml'}: seed: expected an integer, got {seed!r}")
+        raise ReportError(f"{run_dir / 'recipe.yaml'}: seed: expected an integer, got {seed!r}")
     grow_from = (recipe.get("model") or {}).get("grow_from")
     losses = [val[s] for s in steps]
     setting = recipe.get("setting")
@@ -265,7 +272,7 @@ def build_report(runs: list[Run], target: float | None, k: int, baseline: str) -
     given = target is not None
     if not given:
         if not base:
-            raise RecipeError(f"no run of the baseline method {baseline!r} among the inputs "
+            raise ReportError(f"no run of the baseline method {baseline!r} among the inputs "
                               f"(methods: {', '.join(sorted({r.method for r in runs}))}); "
                               "pass its runs, name another with --baseline, or give --target LOSS")
         target = max(r.smoothed[-1] for r in base)
@@ -428,27 +435,18 @@ def plot(runs: list[Run], report: dict, path: Path) -> None:
     fig.savefig(path, format="png", dpi=120)
 
 
-def write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def report(run_dirs: list[str], target: float | None = None, k: int = 3, baseline: str = "scratch",
            out: str = "runs/report") -> dict:
     """Read and check every run, then write report.md, report.json and loss_vs_flops.png to `out`."""
     if k < 1:
-        raise RecipeError(f"--smooth {k}: must be >= 1 (the number of evaluations to average)")
+        raise ReportError(f"--smooth {k}: must be >= 1 (the number of evaluations to average)")
     if target is not None and not math.isfinite(target):
-        raise RecipeError(f"--target {target}: must be a finite loss")
+        raise ReportError(f"--target {target}: must be a finite loss")
     paths = [Path(d) for d in run_dirs]
     seen = {}
     for p in paths:
         if p.resolve() in seen:
-            raise RecipeError(f"{p}: run directory given twice")
+            raise ReportError(f"{p}: run directory given twice")
         seen[p.resolve()] = p
     runs = [read_run(p, k, baseline) for p in paths]
     budgets = sorted({r.budget for r in runs if r.budget is not None})
@@ -464,9 +462,12 @@ def report(run_dirs: list[str], target: float | None = None, k: int = 3, baselin
     text = markdown(result)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "report.json", lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
-    write_atomic(out_dir / "report.md", lambda p: p.write_text(text))
-    write_atomic(out_dir / "loss_vs_flops.png", lambda p: plot(runs, result, p))
+    with atomic_file(out_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    with atomic_file(out_dir / "report.md") as tmp:
+        tmp.write_text(text)
+    with atomic_file(out_dir / "loss_vs_flops.png") as tmp:
+        plot(runs, result, tmp)
     print(text, end="")
     print(f"wrote {out_dir}/report.md, report.json, loss_vs_flops.png")
     return result

@@ -26,8 +26,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from growth import B2BError
+
 from . import config
-from .config import RecipeError
 from .launch import EXIT_STOPPED
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
@@ -62,7 +63,11 @@ class Job:
     tensorboard: str | None = None
 
 
-class NoController(RecipeError):
+class ClusterError(B2BError):
+    """What the cluster cannot do as asked: a partition too small, a refused submission."""
+
+
+class NoController(ClusterError):
     """SLURM cannot be asked: its commands are missing or the controller does not answer."""
 
 
@@ -72,8 +77,8 @@ def read_partitions() -> dict[str, tuple[Partition, bool]]:
         raise NoController("sinfo: not found on PATH; run b2b submit on a SLURM login node")
     out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G"], capture_output=True, text=True)
     if out.returncode != 0:
-        raise NoController(f"sinfo failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
-                           "; is slurmctld reachable?")
+        why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+        raise NoController(f"sinfo failed: {why}; is slurmctld reachable?")
     found: dict[str, tuple[Partition, bool]] = {}
     for line in out.stdout.splitlines():  # one line per group of alike nodes
         name, nodes, cpus, gres = line.strip().split("|")
@@ -95,16 +100,16 @@ def check_resources(res: Resources) -> Partition:
     partitions = read_partitions()
     name = res.partition or next((n for n, (_, default) in partitions.items() if default), None)
     if name not in partitions:
-        raise RecipeError(f"--partition {name}: no such partition; this cluster has {', '.join(partitions)}")
+        raise ClusterError(f"--partition {name}: no such partition; this cluster has {', '.join(partitions)}")
     part = partitions[name][0]
     if res.nodes > part.nodes:
-        raise RecipeError(f"--nodes {res.nodes}: partition {name} has {part.nodes} node(s)")
+        raise ClusterError(f"--nodes {res.nodes}: partition {name} has {part.nodes} node(s)")
     per_node, what = (part.gpus, "GPU(s)") if part.gpus else (part.cpus, "CPU core(s) and no GPU")
     res.gpus_per_node = res.gpus_per_node or (part.gpus or 1)
     if res.gpus_per_node > per_node:
-        raise RecipeError(f"--gpus-per-node {res.gpus_per_node}: the nodes of partition {name} have {per_node} {what}")
+        raise ClusterError(f"--gpus-per-node {res.gpus_per_node}: the nodes of partition {name} have {per_node} {what}")
     if res.cpus_per_node is not None and res.cpus_per_node > part.cpus:
-        raise RecipeError(f"--cpus-per-node {res.cpus_per_node}: the nodes of partition {name} have {part.cpus}")
+        raise ClusterError(f"--cpus-per-node {res.cpus_per_node}: the nodes of partition {name} have {part.cpus}")
     res.partition = name
     return part
 
@@ -201,7 +206,7 @@ def sbatch(job: Job, after: list[str]) -> str:
     flags = [f"--dependency=afterok:{':'.join(after)}"] if after else []
     out = subprocess.run(["sbatch", "--parsable", *flags], input=job.script, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RecipeError(f"sbatch refused {job.name}: {out.stderr.strip()}")
+        raise ClusterError(f"sbatch refused {job.name}: {out.stderr.strip()}")
     return out.stdout.strip().split(";")[0]
 
 

@@ -38,7 +38,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from growth import B2BError, CheckpointError
 from growth.adapters.deepspeed import universal_tag
+from growth.adapters.files import atomic_directory, atomic_file
 
 from . import config
 from .config import CHECKPOINTS, STATUS
@@ -113,7 +115,7 @@ def latest_tag(ckpt_dir: Path) -> str | None:
         return None
     tag = latest.read_text().strip()
     if not (ckpt_dir / tag).is_dir():
-        raise config.RecipeError(f"{latest} names {tag!r}, which is missing: the checkpoint directory is damaged")
+        raise CheckpointError(f"{latest} names {tag!r}, which is missing: the checkpoint directory is damaged")
     return tag
 
 
@@ -125,7 +127,7 @@ def resume_tag(ckpt_dir: Path, resume: str) -> str | None:
     if resume == "auto":
         return latest_tag(ckpt_dir)
     if not (ckpt_dir / resume).is_dir() or not resume.removeprefix("step").isdigit():
-        raise config.RecipeError(f"--resume {resume}: no such checkpoint in {ckpt_dir}; use 'auto' or one of "
+        raise CheckpointError(f"--resume {resume}: no such checkpoint in {ckpt_dir}; use 'auto' or one of "
                                  f"{checkpoint_tags(ckpt_dir) if ckpt_dir.is_dir() else []}")
     return resume
 
@@ -139,7 +141,7 @@ def check_same_parallel(recipe: config.Recipe, tag_dir: Path) -> None:
     if saved != recipe.parallel:
         def text(p):
             return f"parallel.tensor={p.tensor}, parallel.megatron={str(p.megatron).lower()}"
-        raise config.RecipeError(f"parallel: {tag_dir} was saved with {text(saved)}, this recipe has "
+        raise CheckpointError(f"parallel: {tag_dir} was saved with {text(saved)}, this recipe has "
                                  f"{text(recipe.parallel)}: resume with the saved values, or start a new run from "
                                  "its weights (model.init_from: the tag's dist/ directory, or RUN/final)")
 
@@ -280,7 +282,7 @@ class Trainer:
             self.state["step"] = scheduler.last_batch_iteration
         if self.rank == 0:
             print(f"initialised from the grown checkpoint {path} ({tag}; lr schedule "
-                  f"{'at iteration %d' % scheduler.last_batch_iteration if keep else 'restarted'})", flush=True)
+                  f"{f'at iteration {scheduler.last_batch_iteration}' if keep else 'restarted'})", flush=True)
 
     def _recipe_hyperparameters(self) -> None:
         """DeepSpeed's loaders copy the saved param groups' hyperparameters into the engine's groups
@@ -299,6 +301,7 @@ class Trainer:
             self._stack_checkpoint(layers)
             return
         import deepspeed
+
         from growth import Shape
         from growth.adapters.hf import grow_model
         module, m = self.engine.module, self.recipe.model
@@ -338,7 +341,7 @@ class Trainer:
     def _load(self, tag: str) -> None:
         path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag)
         if path is None or "b2b" not in client:
-            raise config.RecipeError(f"{self.ckpt_dir / tag}: not a checkpoint written by b2b train")
+            raise CheckpointError(f"{self.ckpt_dir / tag}: not a checkpoint written by b2b train")
         self._recipe_hyperparameters()
         scheduler = self.engine.lr_scheduler  # the recipe's schedule at the saved iteration: a changed
         scheduler.step(scheduler.last_batch_iteration)  # train.steps applies from the first resumed step
@@ -367,9 +370,8 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag, client_state={"b2b": self.state}, save_latest=False)
         self.dist.barrier()
         if self.rank == 0:
-            tmp = self.ckpt_dir / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.ckpt_dir / "latest")
+            with atomic_file(self.ckpt_dir / "latest") as tmp:  # DeepSpeed's pointer, written last
+                tmp.write_text(tag)
             tags = checkpoint_tags(self.ckpt_dir)
             here = tags.index(tag) + 1
             # keep the newest K up to this one; any later tag is a partial save of an abandoned attempt
@@ -388,17 +390,13 @@ class Trainer:
             if self.recipe.zero.stage == 3 else nullcontext()
         with gather:
             if self.rank == 0:
-                final = self.recipe.run_dir / config.FINAL
-                tmp = self.recipe.run_dir / "final.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                module.save_pretrained(str(tmp))
-                self.data.tokenizer.save_pretrained(str(tmp))
-                s = self.state  # this model's own training cost, for reports on models grown from it
-                (tmp / "training.json").write_text(json.dumps(
-                    {"recipe": self.recipe.name, "steps": s["step"], "tokens": s["tokens"], "flops": s["flops"],
-                     "train_seconds": s["seconds"]}, indent=1))
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
+                with atomic_directory(self.recipe.run_dir / config.FINAL) as tmp:
+                    module.save_pretrained(str(tmp))
+                    self.data.tokenizer.save_pretrained(str(tmp))
+                    s = self.state  # this model's own training cost, for reports on models grown from it
+                    (tmp / "training.json").write_text(json.dumps(
+                        {"recipe": self.recipe.name, "steps": s["step"], "tokens": s["tokens"], "flops": s["flops"],
+                         "train_seconds": s["seconds"]}, indent=1))
         self.dist.barrier()
 
     def _on_signal(self, signum, frame):
@@ -476,6 +474,7 @@ class Trainer:
         if self.copies is None:
             return {}
         import deepspeed
+
         from growth.copies import copy_cosines
         module = self.engine.module
         gather = deepspeed.zero.GatheredParameters(list(module.parameters())) \
@@ -536,8 +535,8 @@ class Trainer:
             status = {"state": "finished" if self.state["step"] == t.steps else "stopped", "reason": outcome,
                       "step": self.state["step"], "steps": t.steps, "checkpoint": latest_tag(self.ckpt_dir)}
             (r.run_dir / STATUS).write_text(json.dumps(status, indent=1))
-            print(f"{outcome} at step {self.state['step']}/{t.steps}; checkpoint {self.ckpt_dir}/{status['checkpoint']}",
-                  flush=True)
+            print(f"{outcome} at step {self.state['step']}/{t.steps}; "
+                  f"checkpoint {self.ckpt_dir}/{status['checkpoint']}", flush=True)
         return outcome
 
     def _train_scalars(self, loss: float, lr: float, elapsed: float, plan: StepPlan) -> dict:
@@ -584,7 +583,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     try:
         Trainer(recipe, args.resume).run()
-    except config.RecipeError as err:
+    except B2BError as err:  # a bad recipe, checkpoint or model (in-run growth included): one line
         print(f"b2b train: error: {err}", file=sys.stderr)
         return 2
     finally:

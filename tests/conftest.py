@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import (BertConfig, BertForMaskedLM, BertForPreTraining, BertModel, GPT2Config,
-                          GPT2LMHeadModel, GPT2Model)
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+)
 
 from growth import Shape
 

@@ -54,7 +54,7 @@ class Cluster:
 
     # ------------------------------------------------------------ start
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         install()
         self.root.mkdir(parents=True, exist_ok=True)
         self._munge()

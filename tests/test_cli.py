@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import make_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, BertModel
 
-from conftest import make_model
 from growth import Shape
 from launchers.cli import main
 
@@ -165,14 +165,16 @@ def test_console_script_exit_codes(tiny_dir, tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run(b2b + ["grow", str(tmp_path / "nope"), "--to", "bert-base", "--out", str(tmp_path / "h")],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"b2b grow: error: {tmp_path / 'nope'}: no such model directory"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"b2b grow: error: {tmp_path / 'nope'}: no such model directory"
 
 
 def test_weights_only_torch_file_is_accepted(tiny_dir, tmp_path, capsys):
     state = load_file(tiny_dir / "model.safetensors")
     (tiny_dir / "model.safetensors").unlink()
     torch.save(state, tiny_dir / "pytorch_model.bin")
-    code, _, err = run(capsys, "grow", tiny_dir, "--to", "hidden=32,heads=4", "--width", "exact", "--out", tmp_path / "g")
+    code, _, err = run(capsys, "grow", tiny_dir, "--to", "hidden=32,heads=4", "--width", "exact",
+                       "--out", tmp_path / "g")
     assert code == 0, err
 
 

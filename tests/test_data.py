@@ -78,7 +78,8 @@ def test_dynamic_masking_80_10_10(cache):
     data = Batches(prepare(recipe), recipe, rank=0, world=1)
     tok = data.tokenizer
     ids = torch.from_numpy(data.train[:400]["input_ids"]).long()
-    gen = lambda: torch.Generator().manual_seed(5)
+    def gen():
+        return torch.Generator().manual_seed(5)
     out = mask_tokens(ids, gen(), 0.15, data.special, tok.mask_token_id, len(tok))
     again = mask_tokens(ids, gen(), 0.15, data.special, tok.mask_token_id, len(tok))
     assert torch.equal(out["input_ids"], again["input_ids"])

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import make_model, max_rel, model_outputs
-from growth import GrowthError, Grower, Shape, grow_state_dict, layer_map, schema_for
+
+from growth import Grower, GrowthError, Shape, grow_state_dict, layer_map, schema_for
 from growth.adapters.hf import grow_model
 
 
@@ -15,7 +15,8 @@ def test_stack_order_and_remainder_from_the_top():
     assert layer_map(4, 4) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("cls,prefix", [("BertForMaskedLM", "bert.encoder.layer."), ("GPT2LMHeadModel", "transformer.h.")])
+@pytest.mark.parametrize("cls,prefix", [("BertForMaskedLM", "bert.encoder.layer."),
+                                        ("GPT2LMHeadModel", "transformer.h.")])
 def test_stacked_layers_copy_their_source_layer(cls, prefix):
     source = Shape(3, 8, 2, 16)
     small = make_model(cls, source)

@@ -132,7 +132,7 @@ def test_verify_mean_relative_difference_never_exceeds_the_max():
 def test_a_failed_start_leaves_nothing_behind(workdir, capfd):
     """A new run whose workers fail before saving anything (here: a truncated weights file) takes
     its run directory with it, so that the next try starts clean."""
-    from growth.adapters.hf import resolve
+    from growth.adapters.files import resolve
     broken = workdir / "broken-minilm"
     broken.mkdir()
     for file in resolve("minilm").iterdir():

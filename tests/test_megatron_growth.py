@@ -234,3 +234,22 @@ def test_the_writer_refuses_a_chunk_of_the_wrong_shape(tmp_path):
     chunk = dist_checkpoint.Chunk("w", (4, 2), (0, 0), (4, 2), torch.float32, lambda: torch.zeros(2, 2))
     with pytest.raises(GrowthError, match="planned"):
         dist_checkpoint.save(tmp_path, [chunk])
+
+
+def test_direct_width_at_tp1_matches_the_hf_growth_on_the_copied_block(run, tmp_path):
+    """DirectCopy of a torch_dist checkpoint (the small matrix in the top-left block, the rest new):
+    converted to HF, its copied entries (those the HF growth draws alike at two seeds) are the HF
+    DirectCopy's, in megatron's head-major fused QKV too."""
+    d, _, _, _ = run
+    assert b2b("grow", d / "source", "--to", WIDER, "--width", "direct", "--tp", "1", "--out", tmp_path / "m") == 0
+    assert b2b("convert", tmp_path / "m", "--out", tmp_path / "m-hf") == 0
+    for seed in (0, 1):
+        assert b2b("grow", d / "hf", "--to", WIDER, "--width", "direct", "--seed", seed,
+                   "--out", tmp_path / f"hf-{seed}") == 0
+    got, a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("m-hf", "hf-0", "hf-1"))
+    assert set(got) == set(a)
+    for name, expected in a.items():
+        copied = expected == b[name]
+        assert torch.equal(got[name][copied], expected[copied]), name
+    qkv = "transformer.h.0.attn.c_attn.weight"
+    assert 0 < (a[qkv] == b[qkv]).float().mean() < 1  # the fused QKV has both copied and new entries

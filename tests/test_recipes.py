@@ -78,7 +78,8 @@ BAD = {
     "missing init_from": ("", ["model.init_from=/no/such/model"], "model.init_from: /no/such/model"),
     "shape set twice": ("", ["model.arch=null"], "model.arch: required"),
     "global batch": ("", ["batch.global_size=100", "batch.accum=1"], "batch.global_size: 100 but"),
-    "indivisible global batch": ("", ["batch.accum=null", "batch.global_size=20"], "batch.global_size: 20 is not a multiple"),
+    "indivisible global batch": ("", ["batch.accum=null", "batch.global_size=20"],
+                                 "batch.global_size: 20 is not a multiple"),
     "bad override": ("", ["optim.lr"], "--set 'optim.lr': expected key=value"),
     "missing tokenizer": ("", ["data.tokenizer=/no/such/tok"], "data.tokenizer: /no/such/tok"),
     "a tokenizer the model was not trained with": ("", ["model.init_from=minilm", "data.tokenizer=wordpiece"],
@@ -116,7 +117,7 @@ def test_a_missing_recipe_file_and_a_base_cycle(tmp_path, capsys):
 
 
 def test_a_starting_model_on_the_command_line_brings_its_shape_arch_and_tokenizer(tmp_path):
-    from growth.adapters.hf import resolve
+    from growth.adapters.files import resolve
     recipe = config.load(RECIPES[0].parent / "bert-tiny-cpu.yaml", ["model.init_from=minilm"])
     m = recipe.model
     assert (m.arch, m.layers, m.hidden, m.heads, m.ffn) == ("bert", 6, 384, 12, 1536)
@@ -220,7 +221,8 @@ def test_bad_recipe_sets(tmp_path, capsys):
         f"target: {target}\nsource_model: /x\nmethods: {{a: {{set: {{optim.lrr: 1}}}}}}\n": "unknown key optim.lrr",
         f"target: {target}\nsource_model: /x\nmethodz: {{}}\n": "unknown key methodz",
         f"target: {target}\nsource_model: /x\nmethods: {{a: {{}}}}\nsweep: {{optim.lr: []}}\n": "sweep.optim.lr",
-        f"target: {target}\nsource_model: /x\nmethods: {{a: {{}}}}\nsweep: {{optim.lrr: [1]}}\n": "unknown key optim.lrr",
+        f"target: {target}\nsource_model: /x\nmethods: {{a: {{}}}}\nsweep: {{optim.lrr: [1]}}\n":
+            "unknown key optim.lrr",
         f"target: {target}\nsource_model: /x\nmethods: {{a: {{}}}}\nsweep_seeds: [4]\n": "sweep_seeds",
     }
     for text, message in cases.items():

@@ -96,8 +96,8 @@ def expected(target, k):
             if i is None:
                 out[method, seed] = None
                 continue
-            step = EVAL_STEPS[0] if i == 0 else \
-                EVAL_STEPS[i - 1] + (curve[i - 1] - target) / (curve[i - 1] - curve[i]) * (EVAL_STEPS[i] - EVAL_STEPS[i - 1])
+            fraction = 0.0 if i == 0 else (curve[i - 1] - target) / (curve[i - 1] - curve[i])
+            step = EVAL_STEPS[0] if i == 0 else EVAL_STEPS[i - 1] + fraction * (EVAL_STEPS[i] - EVAL_STEPS[i - 1])
             out[method, seed] = (step, flops(step), seconds(step, seed))
     return out
 
@@ -193,7 +193,8 @@ def test_target_overrides_and_smoothing(runs, tmp_path, capsys):
         hit = exp[row["method"], row["seed"]]
         assert row["reached"] == (hit is not None)
         if hit:
-            assert row["step_to_target"] == pytest.approx(hit[0]) and row["saving"] == pytest.approx(1 - hit[1] / f_base)
+            assert row["step_to_target"] == pytest.approx(hit[0])
+            assert row["saving"] == pytest.approx(1 - hit[1] / f_base)
 
 
 def test_without_baseline_a_given_target_still_reports(runs, tmp_path, capsys):
@@ -340,7 +341,8 @@ def test_a_run_kept_as_exported_scalars_reports_as_its_event_files(runs, tmp_pat
 
 
 def test_different_step_budgets_are_warned_about(tmp_path, capsys):
-    runs = [write_run(tmp_path, "scratch", 0, [8.0, 6.0, 5.0, 4.0]), write_run(tmp_path, "aki", 0, [5.0, 4.5, 4.0, 3.5])]
+    runs = [write_run(tmp_path, "scratch", 0, [8.0, 6.0, 5.0, 4.0]),
+            write_run(tmp_path, "aki", 0, [5.0, 4.5, 4.0, 3.5])]
     recipe = yaml.safe_load((runs[1] / "recipe.yaml").read_text())
     (runs[1] / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "train": {"steps": 400}}))
     code, _, err = run_cli(capsys, *runs, "--out", tmp_path / "r")

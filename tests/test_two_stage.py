@@ -51,7 +51,8 @@ def test_progressive_stacking_phases():
         StepPlan(4, 4, 0, True, True)]
     for bad, message in ((["progressive.layers=[2, 1]", "progressive.steps=[5, 5]"], "must increase"),
                          (["progressive.layers=[1]", "progressive.steps=[50]"], "fewer than train.steps"),
-                         (["progressive.layers=[1]", "progressive.steps=[5]", "stage1.steps=5", "stage1.block=2"], "does not combine")):
+                         (["progressive.layers=[1]", "progressive.steps=[5]", "stage1.steps=5", "stage1.block=2"],
+                          "does not combine")):
         with pytest.raises(config.RecipeError, match=message):
             recipe("model.layers=4", *bad)
 
@@ -80,8 +81,8 @@ def test_step_flops_equal_torchs_flop_counter(arch, tied, plan):
 
 @pytest.mark.parametrize("stage", [3])  # the partitioned case; ZeRO-2 freezing runs in the MSLT test below
 def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
-    """Two cyclic stage-1 steps at a constant learning rate with block 1 on a 4-block model: step 1 trains block 0 (a 1-block
-    sub-model), step 2 trains block 1 (a 2-block sub-model); blocks 2 and 3 and the embeddings
+    """Two cyclic stage-1 steps at a constant learning rate with block 1 on a 4-block model: step 1
+    trains block 0 (a 1-block sub-model), step 2 trains block 1 (a 2-block sub-model); blocks 2 and 3 and the embeddings
     must come out bit-identical, under ZeRO-1 and under ZeRO-3's partitioned parameters."""
     sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256"]
     tok = prepare(config.load(RECIPES / "bert-tiny-cpu.yaml", sets)) / "tokenizer"
@@ -92,9 +93,8 @@ def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
     for file in tok.iterdir():
         (start / file.name).write_bytes(file.read_bytes())
     run = tmp_path / "run"
-    sets += [f"out_dir={run}", f"model.init_from={start}", "model.arch=null", "model.layers=null",
-             "model.hidden=null", "model.heads=null", "model.ffn=null", "data.tokenizer=null", "train.steps=2",
-             "optim.warmup_steps=1", "optim.lr=1e-2", "optim.min_lr_ratio=1.0", "stage1.steps=2", "stage1.block=1", "stage1.sampling=cyclic",
+    sets += [f"out_dir={run}", f"model.init_from={start}", "train.steps=2", "optim.warmup_steps=1",
+             "optim.lr=1e-2", "optim.min_lr_ratio=1.0", "stage1.steps=2", "stage1.block=1", "stage1.sampling=cyclic",
              f"zero.stage={stage}", "train.eval_batches=1", "logging.progress=false"]
     cmd = [sys.executable, "-m", "launchers.cli", "train", str(RECIPES / "bert-tiny-cpu.yaml"), "--procs", "2"]
     done = subprocess.run(cmd + sum((["--set", s] for s in sets), []), capture_output=True, text=True, timeout=600)

@@ -19,7 +19,12 @@ from launchers.data import train_tokenizer
 def corpus() -> list[str]:
     """A few hundred docstrings of already-imported modules (python_docs() parses the whole
     standard library, which takes too long for a unit test)."""
-    import argparse, collections, inspect, os, pathlib, shutil  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import inspect
+    import os
+    import pathlib
+    import shutil
     docs = [getattr(getattr(m, n), "__doc__", None)
             for m in (argparse, collections, inspect, os, pathlib, shutil, str, dict, list) for n in dir(m)]
     return [d for d in docs if isinstance(d, str) and len(d) > 80][:400]

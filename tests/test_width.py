@@ -5,8 +5,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import make_model, max_rel, model_outputs, random_growth
+
 from growth import Grower, Shape, schema_for
 from growth.adapters.hf import grow_model
 
@@ -88,7 +88,8 @@ def test_fpi_weights_follow_the_formula():
     c_h = torch.bincount(g_h).double()[g_h]
     expected = (w[g_f][:, g_h].double() / c_h).float()
     assert torch.equal(grown["encoder.layer.0.intermediate.dense.weight"], expected)
-    assert torch.equal(grown["embeddings.word_embeddings.weight"], small.state_dict()["embeddings.word_embeddings.weight"][:, g_h])
+    embeddings = small.state_dict()["embeddings.word_embeddings.weight"]
+    assert torch.equal(grown["embeddings.word_embeddings.weight"], embeddings[:, g_h])
 
 
 def test_aki_new_units_come_from_the_next_layer():
@@ -102,8 +103,7 @@ def test_aki_new_units_come_from_the_next_layer():
     g_h, c_h = aki.hidden.index, torch.bincount(aki.hidden.index).double()[aki.hidden.index]
     for layer in range(source.layers):
         maps = aki.layer_maps[layer]
-        for name, role, n_old in (("intermediate.dense", "f_out", source.ffn),
-                                  ("attention.self.key", "a_out", source.hidden)):
+        for name, role in (("intermediate.dense", "f_out"), ("attention.self.key", "a_out")):
             key = f"bert.encoder.layer.{layer}.{name}.weight"
             new = maps[role].is_new
             if role == "a_out":  # new heads: whole heads appended after the source's

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from growth import Grower, Shape, grow_state_dict, schema_for
 from growth.adapters.deepspeed import STATES, ZeroCheckpoint, read_universal, universal_tag
-from growth.adapters.hf import has_tied_output, read_config
+from growth.adapters.files import has_tied_output, read_config
 from launchers.cli import main
 from launchers.events import read_scalars
 from launchers.launch import EXIT_STOPPED, free_port
@@ -178,6 +178,7 @@ def test_gradients_of_a_grown_model_are_its_grown_moments():
     model at the grown weights is the source's gradient grown as exp_avg, and its square grown as
     exp_avg_sq; so grown moments are the ones the grown model would have accumulated."""
     from conftest import VOCAB, make_model
+
     from growth.adapters.hf import grow_model
     source, target = Shape(2, 12, 2, 20), Shape(2, 24, 3, 40)  # hidden x2, 2 -> 3 heads, head_dim 6 -> 8
     batch = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -196,7 +197,7 @@ def test_gradients_of_a_grown_model_are_its_grown_moments():
                         tied=has_tied_output(small.config.to_dict(), cls))
         scale = max(g.abs().max() for g in big_grads.values())
         for moment, f in ((1, lambda g: g), (2, lambda g: g * g)):
-            for n, g in grower.items(list(small_grads), lambda n: f(small_grads[n]), moment=moment):
+            for n, g in grower.items(list(small_grads), lambda n, f=f, grads=small_grads: f(grads[n]), moment=moment):
                 if n in big_grads:
                     # float32 weights (the grown copies are rounded): agreement to ~1e-8 of the largest gradient
                     assert (g - f(big_grads[n])).abs().max() <= 1e-6 * scale ** moment, (cls, tied, moment, n)
@@ -207,6 +208,7 @@ def test_with_split_shares_the_moment_rule_is_an_approximation_through_layernorm
     over all units equally, not by share, so no per-axis rule gives the grown gradient exactly; the
     share rule (AxisMap.factor) is the closer one on these models (docs/zero-growth.md)."""
     from conftest import VOCAB, make_model
+
     from growth.adapters.hf import grow_model
     source, target = Shape(2, 12, 2, 20), Shape(2, 24, 3, 40)
     batch = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))

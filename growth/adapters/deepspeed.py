@@ -32,17 +32,14 @@ code from the file.
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import GrowthError
 from ..grow import check_source
-from .hf import TOKENIZER_FILES, atomic_directory, dump_manifest, free_output, grower_for, target_config
+from .files import atomic_directory, copy_side_files, dump_manifest, free_output, grower_for, load_torch, target_config
 
 OPTIMIZERS = ("reset", "grow")
 SCHEDULES = ("restart", "keep")
@@ -63,14 +60,7 @@ _SAFE = [(_Attributes, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
 
 def load_file(path: Path) -> dict:
     """A checkpoint file, memory-mapped: tensors are read when sliced."""
-    try:
-        with torch.serialization.safe_globals(_SAFE):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise GrowthError(f"{path}: refusing to load: it needs pickled code beyond tensors and the "
-                          f"DeepSpeed checkpoint classes ({str(err).splitlines()[-1][:200]})") from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
-        raise GrowthError(f"{path}: corrupt or truncated checkpoint file ({str(err).splitlines()[0][:200]})") from None
+    state = load_torch(path, _SAFE, what="checkpoint file")
     if not isinstance(state, dict):
         raise GrowthError(f"{path}: not a DeepSpeed checkpoint file")
     return state
@@ -259,7 +249,8 @@ def _optimizer_state(ckpt: ZeroCheckpoint, count: int, step: torch.Tensor) -> di
 
 
 def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                    seed: int = 0, symmetry: str = "none", optimizer: str = "reset", schedule: str = "restart", overwrite: bool = False,
+                    seed: int = 0, symmetry: str = "none", optimizer: str = "reset", schedule: str = "restart",
+                    overwrite: bool = False,
                     log=print) -> dict:
     """`b2b grow CKPT`: grow a ZeRO checkpoint into a universal checkpoint in `out`; returns the manifest."""
     if optimizer not in OPTIMIZERS:
@@ -299,10 +290,7 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
         for file in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
             torch.save(meta, tmp / ckpt.tag / file)
         (tmp / "latest_universal").write_text(ckpt.tag)
-        (tmp / "config.json").write_text(json.dumps(target_config(cfg, target), indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (where / name).is_file():
-                shutil.copy2(where / name, tmp / name)
+        copy_side_files(where, tmp, target_config(cfg, target))
         (tmp / "growth.json").write_text(dump_manifest(manifest))
     log(f"wrote {out} (tag {ckpt.tag})")
     return manifest

@@ -24,8 +24,8 @@ import io
 import json
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

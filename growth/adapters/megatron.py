@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -34,10 +33,18 @@ import torch
 from ..errors import GrowthError
 from ..grow import Grower, check_source
 from ..schema import MCORE_GPT
-from ..shape import parse_target, shape_from_config
+from ..shape import shape_from_config
 from . import dist_checkpoint
 from .dist_checkpoint import Chunk, DistCheckpoint
-from .hf import TOKENIZER_FILES, atomic_directory, dump_manifest, free_output, target_config
+from .files import (
+    atomic_directory,
+    copy_side_files,
+    dump_manifest,
+    free_output,
+    load_torch,
+    target_config,
+    target_shape,
+)
 
 VOCAB_MULTIPLE = 128  # megatron pads the vocabulary; 128 is divisible by every TP degree up to 128
 LAYERS = "decoder.layers."
@@ -233,15 +240,7 @@ class LegacySource:
     @staticmethod
     def _load(file: Path) -> tuple[dict, dict]:
         import argparse
-        import pickle
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as err:
-            raise GrowthError(f"{file}: refusing to load: it needs pickled code beyond tensors "
-                              f"({str(err).splitlines()[-1][:200]})") from None
-        except (RuntimeError, OSError, EOFError, ValueError) as err:
-            raise GrowthError(f"{file}: corrupt or truncated ({str(err).splitlines()[0][:200]})") from None
+        state = load_torch(file, [argparse.Namespace], what="checkpoint file")
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise GrowthError(f"{file}: no 'model' state dict (pipeline-parallel or virtual-pipeline checkpoints "
                               "are not supported)")
@@ -287,7 +286,8 @@ def source_config(source) -> dict:
 # -- growth --------------------------------------------------------------------------------------
 
 def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                    seed: int = 0, symmetry: str = "none", tp: int | None = None, overwrite: bool = False, log=print) -> dict:
+                    seed: int = 0, symmetry: str = "none", tp: int | None = None, overwrite: bool = False,
+                    log=print) -> dict:
     """`b2b grow` of a megatron-core checkpoint: shard-local growth into a torch_dist checkpoint."""
     out = free_output(out, overwrite)
     source = open_source(src)
@@ -295,7 +295,7 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
         raise GrowthError(f"{src}: not a megatron-core torch_dist or Megatron-LM legacy checkpoint")
     cfg = source_config(source)
     shape = shape_from_config(cfg)
-    target = parse_target(to, shape)
+    target = target_shape(to, shape)
     tp = tp or source.tp
     rows = source.shapes.get("embedding.word_embeddings.weight", (0,))[0]
     for what, n in [("source heads", shape.heads), ("target heads", target.heads), ("source FFN", shape.ffn),
@@ -332,17 +332,10 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
 
     with atomic_directory(out) as tmp:
         dist_checkpoint.save(tmp, chunks)
-        _write_side_files(tmp, source.config_dir, target_config(cfg, target))
+        copy_side_files(source.config_dir, tmp, target_config(cfg, target))
         (tmp / "growth.json").write_text(dump_manifest(manifest))
     log(f"wrote {out}")
     return manifest
-
-
-def _write_side_files(out: Path, config_dir: Path, cfg: dict) -> None:
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    for name in TOKENIZER_FILES:
-        if (config_dir / name).is_file():
-            shutil.copy2(config_dir / name, out / name)
 
 
 # -- conversion ----------------------------------------------------------------------------------
@@ -359,7 +352,7 @@ def hf_weights(source) -> tuple[dict, dict[str, torch.Tensor]]:
 def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print) -> str:
     """`b2b convert`: HF GPT-2 directory -> megatron-core torch_dist checkpoint, or a megatron
     checkpoint (torch_dist or legacy) -> HF GPT-2 directory. Returns the direction."""
-    from .hf import open_weights, read_config, resolve, weight_files
+    from .files import open_weights, read_config, resolve, weight_files
     out = free_output(out, overwrite)
     source = open_source(src)
     with atomic_directory(out) as tmp:
@@ -367,7 +360,7 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
             hf_cfg, state = hf_weights(source)
             from safetensors.torch import save_file
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            _write_side_files(tmp, source.config_dir, hf_cfg)
+            copy_side_files(source.config_dir, tmp, hf_cfg)
             direction = f"{source.format} -> HF GPT2LMHeadModel"
         else:  # HF -> megatron
             path = resolve(src)
@@ -387,7 +380,7 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
                 offsets, sizes = tensor_region(gshape, layer, None, None, 1)
                 chunks.append(Chunk(key, gshape, offsets, sizes, w.dtype, lambda w=w, sizes=sizes: w.reshape(sizes)))
             dist_checkpoint.save(tmp, chunks)
-            _write_side_files(tmp, path, {**cfg, "padded_vocab_size": rows})
+            copy_side_files(path, tmp, {**cfg, "padded_vocab_size": rows})
             direction = "HF GPT2LMHeadModel -> megatron-core torch_dist"
     log(f"converted {src} ({direction}) into {out}")
     return direction

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GrowthError
-from .hf import EXACT_TOLERANCE, model_class, read_config, resolve
+from .files import EXACT_TOLERANCE, model_class, read_config, resolve
 
 DEFAULT_TEXT = (
     "Growing a small pretrained transformer into a larger one reuses what the small one "

