@@ -25,10 +25,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 STAGE1_SAMPLING = ("uniform", "cyclic")
 TOKENIZER_KINDS = ("wordpiece", "bpe")  # trained on the corpus by `b2b tokenizer` / the data pipeline
-# A run directory (out_dir): its DeepSpeed checkpoints, status (launchers/train.py) and trained model.
-CHECKPOINTS = "checkpoints"
-STATUS = "status.json"
-FINAL = "final"  # an HF directory
 VERBOSE = "B2B_VERBOSE"  # "1" in the workers' environment: DeepSpeed's and megatron's routine output kept
 
 
@@ -190,7 +186,8 @@ class Recipe:
     def start_model(self) -> Path | None:
         """The HF directory the model starts from: init_from, or grow_from grown into RUN/grown."""
         if self.model.grow_from is not None:
-            return self.run_dir / "grown"
+            from .checkpoint import RunDir
+            return RunDir(self.run_dir).grown
         if self.model.init_from is not None:
             from growth.adapters.files import resolve
             return resolve(self.model.init_from)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checkpoint import RunDir
+
 SCALARS = "scalars.json"  # a run's scalars exported from its event files
 
 
@@ -13,7 +15,7 @@ def read_scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:
     twice (a run resumed from a checkpoint before that step), the later write wins. A run kept in
     the repository without its event files has RUN/scalars.json instead (benchmarks/export_scalars.py)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    directory = Path(run_dir) / "tensorboard"
+    directory = RunDir(Path(run_dir)).tensorboard
     exported = Path(run_dir) / SCALARS
     if not directory.is_dir() and exported.is_file():
         return {tag: {int(step): value for step, value in values.items()}

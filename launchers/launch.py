@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from . import config
+from .checkpoint import RunDir
 from .config import RecipeError
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again with --resume auto
@@ -85,9 +86,9 @@ def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
     if cpu and recipe.train.precision != "fp32":
         raise RecipeError(f"train.precision: {recipe.train.precision} needs a GPU; this machine has none: "
                           "use --set train.precision=fp32")
-    from .train import check_same_parallel, checkpoint_tags, resume_tag
-    ckpts = recipe.run_dir / config.CHECKPOINTS
-    if resume == "none" and ckpts.is_dir() and checkpoint_tags(ckpts):
+    from .checkpoint import check_same_parallel, resume_tag, tags
+    ckpts = RunDir(recipe.run_dir).checkpoints
+    if resume == "none" and ckpts.is_dir() and tags(ckpts):
         raise RecipeError(f"{recipe.run_dir} already holds checkpoints: continue it with --resume auto, "
                           "or choose a new out_dir (--set out_dir=...)")
     tag = resume_tag(ckpts, resume)
@@ -113,7 +114,7 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
     check_can_run(recipe, cpu, resume)
     if resume == "auto" and finished_at(recipe.run_dir) == recipe.train.steps:
         print(f"b2b train: {recipe.run_dir} already finished at step {recipe.train.steps}; the model is in "
-              f"{recipe.run_dir / config.FINAL}")
+              f"{RunDir(recipe.run_dir).final}")
         return 0
     from .data import prepare, quiet_libraries
     quiet_libraries()
@@ -127,7 +128,7 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    if fresh and code not in (0, EXIT_STOPPED, 130) and not (run_dir / config.CHECKPOINTS).is_dir():
+    if fresh and code not in (0, EXIT_STOPPED, 130) and not RunDir(run_dir).checkpoints.is_dir():
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"b2b train: removed {run_dir}: the run saved nothing", file=sys.stderr)
     return code
@@ -143,9 +144,10 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
         from growth.adapters.hf import grow_directory
         grow_directory(m.grow_from, recipe.start_model, str(recipe.shape), width=m.growth.width,
                        depth=m.growth.depth, seed=m.growth.seed, symmetry=m.growth.symmetry, overwrite=True)
-    (run_dir / "recipe.yaml").write_text(config.dump(recipe))
-    (run_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2))
-    status = run_dir / config.STATUS
+    layout = RunDir(run_dir)
+    layout.recipe.write_text(config.dump(recipe))
+    layout.deepspeed.write_text(json.dumps(ds, indent=2))
+    status = layout.status
     status.unlink(missing_ok=True)
     if prepare_only:
         return 0
@@ -183,7 +185,7 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
         print(f"b2b train: error: the workers failed (exit code {code}); see the log above", file=sys.stderr)
         return code or 1
     if json.loads(status.read_text())["state"] == "finished":
-        print(f"b2b train: finished; the model is in {run_dir / config.FINAL}")
+        print(f"b2b train: finished; the model is in {RunDir(run_dir).final}")
         return 0
     again = " ".join(f"--set {s}" for s in sets if not s.startswith("train.stop_at="))
     print(f"b2b train: stopped before the end; continue with: b2b train {path} --resume auto {again}".rstrip(),
@@ -195,7 +197,7 @@ def finished_at(run_dir: Path) -> int | None:
     """The step a finished run ended at (status.json, with its RUN/final), or None."""
     from .report import run_status
     status = run_status(run_dir)
-    return status.get("step") if status.get("state") == "finished" and (run_dir / config.FINAL).is_dir() else None
+    return status.get("step") if status.get("state") == "finished" and RunDir(run_dir).final.is_dir() else None
 
 
 def forward_stop(launcher_pid: int, signum: int = signal.SIGUSR1) -> None:

@@ -44,7 +44,7 @@ import yaml
 from growth import B2BError
 from growth.adapters.files import atomic_file
 
-from . import config
+from .checkpoint import RunDir
 from .events import SCALARS, read_scalars
 
 VAL, FLOPS, SECONDS = "val/loss", "train/flops", "time/train_seconds"
@@ -93,7 +93,7 @@ def smooth(values: list[float], k: int) -> list[float]:
 
 
 def read_recipe(run_dir: Path) -> dict:
-    path = run_dir / "recipe.yaml"
+    path = RunDir(run_dir).recipe
     if not path.is_file():
         raise ReportError(f"{run_dir}: no recipe.yaml; is this a run directory written by b2b train?")
     try:
@@ -121,7 +121,7 @@ def run_status(run_dir: Path) -> dict:
     """status.json (state finished or stopped, step, ...); {} when absent or unreadable (still
     running, or crashed)."""
     try:
-        status = json.loads((run_dir / config.STATUS).read_text())
+        status = json.loads(RunDir(run_dir).status.read_text())
     except (OSError, ValueError):
         return {}
     return status if isinstance(status, dict) else {}
@@ -136,8 +136,9 @@ def read_run(run_dir: Path, k: int, baseline: str) -> Run:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory")
     recipe = read_recipe(run_dir)
-    if not any((run_dir / "tensorboard").glob("events.out.tfevents.*")) and not (run_dir / SCALARS).is_file():
-        raise ReportError(f"{run_dir}: no TensorBoard events in {run_dir / 'tensorboard'}")
+    events = RunDir(run_dir).tensorboard
+    if not any(events.glob("events.out.tfevents.*")) and not (run_dir / SCALARS).is_file():
+        raise ReportError(f"{run_dir}: no TensorBoard events in {events}")
     scalars = read_scalars(run_dir)
     val = scalars.get(VAL)
     if not val:
@@ -151,7 +152,7 @@ def read_run(run_dir: Path, k: int, baseline: str) -> Run:
     method = str(recipe.get("method") or name)
     seed = recipe.get("seed", 0)
     if not isinstance(seed, int):
-        raise ReportError(f"{run_dir / 'recipe.yaml'}: seed: expected an integer, got {seed!r}")
+        raise ReportError(f"{RunDir(run_dir).recipe}: seed: expected an integer, got {seed!r}")
     grow_from = (recipe.get("model") or {}).get("grow_from")
     losses = [val[s] for s in steps]
     setting = recipe.get("setting")

@@ -38,6 +38,7 @@ from pathlib import Path
 from growth import WIDTH_METHODS
 
 from . import config
+from .checkpoint import RunDir
 from .config import RecipeError
 
 
@@ -142,6 +143,43 @@ def first_phase(s: RecipeSet, out: Path, source_model: Path, methods: list[str],
             for setting in settings(s, m) if len(settings(s, m)) == 1 or seed in sweep_seeds]
 
 
+@dataclass
+class Expansion:
+    """What a set runs, in order (`b2b run` and `b2b submit` both follow it)."""
+    out: Path  # OUT: every run's directory is below it
+    source_dir: Path  # OUT/source, where the set's source recipe trains
+    source_model: Path  # the model the grown methods start from
+    source_sets: list[str]  # the source run's --set overrides (when the set pretrains one)
+    first: list[tuple[Path, list[str]]]  # the first phase's runs: (run directory, --set overrides)
+    swept: list[str]  # methods with several settings, whose best then runs at the `later` seeds
+    later: list[int]
+
+
+def expand(s: RecipeSet, methods: list[str] | None = None, seeds: list[int] | None = None) -> Expansion:
+    """The set's runs, every recipe checked: the source's, the first phase's, and those of every
+    setting that may win at the later seeds."""
+    out = Path(s.out_dir or f"runs/{s.name}").resolve()
+    methods = methods or list(s.methods)
+    unknown = [m for m in methods if m not in s.methods]
+    if unknown:
+        raise RecipeError(f"--methods: {unknown[0]!r} is not in the set ({', '.join(s.methods)})")
+    seeds = seeds if seeds is not None else s.seeds
+    sweep_seeds = [x for x in (s.sweep_seeds or s.seeds[:1]) if x in seeds]
+    source_dir = out / "source"
+    source_model = Path(s.source_model).resolve() if s.source_model else RunDir(source_dir).final
+    source_sets = as_sets({"out_dir": str(source_dir), "method": "source"})
+    if s.source:
+        config.load(s.source, source_sets)
+    swept = [m for m in methods if len(settings(s, m)) > 1]
+    later = [seed for seed in seeds if seed not in sweep_seeds] if swept else []
+    for m in swept:  # any setting may win
+        for setting in settings(s, m):
+            for seed in later:
+                planned_run(s, out, m, setting, seed, source_model)
+    return Expansion(out, source_dir, source_model, source_sets,
+                     first_phase(s, out, source_model, methods, seeds, sweep_seeds), swept, later)
+
+
 def train_once(recipe: str, sets: list[str], procs: int | None, run_dir: Path, verbose: bool = False) -> None:
     """Train unless already finished; resume when stopped."""
     from .launch import train
@@ -157,45 +195,28 @@ def train_once(recipe: str, sets: list[str], procs: int | None, run_dir: Path, v
 def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = None, procs: int | None = None,
         dry_run: bool = False, verbose: bool = False) -> int:
     s = load_set(Path(path))
-    out = Path(s.out_dir or f"runs/{s.name}").resolve()
-    methods = methods or list(s.methods)
-    unknown = [m for m in methods if m not in s.methods]
-    if unknown:
-        raise RecipeError(f"--methods: {unknown[0]!r} is not in {path} ({', '.join(s.methods)})")
-    seeds = seeds if seeds is not None else s.seeds
-    sweep_seeds = [x for x in (s.sweep_seeds or s.seeds[:1]) if x in seeds]
-    source_dir = out / "source"
-    source_model = Path(s.source_model).resolve() if s.source_model else source_dir / "final"
-
-    if s.source:
-        config.load(s.source, as_sets({"out_dir": str(source_dir)}))
-    swept = [m for m in methods if len(settings(s, m)) > 1]
-    plan = first_phase(s, out, source_model, methods, seeds, sweep_seeds)
-    later = [seed for seed in seeds if seed not in sweep_seeds] if swept else []
-    for m in swept:  # the best settings' runs are checked too: any setting may win
-        for setting in settings(s, m):
-            for seed in later:
-                planned_run(s, out, m, setting, seed, source_model)
+    e = expand(s, methods, seeds)
     if dry_run:
-        print(f"source: {s.source or s.source_model} -> {source_model}")
-        for run_dir, sets in plan:
+        print(f"source: {s.source or s.source_model} -> {e.source_model}")
+        for run_dir, sets in e.first:
             print(f"{run_dir.name}: b2b train {s.target} " + " ".join(f"--set '{x}'" for x in sets))
-        if later:
-            print(f"then at seeds {later}: the best setting of {', '.join(swept)} (b2b report's rule)")
+        if e.later:
+            print(f"then at seeds {e.later}: the best setting of {', '.join(e.swept)} (b2b report's rule)")
         return 0
     if s.source:
-        train_once(s.source, as_sets({"out_dir": str(source_dir), "method": "source"}), procs, source_dir, verbose)
+        train_once(s.source, e.source_sets, procs, e.source_dir, verbose)
+    plan = list(e.first)
     for run_dir, sets in plan:
         train_once(s.target, sets, procs, run_dir, verbose)
     from .report import best_settings, read_run, report
     r = s.report
-    if later:
+    if e.later:
         best = best_settings([read_run(d, r.smooth, r.baseline) for d, _ in plan])
-        for m in swept:
+        for m in e.swept:
             setting = next(x for x in settings(s, m) if setting_text(x) == best[m])
             print(f"b2b run: {m}: best setting {best[m]}", flush=True)
-            for seed in later:
-                plan.append(planned_run(s, out, m, setting, seed, source_model))
+            for seed in e.later:
+                plan.append(planned_run(s, e.out, m, setting, seed, e.source_model))
                 train_once(s.target, plan[-1][1], procs, plan[-1][0], verbose)
-    report([str(d) for d, _ in plan], target=r.target, k=r.smooth, baseline=r.baseline, out=str(out / "report"))
+    report([str(d) for d, _ in plan], target=r.target, k=r.smooth, baseline=r.baseline, out=str(e.out / "report"))
     return 0

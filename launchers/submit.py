@@ -29,6 +29,7 @@ from pathlib import Path
 from growth import B2BError
 
 from . import config
+from .checkpoint import RunDir
 from .launch import EXIT_STOPPED
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
@@ -157,7 +158,7 @@ def train_job(name: str, runs: list[tuple[str, Path, list[str]]], log: Path, res
                     PROCS_PER_NODE=str(procs), CPUS_PER_TASK=str(max(1, (res.cpus_per_node or part.cpus) // procs)),
                     SIGNAL_SECONDS=str(res.signal_seconds), SELECT=choose,
                     ENTRYPOINT=shlex.quote(str(SLURM_DIR / "entrypoint.sh")))
-    tensorboard = runs[0][1] / "tensorboard" if len(runs) == 1 else runs[0][1].parent / "*" / "tensorboard"
+    tensorboard = RunDir(runs[0][1]).tensorboard if len(runs) == 1 else RunDir(runs[0][1].parent / "*").tensorboard
     return Job(name, script, str(log), list(after), str(tensorboard))
 
 
@@ -177,21 +178,19 @@ def recipe_jobs(path: str, sets: list[str], res: Resources, part: Partition) -> 
 
 def set_jobs(path: str, sets: list[str], res: Resources, part: Partition) -> list[Job]:
     """A method comparison: the source's job, the methods' job array, the report."""
-    from .run import as_sets, first_phase, load_set
+    from .run import expand, load_set
     s = load_set(Path(path))
-    out = Path(s.out_dir or f"runs/{s.name}").resolve()
-    source_dir = out / "source"
-    source_model = Path(s.source_model).resolve() if s.source_model else source_dir / "final"
+    e = expand(s)
+    out = e.out
     jobs = []
     if s.source:
-        source_sets = [*sets, *as_sets({"out_dir": str(source_dir), "method": "source"})]
+        source_sets = [*sets, *e.source_sets]
         config.load(s.source, source_sets)
-        jobs.append(train_job(f"{s.name}-source", [(s.source, source_dir, source_sets)],
-                              source_dir / "slurm-%j.out", res, part))
+        jobs.append(train_job(f"{s.name}-source", [(s.source, e.source_dir, source_sets)],
+                              e.source_dir / "slurm-%j.out", res, part))
     # a sweep's first phase (every setting at the sweep seeds); its best settings' other seeds
     # need these results: `b2b run SET` runs them afterwards, skipping what finished here
-    runs = [(s.target, run_dir, [*sets, *run_sets]) for run_dir, run_sets in
-            first_phase(s, out, source_model, list(s.methods), s.seeds, s.sweep_seeds or s.seeds[:1])]
+    runs = [(s.target, run_dir, [*sets, *run_sets]) for run_dir, run_sets in e.first]
     jobs.append(train_job(f"{s.name}-methods", runs, out / "slurm-%A_%a.out", res, part, after=list(range(len(jobs)))))
     r = s.report
     args = [*(str(d) for _, d, _ in runs), "--smooth", str(r.smooth), "--baseline", r.baseline,
@@ -242,8 +241,8 @@ def outcome(run_dir: Path) -> int:
     from .report import run_state
     state = run_state(run_dir)
     if state == "stopped":
-        stop_at = config.read_yaml(run_dir / "recipe.yaml").get("train", {}).get("stop_at")
-        step = json.loads((run_dir / config.STATUS).read_text())["step"]
+        stop_at = config.read_yaml(RunDir(run_dir).recipe).get("train", {}).get("stop_at")
+        step = json.loads(RunDir(run_dir).status.read_text())["step"]
         return 0 if step == stop_at else EXIT_STOPPED
     return 0 if state == "finished" else 1
 

@@ -38,16 +38,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from growth import B2BError, CheckpointError
+from growth import B2BError
 from growth.adapters.deepspeed import universal_tag
-from growth.adapters.files import atomic_directory, atomic_file
+from growth.adapters.files import atomic_directory
 
 from . import config
-from .config import CHECKPOINTS, STATUS
+from .checkpoint import RECIPE, STEP_TAG, Checkpointer, RunDir, TrainState, resume_tag
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
 from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
 
-STEP_TAG = "step{:08d}"
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight",
             "layernorm.weight")  # the last: megatron-core's input_/pre_mlp_/final_layernorm
 
@@ -104,48 +103,6 @@ def flops_budget(recipe: config.Recipe, world: int, vocab: int, tied: bool = Tru
                                                   tied) for plan, n in per_plan.items())
 
 
-def checkpoint_tags(ckpt_dir: Path) -> list[str]:
-    return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint: 'latest' is written only after every rank saved."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if not (ckpt_dir / tag).is_dir():
-        raise CheckpointError(f"{latest} names {tag!r}, which is missing: the checkpoint directory is damaged")
-    return tag
-
-
-def resume_tag(ckpt_dir: Path, resume: str) -> str | None:
-    """The checkpoint `--resume` names: none for 'none', the newest complete one for 'auto' (none if
-    there is none yet), else that tag, which must exist."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return latest_tag(ckpt_dir)
-    if not (ckpt_dir / resume).is_dir() or not resume.removeprefix("step").isdigit():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint in {ckpt_dir}; use 'auto' or one of "
-                                 f"{checkpoint_tags(ckpt_dir) if ckpt_dir.is_dir() else []}")
-    return resume
-
-
-def check_same_parallel(recipe: config.Recipe, tag_dir: Path) -> None:
-    """A checkpoint resumes only with the parallel section it was saved with (DeepSpeed's files are
-    per tensor-parallel rank); its weights (TAG/dist, RUN/final) start a run at any other."""
-    file = tag_dir / "recipe.yaml"
-    saved = config.ParallelConfig(**(yaml.safe_load(file.read_text()).get("parallel") or {})) \
-        if file.is_file() else recipe.parallel
-    if saved != recipe.parallel:
-        def text(p):
-            return f"parallel.tensor={p.tensor}, parallel.megatron={str(p.megatron).lower()}"
-        raise CheckpointError(f"parallel: {tag_dir} was saved with {text(saved)}, this recipe has "
-                                 f"{text(recipe.parallel)}: resume with the saved values, or start a new run from "
-                                 "its weights (model.init_from: the tag's dist/ directory, or RUN/final)")
-
-
 class Monitor:
     """Rank-0 logging: every scalar to TensorBoard; to the terminal a progress bar, or elsewhere (a
     log file, SLURM) a compact line per log step, with the few figures a person watches."""
@@ -162,7 +119,7 @@ class Monitor:
             return
         if recipe.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(recipe.run_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(RunDir(recipe.run_dir).tensorboard))
         if recipe.logging.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=recipe.train.steps, initial=start, desc=recipe.name, unit="step",
@@ -222,7 +179,9 @@ class Trainer:
             prepare(recipe, log=print if self.rank == 0 else lambda *_: None)
         dist.barrier()
         self.data = Batches(cache_path(recipe), recipe, self.dp_rank, self.dp_world)
-        self.ckpt_dir = recipe.run_dir / CHECKPOINTS
+        self.run_dir = RunDir(recipe.run_dir)
+        self.ckpt_dir = self.run_dir.checkpoints
+        self.checkpoints = Checkpointer(self.ckpt_dir, recipe.checkpoint.keep, self.rank, dist.barrier)
         self.by_unit = recipe.stage1.steps > 0 or recipe.progressive.freeze_lower
         tag = self._resume_tag(resume)
         start = int(tag.removeprefix("step")) if tag else 0  # progressive runs start at that step's depth
@@ -238,7 +197,7 @@ class Trainer:
         self.global_batch = config.fit_world(recipe, self.dp_world)
         self.tokens_per_step = self.global_batch * recipe.data.seq_len
         self.peak = peak_tflops(recipe)
-        self.state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "stage": 0}
+        self.state = TrainState()
         if grown is not None:
             self._load_grown(grown)
         elif tag is None:
@@ -279,7 +238,7 @@ class Trainer:
         scheduler = self.engine.lr_scheduler
         scheduler.step(scheduler.last_batch_iteration if keep else None)  # a fresh schedule: as in __init__
         if keep:  # the run continues the source's step count: train.steps is the total, as in one long run
-            self.state["step"] = scheduler.last_batch_iteration
+            self.state.step = scheduler.last_batch_iteration
         if self.rank == 0:
             print(f"initialised from the grown checkpoint {path} ({tag}; lr schedule "
                   f"{f'at iteration {scheduler.last_batch_iteration}' if keep else 'restarted'})", flush=True)
@@ -317,8 +276,8 @@ class Trainer:
     def _stack_checkpoint(self, layers: int) -> None:
         """Save the live checkpoint (unless it was just saved), grow it, and load it into a new engine."""
         from growth.adapters.deepspeed import grow_checkpoint
-        tag = STEP_TAG.format(self.state["step"])
-        if latest_tag(self.ckpt_dir) != tag:
+        tag = STEP_TAG.format(self.state.step)
+        if self.checkpoints.latest() != tag:
             self.save()
         grown = self.ckpt_dir / f"grown-{tag}"  # not a step* tag: never resumed from, removed below
         if self.rank == 0:
@@ -339,25 +298,25 @@ class Trainer:
         return tag
 
     def _load(self, tag: str) -> None:
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag)
-        if path is None or "b2b" not in client:
-            raise CheckpointError(f"{self.ckpt_dir / tag}: not a checkpoint written by b2b train")
+        self.state = self.checkpoints.load(self.engine, tag)
         self._recipe_hyperparameters()
         scheduler = self.engine.lr_scheduler  # the recipe's schedule at the saved iteration: a changed
         scheduler.step(scheduler.last_batch_iteration)  # train.steps applies from the first resumed step
-        self.state = dict(client["b2b"])
         if self.rank == 0:
-            print(f"resumed from {self.ckpt_dir / tag} at step {self.state['step']}", flush=True)
+            print(f"resumed from {self.ckpt_dir / tag} at step {self.state.step}", flush=True)
 
     def save(self) -> None:
-        """A sharded DeepSpeed checkpoint; 'latest' moves only after every rank has written its files.
-        With megatron-core, the weights also go to TAG/dist as a torch_dist checkpoint."""
-        tag = STEP_TAG.format(self.state["step"])
-        # the recipe, and the model's HF config and tokenizer (what `b2b grow` needs) beside the weights
-        side = self.ckpt_dir / tag / "dist" if self.megatron else self.ckpt_dir / tag
+        """A sharded DeepSpeed checkpoint at the current step (launchers/checkpoint.py); with
+        megatron-core, the weights also go to TAG/dist as a torch_dist checkpoint."""
+        self.checkpoints.save(self.engine, self.state, self._side_files)
+
+    def _side_files(self, tag_dir: Path) -> None:
+        """Beside the shards: the recipe, and the model's HF config and tokenizer (what `b2b grow`
+        needs), in TAG/dist with megatron-core, whose torch_dist weights all ranks write there."""
+        side = tag_dir / "dist" if self.megatron else tag_dir
         if self.rank == 0:
             side.mkdir(parents=True, exist_ok=True)
-            (self.ckpt_dir / tag / "recipe.yaml").write_text(config.dump(self.recipe))
+            (tag_dir / RECIPE).write_text(config.dump(self.recipe))
             module_config = self.engine.module.config
             if not self.megatron:
                 module_config.architectures = [type(self.engine.module).__name__]
@@ -367,17 +326,6 @@ class Trainer:
             from .megatron import save_dist
             self.dist.barrier()
             save_dist(self.engine.module, side)
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag, client_state={"b2b": self.state}, save_latest=False)
-        self.dist.barrier()
-        if self.rank == 0:
-            with atomic_file(self.ckpt_dir / "latest") as tmp:  # DeepSpeed's pointer, written last
-                tmp.write_text(tag)
-            tags = checkpoint_tags(self.ckpt_dir)
-            here = tags.index(tag) + 1
-            # keep the newest K up to this one; any later tag is a partial save of an abandoned attempt
-            for old in tags[:max(0, here - self.recipe.checkpoint.keep)] + tags[here:]:
-                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
-        self.dist.barrier()
 
     def export(self) -> None:
         """The final weights as an HF model directory (RUN/final), e.g. a source for `b2b grow`."""
@@ -390,13 +338,13 @@ class Trainer:
             if self.recipe.zero.stage == 3 else nullcontext()
         with gather:
             if self.rank == 0:
-                with atomic_directory(self.recipe.run_dir / config.FINAL) as tmp:
+                with atomic_directory(self.run_dir.final) as tmp:
                     module.save_pretrained(str(tmp))
                     self.data.tokenizer.save_pretrained(str(tmp))
                     s = self.state  # this model's own training cost, for reports on models grown from it
                     (tmp / "training.json").write_text(json.dumps(
-                        {"recipe": self.recipe.name, "steps": s["step"], "tokens": s["tokens"], "flops": s["flops"],
-                         "train_seconds": s["seconds"]}, indent=1))
+                        {"recipe": self.recipe.name, "steps": s.step, "tokens": s.tokens, "flops": s.flops,
+                         "train_seconds": s.seconds}, indent=1))
         self.dist.barrier()
 
     def _on_signal(self, signum, frame):
@@ -490,15 +438,15 @@ class Trainer:
 
     def run(self) -> str:
         r, t = self.recipe, self.recipe.train
-        monitor = Monitor(r, self.rank, self.state["step"])
+        monitor = Monitor(r, self.rank, self.state.step)
         last = t.stop_at or t.steps
         outcome = "finished"
         try:
             if self.fresh and t.eval_at_start:  # the starting model, before any update (step 0, or a kept schedule's)
-                monitor.scalars(self.state["step"], {"val/loss": self.evaluate(), **self.copy_cosines(),
+                monitor.scalars(self.state.step, {"val/loss": self.evaluate(), **self.copy_cosines(),
                                                      "train/tokens": 0, "train/flops": 0.0, "time/train_seconds": 0.0})
-            while self.state["step"] < last:
-                step = self.state["step"] + 1
+            while self.state.step < last:
+                step = self.state.step + 1
                 plan = plan_for(r, step)
                 if plan.active > len(blocks(self.engine.module)):
                     self._stack(plan.active, step)
@@ -506,9 +454,9 @@ class Trainer:
                 loss, lr = self.train_step(step, plan)
                 elapsed = time.perf_counter() - start
                 s = self.state
-                s.update(step=step, samples=s["samples"] + self.global_batch, stage=plan.stage,
-                         tokens=s["tokens"] + self.tokens_per_step, flops=s["flops"] + self.step_flops(plan),
-                         seconds=s.get("seconds", 0.0) + elapsed)
+                s.step, s.samples, s.stage = step, s.samples + self.global_batch, plan.stage
+                s.tokens, s.flops = s.tokens + self.tokens_per_step, s.flops + self.step_flops(plan)
+                s.seconds += elapsed
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"step {step}: training loss is {loss}; lower optim.lr or check the data")
                 evaluate = is_eval_step(t, step)
@@ -525,17 +473,17 @@ class Trainer:
                 if stop:
                     outcome = f"stopped by signal {signal.Signals(self.stop_signal or signal.SIGTERM).name}"
                     break
-            if self.state["step"] < t.steps and outcome == "finished":
+            if self.state.step < t.steps and outcome == "finished":
                 outcome = "stopped at train.stop_at"
-            if self.state["step"] == t.steps:
+            if self.state.step == t.steps:
                 self.export()
         finally:
             monitor.close()
         if self.rank == 0:
-            status = {"state": "finished" if self.state["step"] == t.steps else "stopped", "reason": outcome,
-                      "step": self.state["step"], "steps": t.steps, "checkpoint": latest_tag(self.ckpt_dir)}
-            (r.run_dir / STATUS).write_text(json.dumps(status, indent=1))
-            print(f"{outcome} at step {self.state['step']}/{t.steps}; "
+            status = {"state": "finished" if self.state.step == t.steps else "stopped", "reason": outcome,
+                      "step": self.state.step, "steps": t.steps, "checkpoint": self.checkpoints.latest()}
+            self.run_dir.status.write_text(json.dumps(status, indent=1))
+            print(f"{outcome} at step {self.state.step}/{t.steps}; "
                   f"checkpoint {self.ckpt_dir}/{status['checkpoint']}", flush=True)
         return outcome
 
@@ -547,11 +495,11 @@ class Trainer:
             "train/loss": loss,
             "train/lr": lr,
             "train/grad_norm": float(norm) if norm is not None else None,
-            "train/tokens": self.state["tokens"],
-            "train/flops": self.state["flops"],
-            "train/stage": self.state["stage"],
+            "train/tokens": self.state.tokens,
+            "train/flops": self.state.flops,
+            "train/stage": self.state.stage,
             "train/active_layers": plan.active,
-            "time/train_seconds": self.state["seconds"],
+            "time/train_seconds": self.state.seconds,
             "train/loss_scale": scale,
             "perf/tokens_per_s": self.tokens_per_step / elapsed,
             "perf/tflops_per_device": tflops,
@@ -579,7 +527,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     quiet_workers()
     quiet_libraries()
-    recipe = config.validate(config.build(config.Recipe, yaml.safe_load((args.run_dir / "recipe.yaml").read_text())))
+    recipe = config.validate(config.build(config.Recipe, yaml.safe_load(RunDir(args.run_dir).recipe.read_text())))
     import torch.distributed as dist
     try:
         Trainer(recipe, args.resume).run()

@@ -63,8 +63,10 @@ def wait_for_line(path: Path, text: str, timeout: float = 180) -> None:
 
 
 def dry_run(*args):
+    """A dry run where no SLURM command answers (PATH holds only Python's): the scripts follow the flags."""
     out = subprocess.run([sys.executable, "-m", "launchers.cli", "submit", *args, "--dry-run"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PATH=str(Path(sys.executable).parent)))
     assert out.returncode == 0, out.stderr
     return out.stdout
 
