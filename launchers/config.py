@@ -1,24 +1,21 @@
-"""Recipes: YAML files read into one typed config tree, checked before any process starts.
-
-A recipe may name a `base:` recipe (a path relative to itself) and then only the keys that
-differ. Unknown or duplicate keys, wrong types, impossible values and missing files raise
-`RecipeError` naming the key and the fix. The DeepSpeed JSON is generated here from the
-tree (`deepspeed_config`), never kept beside the recipe.
+"""Recipes: the schema (one typed config tree per recipe) and the checks that run before any
+process starts. Reading YAML into the tree is launchers/tree.py's; the DeepSpeed JSON generated
+from it, launchers/ds_config.py's. Impossible values and missing files raise RecipeError naming
+the key and the fix.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from growth import B2BError, GrowthError, Shape
+from growth import GrowthError, Shape
+
+from .tree import RecipeError, apply_overrides, build, load_raw, merge, read_yaml  # noqa: F401 (the API)
 
 ARCHS = ("bert", "gpt2")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -26,10 +23,6 @@ SCHEDULES = ("linear", "cosine", "constant")
 STAGE1_SAMPLING = ("uniform", "cyclic")
 TOKENIZER_KINDS = ("wordpiece", "bpe")  # trained on the corpus by `b2b tokenizer` / the data pipeline
 VERBOSE = "B2B_VERBOSE"  # "1" in the workers' environment: DeepSpeed's and megatron's routine output kept
-
-
-class RecipeError(B2BError):
-    """A bad recipe or command line: the message names the key and how to fix it."""
 
 
 @dataclass
@@ -202,152 +195,6 @@ class Recipe:
     def shape(self) -> Shape:
         m = self.model
         return Shape(m.layers, m.hidden, m.heads, m.ffn)
-
-
-# ---------------------------------------------------------------- reading YAML
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping."""
-
-
-def _mapping(loader, node, deep=False):
-    seen = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise RecipeError(f"duplicate key {key!r} (line {seen[key]} and line {key_node.start_mark.line + 1}): "
-                              "keep one")
-        seen[key] = key_node.start_mark.line + 1
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
-
-
-def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except RecipeError as err:
-        raise RecipeError(f"{path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML ({err})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def load_raw(path: Path, _chain: tuple = ()) -> dict:
-    """The recipe's mapping with its `base:` chain merged in (the recipe's own keys win)."""
-    path = Path(path).resolve()
-    if path in _chain:
-        raise RecipeError(f"{path}: base recipes form a cycle: {' -> '.join(map(str, _chain + (path,)))}")
-    data = read_yaml(path)
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise RecipeError(f"{path}: base: expected a recipe path, got {base!r}")
-    return merge(load_raw(path.parent / base, _chain + (path,)), data)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`key.sub=value` overrides; the value is read as YAML (numbers, lists, null)."""
-    data = merge({}, data)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=3e-4")
-        value = yaml.safe_load(text) if text else ""
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"--set {key}: {part} is not a section")
-        node[leaf] = value
-    return data
-
-
-# ---------------------------------------------------------------- typed tree
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _convert(value, tp, key: str):
-    """value checked (and int -> float widened) against a field's annotated type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is not type(None):
-                try:
-                    return _convert(value, option, key)
-                except RecipeError:
-                    pass
-        raise RecipeError(f"{key}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
-        _, item = typing.get_args(tp)
-        return {k: build(item, v, f"{key}.{k}.") if dataclasses.is_dataclass(item) else _convert(v, item, f"{key}.{k}")
-                for k, v in value.items()}
-    if origin is list:
-        if isinstance(value, str) and typing.get_args(tp) == (str,):
-            value = [value]  # a single path (--set data.files=/path)
-        if not isinstance(value, list):
-            raise RecipeError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is typing.Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is bool and not isinstance(value, bool) or not isinstance(value, tp) or \
-            (tp is int and isinstance(value, bool)):
-        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def build(cls, data, prefix: str = ""):
-    if not isinstance(data, dict):
-        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), names, n=1)
-        hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys here: {', '.join(names)}"
-        raise RecipeError(f"unknown key {prefix}{key}: {hint}")
-    values = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            values[name] = build(tp, value, f"{prefix}{name}.")
-        else:
-            values[name] = _convert(value, tp, f"{prefix}{name}")
-    return cls(**values)
 
 
 def as_dict(recipe: Recipe) -> dict:
@@ -547,15 +394,6 @@ def check_parallel(recipe: Recipe) -> None:
              "start from an HF GPT-2 directory or a torch_dist checkpoint (b2b grow, or RUN/checkpoints/TAG/dist)")
 
 
-def data_parallel_size(recipe: Recipe, procs: int) -> int:
-    """The data-parallel size of `procs` processes: each tensor-parallel group of parallel.tensor
-    processes holds one replica of the model."""
-    tp = recipe.parallel.tensor
-    _require(procs % tp == 0, "parallel.tensor",
-             f"{tp} does not divide the {procs} processes: use a multiple of {tp} processes (--procs)")
-    return procs // tp
-
-
 # What a starting model named on the command line brings with it: its architecture, its shape
 # (init_from; grow_from's shape is the target's), and its tokenizer, whose ids its embeddings index.
 FROM_MODEL = {"model.init_from": ("model.arch", "model.layers", "model.hidden", "model.heads", "model.ffn",
@@ -587,54 +425,3 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate(build(Recipe, data))
 
 
-def fit_world(recipe: Recipe, world: int) -> int:
-    """The global batch at this data-parallel size: fills batch.accum when it is unset and
-    checks micro x accum x world against batch.global_size."""
-    b = recipe.batch
-    if b.accum is None:
-        per_step = b.micro * world
-        _require(b.global_size is None or b.global_size % per_step == 0, "batch.global_size",
-                 f"{b.global_size} is not a multiple of batch.micro x data-parallel size = {b.micro} x {world}: "
-                 "change one of them or set batch.accum")
-        b.accum = 1 if b.global_size is None else b.global_size // per_step
-    size = b.micro * b.accum * world
-    _require(b.global_size is None or b.global_size == size, "batch.global_size",
-             f"{b.global_size} but batch.micro x batch.accum x data-parallel size = {b.micro} x {b.accum} x "
-             f"{world} = {size}: fix one of them")
-    return size
-
-
-def deepspeed_config(recipe: Recipe, world: int, cpu: bool, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON for this recipe at this data-parallel size; `load_universal` for an engine
-    that loads a universal checkpoint (a grown one, see growth/adapters/deepspeed.py)."""
-    o, t = recipe.optim, recipe.train
-    decay_end = o.decay_steps or t.steps
-    warmup = dict(warmup_num_steps=o.warmup_steps, warmup_type="linear")
-    if o.schedule == "constant":
-        scheduler = {"type": "WarmupLR", "params": {**warmup, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr}}
-    elif o.schedule == "linear":
-        scheduler = {"type": "WarmupDecayLR", "params": {**warmup, "warmup_min_lr": o.lr * o.min_lr_ratio,
-                                                         "warmup_max_lr": o.lr, "total_num_steps": decay_end}}
-    else:
-        scheduler = {"type": "WarmupCosineLR", "params": {**warmup, "warmup_min_ratio": 0.0,
-                                                          "cos_min_ratio": o.min_lr_ratio,
-                                                          "total_num_steps": decay_end}}
-    config = {
-        "train_batch_size": fit_world(recipe, world),
-        "train_micro_batch_size_per_gpu": recipe.batch.micro,
-        "gradient_accumulation_steps": recipe.batch.accum,
-        "gradient_clipping": o.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": o.betas, "eps": o.eps,
-                                                  "weight_decay": o.weight_decay, "torch_adam": cpu}},
-        "scheduler": scheduler,
-        "zero_optimization": {"stage": recipe.zero.stage},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    if recipe.zero.stage == 3:
-        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
-    if load_universal:
-        config["checkpoint"] = {"load_universal": True}
-    return config

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import config
+from . import config, ds_config
 from .checkpoint import RunDir
 from .config import RecipeError
 
@@ -40,7 +40,7 @@ def resolve(path: str, sets: list[str], procs: int | None) -> tuple[config.Recip
     procs = procs if procs is not None else (recipe.parallel.tensor if cpu else torch.cuda.device_count())
     if procs < 1:
         raise RecipeError(f"--procs {procs}: must be >= 1")
-    return recipe, procs, cpu, config.deepspeed_config(recipe, config.data_parallel_size(recipe, procs), cpu)
+    return recipe, procs, cpu, ds_config.deepspeed_config(recipe, ds_config.data_parallel_size(recipe, procs), cpu)
 
 
 def dry_run_text(recipe: config.Recipe, procs: int, ds: dict) -> str:
@@ -48,7 +48,7 @@ def dry_run_text(recipe: config.Recipe, procs: int, ds: dict) -> str:
     from .train import flops_budget
     source = tokenizer_source(recipe)
     vocab = recipe.data.vocab_size if source in TOKENIZER_KINDS else len(load_tokenizer(source))
-    dp = config.data_parallel_size(recipe, procs)
+    dp = ds_config.data_parallel_size(recipe, procs)
     budget = flops_budget(recipe, dp, vocab)
     layout = f"{dp} data-parallel x {recipe.parallel.tensor} tensor-parallel" if recipe.megatron else "data-parallel"
     return (f"# resolved recipe ({recipe.run_dir})\n{config.dump(recipe)}"

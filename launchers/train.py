@@ -42,7 +42,7 @@ from growth import B2BError
 from growth.adapters.deepspeed import universal_tag
 from growth.adapters.files import atomic_directory
 
-from . import config
+from . import config, ds_config
 from .checkpoint import RECIPE, STEP_TAG, Checkpointer, RunDir, TrainState, resume_tag
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
 from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
@@ -94,7 +94,7 @@ def is_eval_step(t: config.TrainConfig, step: int) -> bool:
 
 def flops_budget(recipe: config.Recipe, world: int, vocab: int, tied: bool = True) -> float:
     """Total training FLOPs of the recipe: every step's plan, as the trainer counts them."""
-    tokens = config.fit_world(recipe, world) * recipe.data.seq_len
+    tokens = ds_config.fit_world(recipe, world) * recipe.data.seq_len
     per_plan: dict[StepPlan, int] = {}
     for step in range(1, recipe.train.steps + 1):
         plan = plan_for(recipe, step)
@@ -194,7 +194,7 @@ class Trainer:
             model = build_model(recipe, self.data.tokenizer, layers=plan_for(recipe, max(1, start)).active
                                 if recipe.progressive.layers else None)
         self._start_engine(model, load_universal=grown is not None)
-        self.global_batch = config.fit_world(recipe, self.dp_world)
+        self.global_batch = ds_config.fit_world(recipe, self.dp_world)
         self.tokens_per_step = self.global_batch * recipe.data.seq_len
         self.peak = peak_tflops(recipe)
         self.state = TrainState()
@@ -224,7 +224,7 @@ class Trainer:
         self.group_decay = [g["weight_decay"] for g in groups]
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=groups, mpu=self.mpu if self.megatron else None,
-            config=config.deepspeed_config(self.recipe, self.dp_world, self.cpu, load_universal=load_universal))
+            config=ds_config.deepspeed_config(self.recipe, self.dp_world, self.cpu, load_universal=load_universal))
         self.plan = None
         self.tied = bool(model.config.tie_word_embeddings)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launchers import config
+from launchers import config, ds_config
 from launchers.cli import main
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
@@ -148,22 +148,22 @@ def test_reduced_precision_needs_a_gpu(tmp_path, capsys):
 
 def test_deepspeed_schedules():
     recipe = config.load(RECIPES[0].parent / "gpt-tiny-cpu.yaml")
-    ds = config.deepspeed_config(recipe, 1, cpu=True)
+    ds = ds_config.deepspeed_config(recipe, 1, cpu=True)
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"]["cos_min_ratio"] == 0.1
     assert ds["optimizer"]["params"]["torch_adam"] is True
     for schedule, kind in (("linear", "WarmupDecayLR"), ("constant", "WarmupLR")):
         recipe = config.load(RECIPES[0].parent / "gpt-tiny-cpu.yaml", [f"optim.schedule={schedule}"])
-        assert config.deepspeed_config(recipe, 1, cpu=False)["scheduler"]["type"] == kind
+        assert ds_config.deepspeed_config(recipe, 1, cpu=False)["scheduler"]["type"] == kind
 
 
 def test_decay_steps_end_the_decay_early_and_the_early_evaluations():
     tiny = RECIPES[0].parent / "gpt-tiny-cpu.yaml"
     for schedule in ("linear", "cosine"):
         recipe = config.load(tiny, [f"optim.schedule={schedule}", "train.steps=100", "optim.decay_steps=60"])
-        assert config.deepspeed_config(recipe, 1, cpu=True)["scheduler"]["params"]["total_num_steps"] == 60
+        assert ds_config.deepspeed_config(recipe, 1, cpu=True)["scheduler"]["params"]["total_num_steps"] == 60
     recipe = config.load(tiny, ["train.steps=100"])
-    assert config.deepspeed_config(recipe, 1, cpu=True)["scheduler"]["params"]["total_num_steps"] == 100
+    assert ds_config.deepspeed_config(recipe, 1, cpu=True)["scheduler"]["params"]["total_num_steps"] == 100
     for sets, message in ((["optim.schedule=constant", "optim.decay_steps=50"], "does not decay"),
                           (["optim.warmup_steps=10", "optim.decay_steps=10"], "greater than optim.warmup_steps")):
         with pytest.raises(config.RecipeError, match=message):
