@@ -181,9 +181,12 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
         print("b2b train: aborted by a second Ctrl-C; the last complete checkpoint is kept "
               f"(continue with: b2b train {path} --resume auto)", file=sys.stderr)
         return 130
-    if code != 0 or not status.is_file():
+    if not status.is_file():
         print(f"b2b train: error: the workers failed (exit code {code}); see the log above", file=sys.stderr)
         return code or 1
+    if code != 0:  # rank 0 wrote the status after the last checkpoint: a death in teardown loses nothing
+        print(f"b2b train: warning: the workers exited with {code} after writing their status; going by it",
+              file=sys.stderr)
     if json.loads(status.read_text())["state"] == "finished":
         print(f"b2b train: finished; the model is in {RunDir(run_dir).final}")
         return 0

@@ -53,13 +53,20 @@ trap 'echo "b2b: signal received, stopping the workers"; kill -USR1 $workers' US
 while kill -0 "$workers" 2>/dev/null; do wait "$workers"; done  # a trap interrupts wait
 wait "$workers"  # the exit status, kept by bash
 code=$?
-[ "$code" -eq 0 ] || { echo "b2b: the workers failed (exit code $code)"; exit "$code"; }
 
+# What the workers committed decides, not their exit codes alone: rank 0 writes status.json after
+# the last checkpoint (and --prepare-only removed any older one), so a worker that died in its
+# teardown after that does not fail a good run or leave a stopped one unrequeued.
 "$B2B_PYTHON" -m launchers.submit outcome "$B2B_RUN_DIR"
-code=$?
-if [ "$code" -eq "$EXIT_STOPPED" ]; then
+outcome=$?
+if [ "$outcome" -ne 1 ] && [ "$code" -ne 0 ]; then
+    echo "b2b: the workers exited with $code after writing their status; going by the status"
+fi
+if [ "$outcome" -eq "$EXIT_STOPPED" ]; then
     echo "b2b: stopped with a checkpoint; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
-exit "$code"
+[ "$outcome" -ne 1 ] && exit "$outcome"
+echo "b2b: the workers failed (exit code $code)"
+exit $(( code == 0 ? 1 : code ))

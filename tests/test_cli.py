@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
-from conftest import make_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, BertModel
 
 from growth import Shape
 from launchers.cli import main
+
+from conftest import make_model
 
 
 def run(capsys, *argv):

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import make_model, max_rel, model_outputs
 
 from growth import Grower, GrowthError, Shape, grow_state_dict, layer_map, schema_for
 from growth.adapters.hf import grow_model
+
+from conftest import make_model, max_rel, model_outputs
 
 
 def test_stack_order_and_remainder_from_the_top():

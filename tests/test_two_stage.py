@@ -2,8 +2,6 @@
 run in which a stage-1 step changes only the blocks it trains) and progressive stacking
 (StackBERT, MSLT) inside one run, resumed exactly across a growth."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,8 @@ from launchers.data import prepare
 from launchers.events import read_scalars
 from launchers.model import StepPlan, bottom_blocks, train_flops_per_token, unit_of
 from launchers.train import plan_for
+
+import harness
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -93,11 +93,10 @@ def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
     for file in tok.iterdir():
         (start / file.name).write_bytes(file.read_bytes())
     run = tmp_path / "run"
-    sets += [f"out_dir={run}", f"model.init_from={start}", "train.steps=2", "optim.warmup_steps=1",
+    sets += [f"model.init_from={start}", "train.steps=2", "optim.warmup_steps=1",
              "optim.lr=1e-2", "optim.min_lr_ratio=1.0", "stage1.steps=2", "stage1.block=1", "stage1.sampling=cyclic",
              f"zero.stage={stage}", "train.eval_batches=1", "logging.progress=false"]
-    cmd = [sys.executable, "-m", "launchers.cli", "train", str(RECIPES / "bert-tiny-cpu.yaml"), "--procs", "2"]
-    done = subprocess.run(cmd + sum((["--set", s] for s in sets), []), capture_output=True, text=True, timeout=600)
+    done = harness.train(RECIPES / "bert-tiny-cpu.yaml", run, sets)
     assert done.returncode == 0, done.stderr[-3000:]
 
     before, after = load_file(start / "model.safetensors"), load_file(run / "final" / "model.safetensors")
@@ -116,31 +115,26 @@ def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
 def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage, optimizer, tmp_path):
     """1 block for 4 steps, stacked to 2 for 4 steps (MSLT: only the new block trains), then to
     4 blocks, each growth through the sharded checkpoint (StackBERT carrying Adam's moments); a
-    StackBERT run stopped at step 4, before the first growth, resumes to the same losses (checked
-    for one method, to keep the suite's time)."""
+    run stopped at step 4, before the first growth, resumes to the same losses."""
     phases = ["progressive.layers=[1, 2]", "progressive.steps=[4, 4]", f"progressive.optimizer={optimizer}"] + \
         (["progressive.freeze_lower=true"] if method == "mslt" else [])
     sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256",
             "model.layers=4", "train.steps=12", "train.eval_every=4", "optim.warmup_steps=2", f"zero.stage={stage}",
             "logging.progress=false", *phases]
-    cmd = [sys.executable, "-m", "launchers.cli", "train", str(RECIPES / "bert-tiny-cpu.yaml"), "--procs", "2"]
 
-    def train(run, *more, resume=None):
-        argv = cmd + sum((["--set", s] for s in sets + [f"out_dir={run}", *more]), [])
-        return subprocess.run(argv + (["--resume", resume] if resume else []), capture_output=True, text=True,
-                              timeout=600)
+    def train(run, *more, resume="none"):
+        return harness.train(RECIPES / "bert-tiny-cpu.yaml", run, [*sets, *more], resume=resume)
 
     full, part = tmp_path / "full", tmp_path / "part"
     done = train(full)
     assert done.returncode == 0, done.stderr[-3000:]
     a = read_scalars(full)
     assert [a["train/active_layers"][s] for s in range(1, 13)] == [1] * 4 + [2] * 4 + [4] * 4
-    if method == "stackbert":
-        assert train(part, "train.stop_at=4").returncode == 75
-        resumed = train(part, resume="auto")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        b = read_scalars(part)
-        assert all(a["train/loss"][s] == b["train/loss"][s] for s in range(1, 13))
+    assert train(part, "train.stop_at=4").returncode == 75
+    resumed = train(part, resume="auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    b = read_scalars(part)
+    assert all(a["train/loss"][s] == b["train/loss"][s] for s in range(1, 13))
     r = config.load(full / "recipe.yaml")
     per_step = [8 * 2 * 64 * train_flops_per_token(r.shape, 64, 256, "bert", plan_for(r, s), True)
                 for s in range(1, 13)]

@@ -5,10 +5,11 @@ import random
 
 import pytest
 import torch
-from conftest import make_model, max_rel, model_outputs, random_growth
 
 from growth import Grower, Shape, schema_for
 from growth.adapters.hf import grow_model
+
+from conftest import make_model, max_rel, model_outputs, random_growth
 
 HEADED = [("BertForMaskedLM", True), ("BertForMaskedLM", False), ("BertForPreTraining", True),
           ("GPT2LMHeadModel", True), ("GPT2LMHeadModel", False)]

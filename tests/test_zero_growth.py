@@ -25,6 +25,8 @@ from launchers.cli import main
 from launchers.events import read_scalars
 from launchers.launch import EXIT_STOPPED, free_port
 
+import harness
+
 sys.path.insert(0, str(Path(__file__).parent))
 from zero_worker import SOURCES, STEPS, ids  # noqa: E402
 
@@ -177,9 +179,9 @@ def test_gradients_of_a_grown_model_are_its_grown_moments():
     """The moment rule (growth.maps.AxisMap.factor): for an exact growth, the gradient of the grown
     model at the grown weights is the source's gradient grown as exp_avg, and its square grown as
     exp_avg_sq; so grown moments are the ones the grown model would have accumulated."""
-    from conftest import VOCAB, make_model
-
     from growth.adapters.hf import grow_model
+
+    from conftest import VOCAB, make_model
     source, target = Shape(2, 12, 2, 20), Shape(2, 24, 3, 40)  # hidden x2, 2 -> 3 heads, head_dim 6 -> 8
     batch = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     for cls, tied in [("BertForMaskedLM", True), ("BertForMaskedLM", False), ("GPT2LMHeadModel", True),
@@ -207,9 +209,9 @@ def test_with_split_shares_the_moment_rule_is_an_approximation_through_layernorm
     """With --break-symmetry split, a LayerNorm's backward subtracts the mean of its input gradients
     over all units equally, not by share, so no per-axis rule gives the grown gradient exactly; the
     share rule (AxisMap.factor) is the closer one on these models (docs/zero-growth.md)."""
-    from conftest import VOCAB, make_model
-
     from growth.adapters.hf import grow_model
+
+    from conftest import VOCAB, make_model
     source, target = Shape(2, 12, 2, 20), Shape(2, 24, 3, 40)
     batch = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     for cls, tied in [("BertForMaskedLM", True), ("GPT2LMHeadModel", True), ("GPT2LMHeadModel", False)]:
@@ -239,13 +241,11 @@ def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path):
               "optim.warmup_steps=2", "optim.lr=1e-3", "train.eval_every=4", "logging.progress=false",
               "model.dropout=0.0"]
 
-    def train(*sets):
-        cmd = [sys.executable, "-m", "launchers.cli", "train", str(RECIPES / "bert-tiny-cpu.yaml"), "--procs", "2"]
-        return subprocess.run(cmd + sum((["--set", s] for s in common + list(sets)), []), capture_output=True,
-                              text=True, timeout=600)
+    def train(run, *sets):
+        return harness.train(RECIPES / "bert-tiny-cpu.yaml", run, [*common, *sets])
 
     source = tmp_path / "source"
-    done = train(f"out_dir={source}", "zero.stage=1", "train.stop_at=4")
+    done = train(source, "zero.stage=1", "train.stop_at=4")
     assert done.returncode == EXIT_STOPPED, done.stderr[-3000:]
     grown = tmp_path / "grown"
     assert b2b("grow", source / "checkpoints", "--to", "layers=2,hidden=128,heads=4,ffn=512", "--width", "exact",
@@ -254,8 +254,7 @@ def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path):
     assert json.loads((grown / "config.json").read_text())["hidden_size"] == 128
 
     run = tmp_path / "run"
-    done = train(f"out_dir={run}", "zero.stage=3", f"model.init_from={grown}", "model.arch=null", "model.layers=null",
-                 "model.hidden=null", "model.heads=null", "model.ffn=null", "data.tokenizer=null", "train.steps=8")
+    done = train(run, "zero.stage=3", f"model.init_from={grown}", "train.steps=8")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "initialised from the grown checkpoint" in done.stdout
     scalars = read_scalars(run)
@@ -276,9 +275,7 @@ def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path):
         losses = [model(**Batches(cache_path(recipe), recipe, rank, 2).train_batch(5, 0)).loss for rank in (0, 1)]
     assert abs(scalars["train/loss"][5] - sum(losses).item() / 2) < 1e-5
     # a budget the kept schedule has already spent is refused before anything starts
-    refused = train(f"out_dir={tmp_path / 'refused'}", "zero.stage=3", f"model.init_from={grown}", "model.arch=null",
-                    "model.layers=null", "model.hidden=null", "model.heads=null", "model.ffn=null",
-                    "data.tokenizer=null", "train.steps=4")
+    refused = train(tmp_path / "refused", "zero.stage=3", f"model.init_from={grown}", "train.steps=4")
     assert refused.returncode == 2 and "grown with --schedule keep at step 4" in refused.stderr
     assert not (tmp_path / "refused").exists()
 
