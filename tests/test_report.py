@@ -351,3 +351,18 @@ def test_different_step_budgets_are_warned_about(tmp_path, capsys):
     (runs[0] / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "train": {"steps": 800}}))
     code, _, err = run_cli(capsys, *runs, "--out", tmp_path / "r")
     assert code == 0 and "different step budgets (train.steps [400, 800])" in err
+
+
+def test_runs_of_different_models_or_data_are_warned_about(tmp_path, capsys):
+    runs = [write_run(tmp_path, "scratch", 0, [8.0, 6.0, 5.0, 4.0]),
+            write_run(tmp_path, "aki", 0, [5.0, 4.5, 4.0, 3.5])]
+    for run in runs:  # the same target shape, whatever the method (aki differs in its rate alone)
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        recipe |= {"model": {"layers": 4, "hidden": 128}, "optim": {"lr": 1e-3 if run == runs[0] else 2e-3}}
+        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, _, err = run_cli(capsys, *runs, "--out", tmp_path / "r")
+    assert code == 0 and err == ""
+    recipe = yaml.safe_load((runs[1] / "recipe.yaml").read_text())
+    (runs[1] / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "model": {"layers": 4, "hidden": 96}}))
+    code, _, err = run_cli(capsys, *runs, "--out", tmp_path / "r")
+    assert code == 0 and "train different models, data or batches (model.hidden 128 vs 96)" in err
