@@ -180,8 +180,7 @@ class Trainer:
         dist.barrier()
         self.data = Batches(cache_path(recipe), recipe, self.dp_rank, self.dp_world)
         self.run_dir = RunDir(recipe.run_dir)
-        self.ckpt_dir = self.run_dir.checkpoints
-        self.checkpoints = Checkpointer(self.ckpt_dir, recipe.checkpoint.keep, self.rank, dist.barrier)
+        self.checkpoints = Checkpointer(self.run_dir.checkpoints, recipe.checkpoint.keep, self.rank, dist.barrier)
         self.by_unit = recipe.stage1.steps > 0 or recipe.progressive.freeze_lower
         tag = self._resume_tag(resume)
         start = int(tag.removeprefix("step")) if tag else 0  # progressive runs start at that step's depth
@@ -279,9 +278,9 @@ class Trainer:
         tag = STEP_TAG.format(self.state.step)
         if self.checkpoints.latest() != tag:
             self.save()
-        grown = self.ckpt_dir / f"grown-{tag}"  # not a step* tag: never resumed from, removed below
+        grown = self.checkpoints.dir / f"grown-{tag}"  # not a step* tag: never resumed from, removed below
         if self.rank == 0:
-            grow_checkpoint(self.ckpt_dir / tag, grown, f"layers={layers}", width="exact", depth="stack",
+            grow_checkpoint(self.checkpoints.dir / tag, grown, f"layers={layers}", width="exact", depth="stack",
                             optimizer=self.recipe.progressive.optimizer, schedule="keep", overwrite=True,
                             log=lambda *_: None)
         self.dist.barrier()
@@ -292,9 +291,9 @@ class Trainer:
             shutil.rmtree(grown)
 
     def _resume_tag(self, resume: str) -> str | None:
-        tag = resume_tag(self.ckpt_dir, resume)
+        tag = resume_tag(self.checkpoints.dir, resume)
         if tag is None and resume == "auto" and self.rank == 0:
-            print(f"resume auto: no complete checkpoint in {self.ckpt_dir}; starting at step 0", flush=True)
+            print(f"resume auto: no complete checkpoint in {self.checkpoints.dir}; starting at step 0", flush=True)
         return tag
 
     def _load(self, tag: str) -> None:
@@ -303,7 +302,7 @@ class Trainer:
         scheduler = self.engine.lr_scheduler  # the recipe's schedule at the saved iteration: a changed
         scheduler.step(scheduler.last_batch_iteration)  # train.steps applies from the first resumed step
         if self.rank == 0:
-            print(f"resumed from {self.ckpt_dir / tag} at step {self.state.step}", flush=True)
+            print(f"resumed from {self.checkpoints.dir / tag} at step {self.state.step}", flush=True)
 
     def save(self) -> None:
         """A sharded DeepSpeed checkpoint at the current step (launchers/checkpoint.py); with
@@ -484,7 +483,7 @@ class Trainer:
                       "step": self.state.step, "steps": t.steps, "checkpoint": self.checkpoints.latest()}
             self.run_dir.status.write_text(json.dumps(status, indent=1))
             print(f"{outcome} at step {self.state.step}/{t.steps}; "
-                  f"checkpoint {self.ckpt_dir}/{status['checkpoint']}", flush=True)
+                  f"checkpoint {self.checkpoints.dir}/{status['checkpoint']}", flush=True)
         return outcome
 
     def _train_scalars(self, loss: float, lr: float, elapsed: float, plan: StepPlan) -> dict:
