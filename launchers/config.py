@@ -31,6 +31,7 @@ class GrowthConfig:
     depth: str = "stack"  # stack | identity (b2b grow --depth)
     seed: int = 0
     symmetry: str = "none"  # none | split (b2b grow --break-symmetry)
+    optimizer: str = "reset"  # reset | grow: Adam's moments grown too (grow_from a ZeRO checkpoint; b2b grow --optimizer)
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ModelConfig:
     max_positions: int = 512
     dropout: float = 0.1
     init_from: str | None = None  # an HF model directory or a grown DeepSpeed checkpoint (`b2b grow`)
-    grow_from: str | None = None  # a smaller HF model, grown (model.growth) to this shape into RUN/grown first
+    grow_from: str | None = None  # a smaller HF model or ZeRO checkpoint, grown (model.growth) to this shape into RUN/grown
     growth: GrowthConfig = field(default_factory=GrowthConfig)
 
 
@@ -177,7 +178,8 @@ class Recipe:
 
     @property
     def start_model(self) -> Path | None:
-        """The HF directory the model starts from: init_from, or grow_from grown into RUN/grown."""
+        """The directory the model starts from: init_from, or grow_from grown into RUN/grown (an HF
+        directory; a universal checkpoint when grow_from is a ZeRO checkpoint)."""
         if self.model.grow_from is not None:
             from .checkpoint import RunDir
             return RunDir(self.run_dir).grown
@@ -230,12 +232,20 @@ def resolve_model(recipe: Recipe) -> None:
     if start is None:
         return
     from growth import DEPTH_METHODS, SYMMETRY_METHODS, WIDTH_METHODS, check_growable
-    from growth.adapters.files import read_config, resolve
+    from growth.adapters.deepspeed import OPTIMIZERS, is_checkpoint
+    from growth.adapters.files import read_config
     from growth.shape import shape_from_config
     key = "model.init_from" if m.init_from else "model.grow_from"
     try:
-        cfg = read_config(resolve(start))
+        cfg = read_config(config_dir(start))
         shape = shape_from_config(cfg)
+        _require(m.growth.optimizer in OPTIMIZERS, "model.growth.optimizer", f"use one of {', '.join(OPTIMIZERS)}")
+        _require(m.growth.optimizer == "reset" or bool(m.grow_from and is_checkpoint(m.grow_from)),
+                 "model.growth.optimizer", "grow carries the source's Adam moments, which only a ZeRO checkpoint "
+                 "holds: set model.grow_from to a ZeRO >= 1 run's checkpoints (RUN/checkpoints), or use reset")
+        if m.init_from and is_checkpoint(m.init_from):
+            raise RecipeError(f"model.init_from: {m.init_from} is a ZeRO checkpoint: start from its run's model "
+                              "(RUN/final), grow it (model.grow_from), or resume its own run (--resume auto)")
         if m.grow_from:
             _require(m.growth.width in WIDTH_METHODS, "model.growth.width", f"use one of {', '.join(WIDTH_METHODS)}")
             _require(m.growth.depth in DEPTH_METHODS, "model.growth.depth", f"use one of {', '.join(DEPTH_METHODS)}")
@@ -330,9 +340,13 @@ def validate(recipe: Recipe) -> Recipe:
              "progressive stacking starts from scratch: it does not combine with stage1 or a start model")
     check_parallel(recipe)
     from growth.adapters.deepspeed import universal_tag
+    from growth.adapters.deepspeed import is_checkpoint
     grown_checkpoint = bool(m.init_from and universal_tag(m.init_from))
     _require(recipe.zero.stage > 0 or not grown_checkpoint,
              "zero.stage", "0, but model.init_from is a grown DeepSpeed checkpoint, which DeepSpeed loads "
+             "into ZeRO stages 1-3 only: set zero.stage to 1, 2 or 3")
+    _require(recipe.zero.stage > 0 or not (m.grow_from and is_checkpoint(m.grow_from)), "zero.stage",
+             "0, but model.grow_from is a ZeRO checkpoint, grown into a DeepSpeed universal checkpoint that loads "
              "into ZeRO stages 1-3 only: set zero.stage to 1, 2 or 3")
     kept = kept_step(m.init_from) if grown_checkpoint else None
     _require(kept is None or kept < t.steps, "train.steps",
@@ -348,6 +362,15 @@ def validate(recipe: Recipe) -> Recipe:
     _require(recipe.logging.peak_tflops is None or recipe.logging.peak_tflops > 0, "logging.peak_tflops",
              "must be positive")
     return recipe
+
+
+def config_dir(start: str | Path) -> Path:
+    """Where a starting model's config.json is: its directory, or a ZeRO checkpoint's tag directory."""
+    from growth.adapters import deepspeed
+    from growth.adapters.files import resolve
+    if deepspeed.is_checkpoint(Path(start)):
+        return deepspeed.find_config(deepspeed.ZeroCheckpoint(start))
+    return resolve(start)
 
 
 def kept_step(grown: str) -> int | None:
@@ -366,7 +389,7 @@ def check_parallel(recipe: Recipe) -> None:
     """Tensor parallelism trains megatron-core's GPTModel: GPT-2 only, ZeRO 0-1, no stage 1 or
     progressive stacking (they rebuild HF models), started fresh, from an HF GPT-2 directory or
     from a megatron-core torch_dist checkpoint."""
-    from growth.adapters.deepspeed import universal_tag
+    from growth.adapters.deepspeed import is_checkpoint, universal_tag
     from growth.adapters.dist_checkpoint import is_dist_checkpoint
     m, tp = recipe.model, recipe.parallel.tensor
     _require(tp >= 1, "parallel.tensor", f"{tp}: must be >= 1")
@@ -389,6 +412,9 @@ def check_parallel(recipe: Recipe) -> None:
              f"bert2BERT's two-stage training runs HF models, not {what}: set stage1.steps to 0")
     _require(not recipe.progressive.layers, "progressive.layers",
              f"progressive stacking grows HF models, not {what}: remove the progressive section")
+    _require(not (m.grow_from and is_checkpoint(m.grow_from)), "model.grow_from",
+             f"{m.grow_from} is a ZeRO checkpoint, grown into a DeepSpeed universal checkpoint, which loads into HF "
+             f"models only: with {what} grow from an HF GPT-2 directory (the source run's final)")
     _require(not (m.init_from and universal_tag(m.init_from)), "model.init_from",
              f"{m.init_from} is a grown DeepSpeed checkpoint, which loads into HF models only: with {what} "
              "start from an HF GPT-2 directory or a torch_dist checkpoint (b2b grow, or RUN/checkpoints/TAG/dist)")

@@ -140,8 +140,9 @@ def tokenizer_source(recipe: Recipe) -> str:
     """What data.tokenizer resolves to: a directory, or a kind to train."""
     d, m = recipe.data, recipe.model
     if d.tokenizer is None:
-        if m.init_from or m.grow_from:
-            return str(_resolve_dir(m.init_from or m.grow_from))
+        if m.init_from or m.grow_from:  # the model's own (a ZeRO checkpoint keeps it beside its config)
+            from .config import config_dir
+            return str(config_dir(m.init_from or m.grow_from).resolve())
         return "wordpiece" if m.arch == "bert" else "bpe"
     return d.tokenizer if d.tokenizer in TOKENIZER_KINDS else str(_resolve_dir(d.tokenizer))
 

@@ -61,14 +61,14 @@ def check_vocabulary(recipe: config.Recipe, tokens: int | None = None) -> None:
     """A starting model's embeddings index its own tokenizer's ids: the recipe's tokenizer must have
     as many tokens (`tokens`: the prepared data's count; before it, a trained tokenizer's
     data.vocab_size is an upper bound). Checked here, before any process starts."""
-    from growth.adapters.files import read_config, resolve
+    from growth.adapters.files import read_config
 
     from .data import TOKENIZER_KINDS, load_tokenizer, tokenizer_source
     m = recipe.model
     start = m.init_from or m.grow_from
     if start is None:
         return
-    rows = read_config(resolve(start)).get("vocab_size")
+    rows = read_config(config.config_dir(start)).get("vocab_size")
     source = tokenizer_source(recipe)
     trained = source in TOKENIZER_KINDS
     if tokens is None and not trained:
@@ -141,9 +141,14 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
     run_dir.mkdir(parents=True, exist_ok=True)
     m = recipe.model
     if m.grow_from and (resume == "none" or not (recipe.start_model / "growth.json").is_file()):
-        from growth.adapters.hf import grow_directory
-        grow_directory(m.grow_from, recipe.start_model, str(recipe.shape), width=m.growth.width,
-                       depth=m.growth.depth, seed=m.growth.seed, symmetry=m.growth.symmetry, overwrite=True)
+        from growth.adapters import deepspeed, hf
+        g = m.growth
+        options = dict(width=g.width, depth=g.depth, seed=g.seed, symmetry=g.symmetry, overwrite=True)
+        if deepspeed.is_checkpoint(Path(m.grow_from)):  # a universal checkpoint, Adam's moments grown or reset
+            deepspeed.grow_checkpoint(m.grow_from, recipe.start_model, str(recipe.shape), optimizer=g.optimizer,
+                                      schedule="restart", **options)
+        else:
+            hf.grow_directory(m.grow_from, recipe.start_model, str(recipe.shape), **options)
     layout = RunDir(run_dir)
     layout.recipe.write_text(config.dump(recipe))
     layout.deepspeed.write_text(json.dumps(ds, indent=2))

@@ -41,10 +41,10 @@ from pathlib import Path
 
 import yaml
 
-from growth import B2BError
+from growth import B2BError, GrowthError
 from growth.adapters.files import atomic_file
 
-from .checkpoint import RunDir
+from .checkpoint import CLIENT_KEY, RunDir
 from .events import SCALARS, read_scalars
 
 VAL, FLOPS, SECONDS = "val/loss", "train/flops", "time/train_seconds"
@@ -110,10 +110,12 @@ def source_cost(grow_from: str | None) -> float | None:
     None when unknown."""
     if grow_from is None:
         return 0.0
-    path = Path(grow_from) / "training.json"
+    from growth.adapters.deepspeed import ZeroCheckpoint, is_checkpoint
     try:
-        return float(json.loads(path.read_text())["flops"])
-    except (OSError, ValueError, KeyError, TypeError):
+        if is_checkpoint(Path(grow_from)):  # a ZeRO checkpoint: the step's counters, in DeepSpeed's client state
+            return float(ZeroCheckpoint(grow_from).meta[CLIENT_KEY]["flops"])
+        return float(json.loads((Path(grow_from) / "training.json").read_text())["flops"])
+    except (OSError, ValueError, KeyError, TypeError, GrowthError):
         return None
 
 

@@ -13,6 +13,7 @@ every method shares) and the methods as differences from the target:
       scratch: {}
       fpi: {grow: fpi}                 # model.grow_from = the source's final model, growth width fpi
       bert2bert: {grow: aki, set: {stage1.steps: 150, stage1.block: 1}}
+      fpi-adam: {grow: fpi, optimizer: grow}   # from the source run's ZeRO checkpoint, Adam's moments grown
     sweep: {optim.lr: [5.0e-4, 1.0e-3, 2.0e-3]}   # optional: every method at every combination
     sweep_seeds: [0]                              # the settings are compared at these seeds
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from growth import WIDTH_METHODS
+from growth.adapters.deepspeed import OPTIMIZERS
 
 from . import config
 from .checkpoint import RunDir
@@ -45,6 +47,7 @@ from .config import RecipeError
 @dataclass
 class MethodConfig:
     grow: str | None = None  # a b2b grow width method: start from the source grown to the target shape
+    optimizer: str = "reset"  # grow: from the source run's ZeRO checkpoint, its Adam moments grown with the model
     set: dict[str, typing.Any] = field(default_factory=dict)  # recipe keys this method changes
     sweep: dict[str, list[typing.Any]] | None = None  # recipe key -> values to sweep (replaces the set's sweep)
 
@@ -85,6 +88,9 @@ def load_set(path: Path) -> RecipeSet:
     for name, method in s.methods.items():
         if method.grow is not None and method.grow not in WIDTH_METHODS:
             raise RecipeError(f"methods.{name}.grow: {method.grow!r}: use one of {', '.join(WIDTH_METHODS)}")
+        if method.optimizer not in OPTIMIZERS or (method.optimizer == "grow" and method.grow is None):
+            raise RecipeError(f"methods.{name}.optimizer: {method.optimizer!r}: use reset, or grow with a grow method "
+                              "(Adam's moments grown with the model)")
         for key, values in (s.sweep if method.sweep is None else method.sweep).items():
             if not values:
                 raise RecipeError(f"sweep.{key}: name at least one value (methods.{name})")
@@ -123,7 +129,10 @@ def method_sets(s: RecipeSet, out: Path, method: str, seed: int, source_model: P
     if setting:
         values["setting"] = setting_text(setting)
     if m.grow:
-        values |= {"model.grow_from": str(source_model), "model.growth.width": m.grow}
+        start = RunDir(out / "source").checkpoints if m.optimizer == "grow" and s.source else source_model
+        values |= {"model.grow_from": str(start), "model.growth.width": m.grow}
+    if m.optimizer == "grow":
+        values["model.growth.optimizer"] = "grow"
     return as_sets(values)
 
 
@@ -131,7 +140,11 @@ def planned_run(s: RecipeSet, out: Path, method: str, setting: dict, seed: int, 
     """(run directory, --set overrides) of one run, its recipe checked (without the source, which
     may not exist yet)."""
     sets = method_sets(s, out, method, seed, source_model, setting)
-    config.load(s.target, [x for x in sets if not x.startswith("model.grow_from=")])
+    unchecked = ("model.grow_from=", "model.growth.optimizer=")  # they need the source's files
+    recipe = config.load(s.target, [x for x in sets if not x.startswith(unchecked)])
+    if s.methods[method].optimizer == "grow" and recipe.zero.stage == 0:
+        raise RecipeError(f"methods.{method}.optimizer: grow starts from a DeepSpeed universal checkpoint, which "
+                          "loads into ZeRO stages 1-3 only: set zero.stage 1-3 in the target or the method's set")
     return out / run_name(method, setting, seed), sets
 
 
@@ -169,7 +182,11 @@ def expand(s: RecipeSet, methods: list[str] | None = None, seeds: list[int] | No
     source_model = Path(s.source_model).resolve() if s.source_model else RunDir(source_dir).final
     source_sets = as_sets({"out_dir": str(source_dir), "method": "source"})
     if s.source:
-        config.load(s.source, source_sets)
+        source = config.load(s.source, source_sets)
+        moments = [m for m in methods if s.methods[m].optimizer == "grow"]
+        if moments and source.zero.stage == 0:
+            raise RecipeError(f"methods.{moments[0]}.optimizer: grow reads the source run's Adam moments from its "
+                              f"ZeRO checkpoint, but {s.source} trains at zero.stage 0: set zero.stage 1-3 there")
     swept = [m for m in methods if len(settings(s, m)) > 1]
     later = [seed for seed in seeds if seed not in sweep_seeds] if swept else []
     for m in swept:  # any setting may win

@@ -1,6 +1,7 @@
 """Recipes: every recipe parses and dry-runs; overrides are typed; bad recipes fail before any
 process starts, naming the key, with nothing written."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -88,6 +89,10 @@ BAD = {
     "a shape the model does not have": ("", ["model.init_from=minilm", "model.layers=4"],
                                         "model.layers: 4 but model.init_from minilm has 6: take the model's with "
                                         "--set model.layers=null"),
+    "moments without a ZeRO source": ("", ["model.grow_from=minilm", "model.layers=6", "model.hidden=768",
+                                            "model.heads=12", "model.ffn=3072", "model.growth.optimizer=grow"],
+                                      "model.growth.optimizer: grow carries the source's Adam moments, which only "
+                                      "a ZeRO checkpoint holds"),
     "a recipe set": ("methods: {scratch: {}}", [], "a recipe set (it names methods), not a training recipe: run it "
                                                   "with b2b run"),
 }
@@ -182,15 +187,20 @@ def test_every_recipe_set_dry_runs(recipe_set, capsys):
     assert code == 0, err
     lines = out.strip().splitlines()
     s = config.load_raw(recipe_set)
-    methods, seeds, sweep = s["methods"], s["seeds"], s.get("sweep")
-    if sweep:  # every setting at the sweep seeds, then a line for the best settings at the other seeds
-        (values,) = sweep.values()
-        assert len(lines) == 1 + len(methods) * len(values) * len(s["sweep_seeds"]) + 1
-        assert all(f"{m}-lr{v}-s{x}:" in out for m in methods for v in values for x in s["sweep_seeds"])
-        assert lines[-1].startswith(f"then at seeds {[x for x in seeds if x not in s['sweep_seeds']]}")
-        return
-    assert len(lines) == 1 + len(methods) * len(seeds)
-    assert all(f"{m}-s{x}:" in out for m in methods for x in seeds)
+    seeds = s["seeds"]
+    sweep_seeds = s.get("sweep_seeds", seeds[:1])
+    expected, swept = [], False
+    for name, method in s["methods"].items():
+        sweep = method.get("sweep", s.get("sweep", {}))
+        combos = list(itertools.product(*[[(k.rsplit(".", 1)[-1], v) for v in values] for k, values in sweep.items()]))
+        labels = ["-".join(f"{k}{v}" for k, v in combo) for combo in combos]
+        swept |= len(combos) > 1
+        expected += [f"{name}-{label}-s{x}" if label else f"{name}-s{x}" for label in labels
+                     for x in (sweep_seeds if len(combos) > 1 else seeds)]
+    later = [x for x in seeds if x not in sweep_seeds] if swept else []
+    assert sorted(line.split(":")[0] for line in lines[1:len(lines) - bool(later)]) == sorted(expected)
+    if later:  # a line for the best settings at the other seeds
+        assert lines[-1].startswith(f"then at seeds {later}")
 
 
 def test_a_sweep_expands_per_method(tmp_path, capsys):
@@ -213,6 +223,21 @@ def test_a_sweep_expands_per_method(tmp_path, capsys):
     assert out.splitlines()[-1] == "then at seeds [2]: the best setting of scratch, fpi (b2b report's rule)"
 
 
+def test_a_method_with_grown_moments_starts_from_the_source_runs_checkpoint(tmp_path, capsys):
+    recipes = RECIPES[0].parent
+    (tmp_path / "set.yaml").write_text(
+        f"out_dir: {tmp_path / 'out'}\nsource: {recipes / 'demo-bert-narrow-zero1.yaml'}\n"
+        f"target: {recipes / 'demo-bert-target.yaml'}\nmethods: {{fpi: {{grow: fpi, set: {{zero.stage: 1}}}},"
+        " fpi-adam: {grow: fpi, optimizer: grow, set: {zero.stage: 1}}}\n")
+    code, out, err = run(capsys, "run", tmp_path / "set.yaml", "--dry-run")
+    assert code == 0, err
+    fpi, adam = (next(x for x in out.splitlines() if x.startswith(f"{m}-s0:")) for m in ("fpi", "fpi-adam"))
+    source = tmp_path / "out" / "source"
+    assert f"--set 'model.grow_from=\"{source / 'final'}\"'" in fpi and "model.growth.optimizer" not in fpi
+    assert f"--set 'model.grow_from=\"{source / 'checkpoints'}\"'" in adam
+    assert "--set 'model.growth.optimizer=\"grow\"'" in adam
+
+
 def test_bad_recipe_sets(tmp_path, capsys):
     target = RECIPES[0].parent / "demo-bert-target.yaml"
     cases = {
@@ -224,6 +249,13 @@ def test_bad_recipe_sets(tmp_path, capsys):
         f"target: {target}\nsource_model: /x\nmethods: {{a: {{}}}}\nsweep: {{optim.lrr: [1]}}\n":
             "unknown key optim.lrr",
         f"target: {target}\nsource_model: /x\nmethods: {{a: {{}}}}\nsweep_seeds: [4]\n": "sweep_seeds",
+        f"target: {target}\nsource_model: /x\nmethods: {{a: {{optimizer: grow}}}}\n":
+            "methods.a.optimizer: 'grow': use reset, or grow with a grow method",
+        f"target: {target}\nsource: {target}\nmethods: {{a: {{grow: fpi, optimizer: grow, set: {{zero.stage: 1}}}}}}\n":
+            f"methods.a.optimizer: grow reads the source run's Adam moments from its ZeRO checkpoint, but {target} "
+            "trains at zero.stage 0",
+        f"target: {target}\nsource_model: /x\nmethods: {{a: {{grow: fpi, optimizer: grow}}}}\n":
+            "methods.a.optimizer: grow starts from a DeepSpeed universal checkpoint, which loads into ZeRO stages 1-3",
     }
     for text, message in cases.items():
         path = tmp_path / "set.yaml"

@@ -279,6 +279,27 @@ def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path):
     assert refused.returncode == 2 and "grown with --schedule keep at step 4" in refused.stderr
     assert not (tmp_path / "refused").exists()
 
+    # model.grow_from on the checkpoint does the same growth inside b2b train (into RUN/grown, the
+    # schedule restarted): Adam's moments are b2b grow's, bit for bit, and its step is the source's
+    inside = tmp_path / "inside"
+    done = train(inside, "zero.stage=1", f"model.grow_from={source / 'checkpoints'}", "model.growth.width=exact",
+                 "model.growth.optimizer=grow", "model.hidden=128", "model.heads=4", "model.ffn=512",
+                 "train.steps=2", "optim.warmup_steps=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((inside / "grown" / "growth.json").read_text())
+    assert (manifest["optimizer"], manifest["schedule"], manifest["adam_step"]) == ("grow", "restart", 4)
+    for name in ("bert.encoder.layer.0.intermediate.dense.weight", "cls.predictions.transform.dense.bias"):
+        for moment in ("exp_avg", "exp_avg_sq", "fp32"):
+            ours, theirs = (universal_tensor(d / universal_tag(d) / "zero" / name / f"{moment}.pt")
+                            for d in (inside / "grown", grown))
+            assert torch.equal(ours, theirs) and ours.abs().sum() > 0, (name, moment)
+    assert sorted(read_scalars(inside)["train/loss"]) == [1, 2]  # the step count restarted
+    refused = train(tmp_path / "refused", "zero.stage=0", f"model.grow_from={source / 'checkpoints'}",
+                    "model.hidden=128", "model.heads=4", "model.ffn=512")
+    assert refused.returncode == 2 and "zero.stage: 0, but model.grow_from is a ZeRO checkpoint" in refused.stderr
+    from launchers.report import source_cost
+    assert source_cost(str(source / "checkpoints")) == read_scalars(source)["train/flops"][4]
+
 
 # -- bad input: one clear error, exit 2, nothing written ---------------------------------------------
 
