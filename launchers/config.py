@@ -31,7 +31,7 @@ class GrowthConfig:
     depth: str = "stack"  # stack | identity (b2b grow --depth)
     seed: int = 0
     symmetry: str = "none"  # none | split (b2b grow --break-symmetry)
-    optimizer: str = "reset"  # reset | grow: Adam's moments grown too (grow_from a ZeRO checkpoint; b2b grow --optimizer)
+    optimizer: str = "reset"  # reset | grow: Adam's moments grown too (a ZeRO grow_from; b2b grow --optimizer)
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ModelConfig:
     max_positions: int = 512
     dropout: float = 0.1
     init_from: str | None = None  # an HF model directory or a grown DeepSpeed checkpoint (`b2b grow`)
-    grow_from: str | None = None  # a smaller HF model or ZeRO checkpoint, grown (model.growth) to this shape into RUN/grown
+    grow_from: str | None = None  # a smaller HF model or ZeRO checkpoint, grown (model.growth) into RUN/grown
     growth: GrowthConfig = field(default_factory=GrowthConfig)
 
 
@@ -339,8 +339,7 @@ def validate(recipe: Recipe) -> Recipe:
     _require(not pg.layers or (s1.steps == 0 and m.init_from is None and m.grow_from is None), "progressive.layers",
              "progressive stacking starts from scratch: it does not combine with stage1 or a start model")
     check_parallel(recipe)
-    from growth.adapters.deepspeed import universal_tag
-    from growth.adapters.deepspeed import is_checkpoint
+    from growth.adapters.deepspeed import is_checkpoint, universal_tag
     grown_checkpoint = bool(m.init_from and universal_tag(m.init_from))
     _require(recipe.zero.stage > 0 or not grown_checkpoint,
              "zero.stage", "0, but model.init_from is a grown DeepSpeed checkpoint, which DeepSpeed loads "
