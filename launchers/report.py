@@ -20,8 +20,9 @@ Savings are against F_baseline, the mean FLOPs to target of the baseline's runs 
 `1 - F_run / F_baseline`, paired by seed (against the baseline run of the same seed), and with
 the source model's own pretraining cost counted,
 `1 - (F_run + F_source) / F_baseline`, where F_source is the `flops` of `training.json` in the
-run's `model.grow_from` directory (relative to the current directory, as in the recipe; 0 for
-the baseline and for runs not grown; unknown, and reported as such, when the file is missing).
+run's `model.grow_from` directory (relative to the current directory, as in the recipe), or
+the counters of the ZeRO checkpoint it names; 0 for the baseline and for runs not grown;
+unknown, and reported as such, when neither is there.
 Per method: runs, how many reached the target, and
 mean, sample standard deviation, min and max over those that did. A method that never reached
 the target gets no number.
@@ -106,8 +107,8 @@ def read_recipe(run_dir: Path) -> dict:
 
 
 def source_cost(grow_from: str | None) -> float | None:
-    """The source model's pretraining FLOPs from its training.json; 0 when the run was not grown,
-    None when unknown."""
+    """The source model's pretraining FLOPs from its training.json (or a ZeRO checkpoint's client
+    state); 0 when the run was not grown, None when unknown."""
     if grow_from is None:
         return 0.0
     from growth.adapters.deepspeed import ZeroCheckpoint, is_checkpoint
