@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from launchers.events import read_scalars
+from launchers.report import source_cost
 
 TAGS = ("val/loss", "train/flops", "time/train_seconds", "train/lr", "train/loss", "train/stage")
 PREFIXES = ("growth/copy_cosine/",)
@@ -38,10 +39,14 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         grow_from = (recipe.get("model") or {}).get("grow_from")
-        if grow_from and (Path(grow_from) / "training.json").is_file():  # the source's cost, for the report
+        cost = source_cost(grow_from) if grow_from else None  # the source's cost, for the report
+        if cost is not None:
             source = args.out / "source" / "final"
             source.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(grow_from) / "training.json", source / "training.json")
+            if (Path(grow_from) / "training.json").is_file():
+                shutil.copy2(Path(grow_from) / "training.json", source / "training.json")
+            else:  # a ZeRO checkpoint (model.growth.optimizer: grow): its counters
+                (source / "training.json").write_text(json.dumps({"flops": cost}) + "\n")
             recipe["model"]["grow_from"] = str(source)  # relative to where the script runs: the repository root
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         if (run / "status.json").is_file():
