@@ -36,6 +36,7 @@ def grower_from_manifest(manifest: dict) -> Grower | None:
         grower = Grower(schema_for(manifest["architecture"]), Shape(**manifest["source_shape"]),
                         Shape(**manifest["target_shape"]), width=manifest["width"], depth=manifest["depth"],
                         seed=manifest["seed"], symmetry=manifest.get("symmetry", "none"),
+                        noise_db=manifest.get("noise_db", 10.0),
                         shards=manifest.get("tensor_parallel_growth", 1))
     except (KeyError, TypeError) as err:
         raise GrowthError(f"growth.json: not a growth manifest ({err})") from None

@@ -7,18 +7,23 @@ shard by shard; `grow_state_dict` is the in-memory convenience on top.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from .errors import GrowthError
-from .maps import AxisMap, layer_axis_maps, layer_map, prefix_map, split_shares
+from .maps import AxisMap, layer_axis_maps, layer_map, prefix_map, split_shares, zero_sum_over_copies
 from .schema import Param, Schema
 from .shape import Shape, check_growable
 
 WIDTH_METHODS = ("fpi", "aki", "direct", "exact")
 DEPTH_METHODS = ("stack", "identity")
-SYMMETRY_METHODS = ("none", "split")  # split: unequal fan-in shares of the copies (LEMON), exact at step 0
+# split: unequal fan-in shares of the copies (LEMON); noise: zero-sum noise over the copies' fan-in
+# weights (HyperCloning). Both are exact at step 0 wherever 'none' is.
+SYMMETRY_METHODS = ("none", "split", "noise")
+FAN_IN = ("h_in", "a_in", "f_in")
 FAN_OUT_NEW_UNITS = ("a_out", "q_out", "qkv_out", "hqkv_out", "f_out")  # the axes AKI fills from layer l+1
 
 
@@ -90,13 +95,17 @@ def widen(w: torch.Tensor, axes: tuple, maps: Mapping[str, AxisMap], scaled: boo
 class Grower:
     def __init__(self, schema: Schema, source: Shape, target: Shape, width: str = "fpi",
                  depth: str = "stack", seed: int = 0, tied: bool = True, init_std: float = 0.02,
-                 shards: int = 1, symmetry: str = "none"):
+                 shards: int = 1, symmetry: str = "none", noise_db: float = 10.0):
         """`shards` > 1: the heads and FFN units grow within each of that many tensor-parallel
         shards (prefix_map(..., shards)), so `grow(..., shard=r)` needs source shard r only.
         `symmetry` 'split': the copies of every grown axis (hidden, heads, head_dim, FFN) get
         unequal fan-in shares (maps.split_shares, drawn from seed + 2 after the maps, so the maps
         are those of 'none'): still exact where 'none' is, but a unit and its copy get different
-        gradients from the first step."""
+        gradients from the first step. 'noise': every fan-in weight reading a copied axis (hidden,
+        attention units, so heads and head_dim, FFN) is multiplied by 1 + eps, eps Gaussian with
+        std 10^(-noise_db / 20) and made zero-sum over each source unit's copies
+        (maps.zero_sum_over_copies): the copies read equal inputs, so the fan-in's output is
+        unchanged, but each copy's fan-out gets a different gradient."""
         if width not in WIDTH_METHODS:
             raise GrowthError(f"unknown width method {width!r}: choose one of {WIDTH_METHODS}")
         if depth not in DEPTH_METHODS:
@@ -120,7 +129,9 @@ class Grower:
             raise GrowthError("--width direct is not available for tensor-parallel checkpoints; "
                               "use exact, fpi or aki")
         self.width, self.depth, self.seed, self.tied, self.init_std = width, depth, seed, tied, init_std
-        self.symmetry = symmetry
+        if not math.isfinite(noise_db):
+            raise GrowthError(f"--noise-db {noise_db}: must be a finite number of decibels")
+        self.symmetry, self.noise_db = symmetry, float(noise_db)
         self.shards = shards
         self.order = layer_map(source.layers, target.layers)
 
@@ -165,6 +176,7 @@ class Grower:
             "architecture": self.schema.model_type,
             "source_shape": vars_of(self.source), "target_shape": vars_of(self.target),
             "width": self.width, "depth": self.depth, "seed": self.seed, "symmetry": self.symmetry,
+            **({"noise_db": self.noise_db} if self.symmetry == "noise" else {}),
             "tied_output": ("tied: the LayerNorm feeding the output embedding is multiplied by the "
                             "hidden copies' shares" if self.tied else "untied or no output layer"),
             "layer_map": self.order,
@@ -203,10 +215,35 @@ class Grower:
                         only_new = {**maps, role: m.subset(new)}
                         upper = get(self.schema.at_layer(name, layer, layer + 1))
                         out.index_copy_(dim, new, widen(upper, param.axes, only_new, moment=moment))
+        if self.symmetry == "noise" and moment == 0:
+            out = self._with_noise(name, param, maps, out, shard)
         if self.tied and param.kind.startswith("head_norm"):
             extra = self.hidden.share  # an extra weight scale, so a moment gets its inverse power
             out = _scale(out, 0, extra if moment == 0 else extra ** -moment)
         return out
+
+    def _with_noise(self, name: str, param: Param, maps: Mapping[str, AxisMap], w: torch.Tensor,
+                    shard: int | None) -> torch.Tensor:
+        """w x (1 + eps) along the fan-in axis (Grower's 'noise'). eps is drawn per source tensor and,
+        for a tensor-parallel parameter, per shard, so that a shard grown alone gets its part of
+        what the whole tensor gets (and stacked copies of a layer get the same noise)."""
+        dim = next((d for d, role in enumerate(param.axes) if role in FAN_IN), None)
+        if dim is None:
+            return w
+        sharded = param.tp is not None and self.shards > 1
+        if sharded and shard is None:
+            parts = w.chunk(self.shards, param.tp)
+            eps = torch.cat([self._draw(name, r, p.shape) for r, p in enumerate(parts)], param.tp)
+        else:
+            eps = self._draw(name, shard if sharded else None, w.shape)
+        m = maps[param.axes[dim]]
+        eps = zero_sum_over_copies(eps, dim, m.index, m.share)
+        return (w.double() * (1 + eps)).to(w.dtype)
+
+    def _draw(self, name: str, shard: int | None, shape: tuple) -> torch.Tensor:
+        key = hashlib.sha256(f"{self.seed}/{name}/{shard}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        return torch.randn(shape, generator=gen, dtype=torch.float64) * 10 ** (-self.noise_db / 20)
 
     def _jobs(self, names: list[str]) -> Iterator[tuple[str, str, Param, int | None, int | None]]:
         """(target name, source name, param, source layer, target layer) in output order:

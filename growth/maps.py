@@ -84,6 +84,16 @@ def split_shares(m: IndexMap, gen: torch.Generator, spread: float = 0.5) -> Inde
     return dataclasses.replace(m, shares=raw / total[m.index])
 
 
+def zero_sum_over_copies(eps: torch.Tensor, dim: int, index: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """`eps` less, along `dim`, the share-weighted mean of each source unit's copies (`index`: the
+    source unit of each position), so that sum over the copies of share x eps is 0 in every slice.
+    A unit with one copy gets 0."""
+    eps = eps.movedim(dim, -1)
+    weighted = torch.zeros(*eps.shape[:-1], int(index.max()) + 1, dtype=eps.dtype)
+    weighted.index_add_(-1, index, eps * share.to(eps.dtype))
+    return (eps - weighted.index_select(-1, index)).movedim(-1, dim)
+
+
 @dataclasses.dataclass(frozen=True)
 class AxisMap:
     """How one tensor axis is grown: gather `index`, multiply by `scale` (None = 1); `share` is

@@ -12,8 +12,10 @@ def cmd_grow(args) -> int:
     from growth.adapters import megatron
     from growth.adapters.deepspeed import grow_checkpoint, is_checkpoint
     from growth.adapters.hf import grow_directory
+    if args.noise_db is not None and args.break_symmetry != "noise":
+        raise GrowthError(f"--noise-db applies to --break-symmetry noise, not {args.break_symmetry}")
     common = dict(width=args.width, depth=args.depth, seed=args.seed, symmetry=args.break_symmetry,
-                  overwrite=args.overwrite)
+                  noise_db=10.0 if args.noise_db is None else args.noise_db, overwrite=args.overwrite)
     if args.tp is not None and args.tp < 1:
         raise GrowthError(f"--tp {args.tp}: must be a positive integer")
     if megatron.open_source(args.src) is not None:
@@ -123,8 +125,12 @@ def parser() -> argparse.ArgumentParser:
                         "the identity) (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="for the random choices of growth (default: %(default)s)")
     g.add_argument("--break-symmetry", choices=SYMMETRY_METHODS, default="none",
-                   help="split: unequal fan-in shares of the copied units (LEMON), exact at initialisation, so "
-                        "a unit and its copy get different gradients (default: none)")
+                   help="split: unequal fan-in shares of the copied units (LEMON); noise: zero-sum noise over "
+                        "the copies' fan-in weights (HyperCloning). Both are exact at initialisation, and a unit "
+                        "and its copy get different gradients (default: none)")
+    g.add_argument("--noise-db", type=float,
+                   help="--break-symmetry noise: the signal-to-noise ratio of the noise in dB, its std relative "
+                        "to each weight before it is made zero-sum over the copies (default: 10)")
     g.add_argument("--optimizer", choices=("reset", "grow"),
                    help="DeepSpeed source: Adam moments grown with the weights and step kept (grow), or "
                         "fresh moments and step 0 (reset, the default)")

@@ -30,7 +30,8 @@ class GrowthConfig:
     width: str = "aki"  # fpi | aki | direct | exact (b2b grow --width)
     depth: str = "stack"  # stack | identity (b2b grow --depth)
     seed: int = 0
-    symmetry: str = "none"  # none | split (b2b grow --break-symmetry)
+    symmetry: str = "none"  # none | split | noise (b2b grow --break-symmetry)
+    noise_db: float = 10.0  # symmetry noise: its signal-to-noise ratio in dB (b2b grow --noise-db)
     optimizer: str = "reset"  # reset | grow: Adam's moments grown too (a ZeRO grow_from; b2b grow --optimizer)
 
 
@@ -252,7 +253,7 @@ def resolve_model(recipe: Recipe) -> None:
             _require(m.growth.symmetry in SYMMETRY_METHODS, "model.growth.symmetry",
                      f"use one of {', '.join(SYMMETRY_METHODS)}")
             _require(m.growth.symmetry == "none" or m.growth.width != "direct", "model.growth.symmetry",
-                     "split applies to copied units, and width direct copies none: set it to none")
+                     "symmetry breaking applies to copied units, and width direct copies none: set it to none")
             check_growable(shape, Shape(m.layers, m.hidden, m.heads, m.ffn))
     except GrowthError as err:
         raise RecipeError(f"{key}: {err}") from None

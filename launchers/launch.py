@@ -143,7 +143,8 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
     if m.grow_from and (resume == "none" or not (recipe.start_model / "growth.json").is_file()):
         from growth.adapters import deepspeed, hf
         g = m.growth
-        options = dict(width=g.width, depth=g.depth, seed=g.seed, symmetry=g.symmetry, overwrite=True)
+        options = dict(width=g.width, depth=g.depth, seed=g.seed, symmetry=g.symmetry, noise_db=g.noise_db,
+                       overwrite=True)
         if deepspeed.is_checkpoint(Path(m.grow_from)):  # a universal checkpoint, Adam's moments grown or reset
             deepspeed.grow_checkpoint(m.grow_from, recipe.start_model, str(recipe.shape), optimizer=g.optimizer,
                                       schedule="restart", **options)

@@ -198,3 +198,17 @@ def test_an_output_path_under_a_file_is_one_clear_error(tiny_dir, tmp_path, caps
         assert code == 2 and err.startswith("b2b grow: error:") and len(err.strip().splitlines()) == 1, err
     assert "cannot write" in run(capsys, "grow", tiny_dir, "--to", "layers=3", "--out", afile / "x")[2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "tiny"]
+
+
+def test_noise_symmetry_breaking_is_checked_exact_and_recorded(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "noise"
+    code, printed, _ = run(capsys, "grow", tiny_dir, "--to", "layers=2,hidden=32,heads=4,ffn=64", "--width", "fpi",
+                           "--break-symmetry", "noise", "--noise-db", "3", "--out", out)
+    manifest = json.loads((out / "growth.json").read_text())
+    assert code == 0 and "check: outputs preserved" in printed
+    assert manifest["symmetry"] == "noise" and manifest["noise_db"] == 3.0 and manifest["check"]["max_rel"] < 1e-5
+    for argv, message in [(["--noise-db", "3"], "--noise-db applies to --break-symmetry noise, not none"),
+                          (["--break-symmetry", "noise", "--noise-db", "nan"], "must be a finite number")]:
+        code, _, err = run(capsys, "grow", tiny_dir, "--to", "hidden=32", *argv, "--out", tmp_path / "bad")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()

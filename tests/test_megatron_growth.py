@@ -67,8 +67,10 @@ def run(tmp_path_factory):
     assert b2b("grow", d / "source", "--to", WIDER, "--width", "fpi", "--tp", "1", "--out", d / "fpi-tp1") == 0
     assert b2b("grow", d / "source", "--to", WIDER, "--width", "fpi", "--break-symmetry", "split",
                "--out", d / "split") == 0
+    assert b2b("grow", d / "source", "--to", WIDER, "--width", "exact", "--break-symmetry", "noise", "--noise-db", "0",
+               "--out", d / "noise") == 0
     assert b2b("convert", d / "source", "--out", d / "hf") == 0
-    names = ["source", "exact", "stacked", "legacy-exact", "fpi-tp1", "split"]
+    names = ["source", "exact", "stacked", "legacy-exact", "fpi-tp1", "split", "noise"]
     torchrun("logits", d, *(d / n for n in names))
     logits = {(Path(k[0]).name, k[1]): v for k, v in torch.load(d / "logits.pt").items() if k != "ids"}
     return d, logits, torch.load(d / "logits.pt")["ids"], reads
@@ -79,7 +81,7 @@ def test_a_tp2_checkpoint_loads_at_tp1(run):
     assert rel(logits["source", 1], logits["source", 2]) < TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["exact", "legacy-exact", "fpi-tp1", "split"])
+@pytest.mark.parametrize("name", ["exact", "legacy-exact", "fpi-tp1", "split", "noise"])
 def test_function_preserving_growth_keeps_the_logits_at_tp2_and_tp1(run, name):
     _, logits, _, _ = run
     for tp in (2, 1):
@@ -126,21 +128,23 @@ def test_growth_reads_one_shard_at_a_time(run):
     assert checked >= 2 * 6 * 2  # both shards of 6 sharded tensors per layer, 2 layers
 
 
-def test_shard_local_split_growth_equals_growing_the_gathered_checkpoint(run):
+@pytest.mark.parametrize("symmetry,options", [("split", dict(width="fpi")),
+                                              ("noise", dict(width="exact", noise_db=0.0))])
+def test_shard_local_symmetry_breaking_equals_growing_the_gathered_checkpoint(run, symmetry, options):
     """Symmetry breaking at TP 2, one shard at a time, is bit-identical to the same growth (same
-    sharded maps and shares) of the whole gathered state dict in memory."""
+    sharded maps, shares and noise) of the whole gathered state dict in memory."""
     from growth import Grower, grow_state_dict, parse_target, shape_from_config
     from growth.adapters.megatron import DistSource, source_config
     d, _, _, _ = run
-    source, grown = DistSource(d / "source"), DistSource(d / "split")
+    source, grown = DistSource(d / "source"), DistSource(d / symmetry)
     shape = shape_from_config(source_config(source))
     full = {n: source.get(n, None, 1) for n in source.shapes if MCORE_GPT.lookup(n)}
-    options = dict(width="fpi", symmetry="split", shards=2, tied="output_layer.weight" not in source.shapes)
+    options = dict(options, symmetry=symmetry, shards=2, tied="output_layer.weight" not in source.shapes)
     expected, manifest = grow_state_dict(full, MCORE_GPT, shape, parse_target(WIDER, shape), **options)
     assert set(expected) == {n for n in grown.shapes if MCORE_GPT.lookup(n)}
     for name, tensor in expected.items():
         assert torch.equal(grown.get(name, None, 1), tensor.to(grown.dtypes[name])), name
-    assert json.loads((d / "split" / "growth.json").read_text())["symmetry"] == "split" == manifest["symmetry"]
+    assert json.loads((d / symmetry / "growth.json").read_text())["symmetry"] == symmetry == manifest["symmetry"]
     plain = Grower(MCORE_GPT, shape, parse_target(WIDER, shape), **{**options, "symmetry": "none"})
     assert not torch.equal(expected["decoder.layers.0.mlp.linear_fc2.weight"],
                            dict(plain.items(list(full), full.__getitem__))["decoder.layers.0.mlp.linear_fc2.weight"])

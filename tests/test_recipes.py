@@ -93,6 +93,10 @@ BAD = {
                                             "model.heads=12", "model.ffn=3072", "model.growth.optimizer=grow"],
                                       "model.growth.optimizer: grow carries the source's Adam moments, which only "
                                       "a ZeRO checkpoint holds"),
+    "symmetry breaking of no copies": ("", ["model.grow_from=minilm", "model.layers=6", "model.hidden=768",
+                                            "model.heads=12", "model.ffn=3072", "model.growth.width=direct",
+                                            "model.growth.symmetry=noise"],
+                                       "model.growth.symmetry: symmetry breaking applies to copied units"),
     "a recipe set": ("methods: {scratch: {}}", [], "a recipe set (it names methods), not a training recipe: run it "
                                                   "with b2b run"),
 }

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from growth import Grower, Shape, schema_for
+from growth import Grower, Shape, grow_state_dict, schema_for
 from growth.adapters.hf import grow_model
 
 from conftest import make_model, max_rel, model_outputs, random_growth
@@ -16,7 +16,7 @@ HEADED = [("BertForMaskedLM", True), ("BertForMaskedLM", False), ("BertForPreTra
 HEADLESS = ["BertModel", "GPT2Model"]
 
 
-@pytest.mark.parametrize("symmetry", ["none", "split"])
+@pytest.mark.parametrize("symmetry", ["none", "split", "noise"])
 @pytest.mark.parametrize("width", ["exact", "fpi"])
 @pytest.mark.parametrize("cls,tied", HEADED + [(c, True) for c in HEADLESS])
 def test_integer_hidden_ratio_preserves_outputs(cls, tied, width, symmetry, ids):
@@ -31,7 +31,7 @@ def test_integer_hidden_ratio_preserves_outputs(cls, tied, width, symmetry, ids)
             assert max_rel(a, b) < 1e-5, (source, target)
 
 
-@pytest.mark.parametrize("symmetry", ["none", "split"])
+@pytest.mark.parametrize("symmetry", ["none", "split", "noise"])
 def test_head_dim_growth_is_compensated(symmetry, ids):
     """MiniLM-like H384/12 heads -> BERT_BASE-like 768/12 heads doubles head_dim."""
     small = make_model("BertForMaskedLM", Shape(2, 24, 12, 48))
@@ -40,12 +40,13 @@ def test_head_dim_growth_is_compensated(symmetry, ids):
 
 
 @pytest.mark.parametrize("cls,tied", HEADED)
-def test_split_gives_a_unit_and_its_copy_different_gradients(cls, tied, ids):
+def test_symmetry_breaking_gives_a_unit_and_its_copy_different_gradients(cls, tied, ids):
     """With equal copies (none) a hidden unit and its copy get the same gradient, so they stay
-    equal; split gives each copy its share of the gradient, at the same outputs."""
+    equal; split gives each copy its share of the gradient, noise a different mix of the fan-in
+    weights' gradients, at the same outputs."""
     small = make_model(cls, Shape(2, 16, 2, 32), tied)
     grads = {}
-    for symmetry in ("none", "split"):
+    for symmetry in ("none", "split", "noise"):
         grown, manifest = grow_model(small, Shape(2, 32, 4, 64), width="fpi", seed=3, symmetry=symmetry)
         assert max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0]) < 1e-5
         out = grown.train(False)(input_ids=ids)
@@ -57,8 +58,33 @@ def test_split_gives_a_unit_and_its_copy_different_gradients(cls, tied, ids):
         grads[symmetry] = embedding[:, copies], embedding[:, hidden_map[copies]]
     copy, original = grads["none"]
     assert torch.allclose(copy, original, rtol=1e-4, atol=1e-7)
-    copy, original = grads["split"]
-    assert (copy - original).abs().max() > 0.05 * original.abs().max()
+    for symmetry in ("split", "noise"):
+        copy, original = grads[symmetry]
+        assert (copy - original).abs().max() > 0.05 * original.abs().max(), symmetry
+
+
+def test_noise_is_zero_sum_over_the_copies_at_the_strength_asked():
+    """--break-symmetry noise multiplies each fan-in weight of a copy by 1 + eps: over the copies
+    of a source unit the added parts cancel (so a fan-in that reads equal copies is unchanged), and
+    eps has the asked std before it is made zero-sum (for two copies, sqrt(1/2) of it after)."""
+    source, target = Shape(2, 64, 4, 256), Shape(2, 128, 8, 512)
+    small = make_model("BertForMaskedLM", source)
+    state = small.state_dict()
+    name = "bert.encoder.layer.0.output.dense.weight"  # h_out x f_in
+    plain = grow_state_dict(state, schema_for("bert"), source, target, width="exact")[0][name].double()
+    for db in (10.0, 20.0):
+        grown, manifest = grow_state_dict(state, schema_for("bert"), source, target, width="exact",
+                                          symmetry="noise", noise_db=db)
+        assert manifest["symmetry"] == "noise" and manifest["noise_db"] == db
+        w = grown[name].double()
+        eps = w / plain - 1
+        assert (w - plain).view(128, 2, 256).sum(1).abs().max() < 1e-6 * plain.abs().max()  # copies j, j + 256
+        assert abs(eps.std().item() / (10 ** (-db / 20) * 0.5 ** 0.5) - 1) < 0.02, db
+    again = grow_state_dict(state, schema_for("bert"), source, target, width="exact", symmetry="noise")[0]
+    assert torch.equal(again[name], grow_state_dict(state, schema_for("bert"), source, target, width="exact",
+                                                    symmetry="noise", seed=0)[0][name])
+    assert not torch.equal(again[name], grow_state_dict(state, schema_for("bert"), source, target, width="exact",
+                                                        symmetry="noise", seed=1)[0][name])
 
 
 @pytest.mark.parametrize("cls", ["BertForMaskedLM", "GPT2LMHeadModel"])

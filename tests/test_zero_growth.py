@@ -90,7 +90,7 @@ def grower_for(src: Path, to: str, width: str, symmetry: str = "none") -> tuple[
 
 
 @pytest.mark.parametrize("width,symmetry", [("exact", "none"), ("aki", "none"), ("direct", "none"),
-                                            ("fpi", "split")])
+                                            ("fpi", "split"), ("aki", "noise")])
 @pytest.mark.parametrize("name", ADAM)
 def test_sharded_growth_equals_consolidating_first(name, width, symmetry, sources, universal, tmp_path):
     src, out = sources / name, tmp_path / "grown"

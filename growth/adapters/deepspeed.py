@@ -249,9 +249,8 @@ def _optimizer_state(ckpt: ZeroCheckpoint, count: int, step: torch.Tensor) -> di
 
 
 def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                    seed: int = 0, symmetry: str = "none", optimizer: str = "reset", schedule: str = "restart",
-                    overwrite: bool = False,
-                    log=print) -> dict:
+                    seed: int = 0, symmetry: str = "none", noise_db: float = 10.0, optimizer: str = "reset",
+                    schedule: str = "restart", overwrite: bool = False, log=print) -> dict:
     """`b2b grow CKPT`: grow a ZeRO checkpoint into a universal checkpoint in `out`; returns the manifest."""
     if optimizer not in OPTIMIZERS:
         raise GrowthError(f"--optimizer {optimizer!r}: choose one of {OPTIMIZERS}")
@@ -260,7 +259,8 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
     out = free_output(out, overwrite)
     ckpt = ZeroCheckpoint(src)
     where = find_config(ckpt)
-    cfg, grower = grower_for(where, to, width=width, depth=depth, seed=seed, symmetry=symmetry)
+    cfg, grower = grower_for(where, to, width=width, depth=depth, seed=seed, symmetry=symmetry,
+                             noise_db=noise_db)
     source, target = grower.source, grower.target
     check_source(ckpt.shapes, grower.schema, source)
     plan = grower.plan(ckpt.shapes)

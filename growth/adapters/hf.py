@@ -32,11 +32,13 @@ from .safetensors_io import write_streaming
 
 
 def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                   seed: int = 0, symmetry: str = "none", overwrite: bool = False, log=print) -> dict:
+                   seed: int = 0, symmetry: str = "none", noise_db: float = 10.0, overwrite: bool = False,
+                   log=print) -> dict:
     """`b2b grow`: grow an HF model directory into `out`; returns the manifest."""
     out = free_output(out, overwrite)
     src = resolve(src)
-    cfg, grower = grower_for(src, to, width=width, depth=depth, seed=seed, symmetry=symmetry)
+    cfg, grower = grower_for(src, to, width=width, depth=depth, seed=seed, symmetry=symmetry,
+                             noise_db=noise_db)
     source, target = grower.source, grower.target
     files = weight_files(src)
     weights = open_weights(files)

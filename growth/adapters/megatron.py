@@ -286,7 +286,8 @@ def source_config(source) -> dict:
 # -- growth --------------------------------------------------------------------------------------
 
 def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                    seed: int = 0, symmetry: str = "none", tp: int | None = None, overwrite: bool = False,
+                    seed: int = 0, symmetry: str = "none", noise_db: float = 10.0, tp: int | None = None,
+                    overwrite: bool = False,
                     log=print) -> dict:
     """`b2b grow` of a megatron-core checkpoint: shard-local growth into a torch_dist checkpoint."""
     out = free_output(out, overwrite)
@@ -306,7 +307,8 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
     check_source(source.shapes, MCORE_GPT, shape)
     tied = "output_layer.weight" not in source.shapes
     grower = Grower(MCORE_GPT, shape, target, width=width, depth=depth, seed=seed, tied=tied,
-                    init_std=float(cfg.get("initializer_range", 0.02)), shards=tp, symmetry=symmetry)
+                    init_std=float(cfg.get("initializer_range", 0.02)), shards=tp, symmetry=symmetry,
+                    noise_db=noise_db)
     manifest = {"source": str(source.path), "source_format": source.format, "tensor_parallel_growth": tp,
                 **grower.manifest(),
                 "format": "megatron-core torch_dist: load with megatron.core.dist_checkpointing.load at any TP "
