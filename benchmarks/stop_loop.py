@@ -1,5 +1,5 @@
 """The stop path, counted (issue 20, item 0): a 2-process ZeRO run stopped by `train.stop_at`,
-N times, its workers started as slurm/entrypoint.sh starts them (tests/harness.py), and each
+N times, its workers started as `b2b train` starts them (launch.start_workers), and each
 worker's exit code tallied. The contract: every worker exits 0 once rank 0 has committed
 status.json "stopped" (from which `b2b train` and the SLURM entrypoint derive 75, requeue); a
 teardown crash ("terminate called without an active exception", exit 250 once in a fresh
@@ -15,18 +15,17 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from launchers.checkpoint import RunDir
+from launchers.cli import main as b2b
+from launchers.launch import start_workers
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from launchers.checkpoint import RunDir  # noqa: E402
-from launchers.cli import main as b2b  # noqa: E402
-
-import harness  # noqa: E402  (the tests' way of starting workers directly)
 
 RECIPES = {"gpt2": ROOT / "recipes" / "gpt-tiny-cpu.yaml", "bert": ROOT / "recipes" / "bert-tiny-cpu.yaml"}
 
@@ -50,7 +49,13 @@ def main() -> int:
         if b2b(argv) != 0:
             return 2
         start = time.time()
-        codes, logs = harness.start_workers(run, 2, "none")
+        paths = [run / f"rank{rank}.log" for rank in range(2)]
+        files = [open(path, "w") for path in paths]
+        codes = [w.wait(timeout=600) for w in start_workers(run, 2, "none", dict(os.environ, DS_ACCELERATOR="cpu"),
+                                                             files)]
+        for f in files:
+            f.close()
+        logs = [path.read_text() for path in paths]
         state = json.loads(RunDir(run).status.read_text()).get("state")
         terminate = sum("terminate called" in log for log in logs)
         tally.update(codes)

@@ -25,7 +25,7 @@ from .schema import schema_for
 from .shape import Shape
 
 KINDS = {"h_out": "hidden", "h_in": "hidden", "a_out": "heads", "q_out": "heads", "a_in": "heads",
-         "qkv_out": "heads", "hqkv_out": "heads", "f_out": "ffn", "f_in": "ffn"}
+         "kv_out": "heads", "qkv_out": "heads", "hqkv_out": "heads", "f_out": "ffn", "f_in": "ffn"}
 
 
 def grower_from_manifest(manifest: dict) -> Grower | None:

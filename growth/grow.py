@@ -14,7 +14,15 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from .errors import GrowthError
-from .maps import AxisMap, layer_axis_maps, layer_map, prefix_map, split_shares, zero_sum_over_copies
+from .maps import (
+    AxisMap,
+    grouped_heads_map,
+    layer_axis_maps,
+    layer_map,
+    prefix_map,
+    split_shares,
+    zero_sum_over_copies,
+)
 from .schema import Param, Schema
 from .shape import Shape, check_growable
 
@@ -24,12 +32,13 @@ DEPTH_METHODS = ("stack", "identity")
 # weights (HyperCloning). Both are exact at step 0 wherever 'none' is.
 SYMMETRY_METHODS = ("none", "split", "noise")
 FAN_IN = ("h_in", "a_in", "f_in")
-FAN_OUT_NEW_UNITS = ("a_out", "q_out", "qkv_out", "hqkv_out", "f_out")  # the axes AKI fills from layer l+1
+FAN_OUT_NEW_UNITS = ("a_out", "q_out", "kv_out", "qkv_out", "hqkv_out", "f_out")  # the axes AKI fills from layer l+1
 
 
 def axis_size(role: str | None, shape: Shape) -> int | None:
     return {None: None, "h_out": shape.hidden, "h_in": shape.hidden, "a_out": shape.hidden,
-            "q_out": shape.hidden, "a_in": shape.hidden, "qkv_out": 3 * shape.hidden,
+            "q_out": shape.hidden, "a_in": shape.hidden, "kv_out": shape.kv_heads * shape.head_dim,
+            "qkv_out": 3 * shape.hidden,
             "hqkv_out": 3 * shape.hidden,
             "f_out": shape.ffn, "f_in": shape.ffn}[role]
 
@@ -53,7 +62,7 @@ def check_source(shapes: Mapping[str, tuple], schema: Schema, source: Shape) -> 
             if expected is not None and shape[dim] != expected:
                 raise GrowthError(f"{name}: shape {tuple(shape)} does not match the config "
                                   f"({source}): axis {dim} should be {expected}")
-    layer_templates = {t for t in schema.params if "{L}" in t}
+    layer_templates = {t for t, p in schema.params.items() if "{L}" in t and not p.optional}
     for layer in range(source.layers):
         missing = layer_templates - seen.get(layer, set())
         if missing:
@@ -115,6 +124,10 @@ class Grower:
             raise GrowthError(f"--depth identity is exact only for pre-LayerNorm models; "
                               f"{schema.model_type} is post-LN, where a block with zero output "
                               "projections still applies its LayerNorm. Use --depth stack")
+        if schema.rope and target.head_dim != source.head_dim:
+            raise GrowthError(f"head_dim {source.head_dim} -> {target.head_dim}: {schema.model_type} rotates query and "
+                              "key channels by RoPE at frequencies set by head_dim, so a wider head changes every "
+                              "rotation; grow heads (and kv_heads) with hidden instead, keeping hidden / heads")
         if symmetry not in SYMMETRY_METHODS:
             raise GrowthError(f"unknown symmetry breaking {symmetry!r}: choose one of {SYMMETRY_METHODS}")
         if symmetry != "none" and width == "direct":
@@ -141,13 +154,17 @@ class Grower:
         if width == "direct":
             self.layer_maps = [_direct_maps(source, target)] * source.layers
         else:
-            per_layer = [(prefix_map(source.heads, target.heads, kind, gen, shards),
-                          prefix_map(source.head_dim, target.head_dim, kind, gen),
-                          prefix_map(source.ffn, target.ffn, kind, gen, shards)) for _ in range(source.layers)]
+            grouped = source.group > 1 or target.group > 1  # else one key/value head per query head: one map
+            per_layer = []
+            for _ in range(source.layers):
+                heads, kv = grouped_heads_map(source.heads, target.heads, source.kv_heads, target.kv_heads, kind,
+                                              gen, shards)
+                per_layer.append((heads, prefix_map(source.head_dim, target.head_dim, kind, gen),
+                                  prefix_map(source.ffn, target.ffn, kind, gen, shards), kv if grouped else None))
             if symmetry == "split":
                 split = torch.Generator().manual_seed(seed + 2)
                 self.hidden = split_shares(self.hidden, split)
-                per_layer = [tuple(split_shares(m, split) for m in maps) for maps in per_layer]
+                per_layer = [tuple(m and split_shares(m, split) for m in maps) for maps in per_layer]
             self.layer_maps = [layer_axis_maps(self.hidden, *maps) for maps in per_layer]
         self.init_gen = torch.Generator().manual_seed(seed + 1)
         self._last = (None, None)  # grow(): the last source tensor grown, reused by its stacked copies
@@ -156,7 +173,8 @@ class Grower:
 
     def exactness(self) -> tuple[bool, str]:
         s, t = self.source, self.target
-        width_grows = (s.hidden, s.heads, s.head_dim, s.ffn) != (t.hidden, t.heads, t.head_dim, t.ffn)
+        width_grows = (s.hidden, s.heads, s.kv_heads, s.head_dim, s.ffn) != (t.hidden, t.heads, t.kv_heads,
+                                                                             t.head_dim, t.ffn)
         reasons = []
         if width_grows:
             if self.width == "direct":
@@ -325,12 +343,14 @@ def _direct_maps(source: Shape, target: Shape) -> dict[str, AxisMap]:
     small = h.index[unit]
     hqkv = AxisMap(small // source.head_dim * 3 * source.head_dim + kind * source.head_dim + small % source.head_dim,
                    None, h.is_new[unit], h.share[unit])
-    return {"h_out": h, "h_in": h, "a_out": h, "q_out": h, "a_in": h, "qkv_out": qkv, "hqkv_out": hqkv,
-            "f_out": f, "f_in": f}
+    kv = block(source.kv_heads * source.head_dim, target.kv_heads * target.head_dim)
+    return {"h_out": h, "h_in": h, "a_out": h, "q_out": h, "a_in": h, "kv_out": kv, "qkv_out": qkv,
+            "hqkv_out": hqkv, "f_out": f, "f_in": f}
 
 
 def vars_of(shape: Shape) -> dict:
-    return {"layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads, "ffn": shape.ffn}
+    kv = {"kv_heads": shape.kv_heads} if shape.kv_heads != shape.heads else {}
+    return {"layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads, **kv, "ffn": shape.ffn}
 
 
 def grow_state_dict(state_dict: Mapping[str, torch.Tensor], schema: Schema, source: Shape,

@@ -74,6 +74,21 @@ def prefix_map(small: int, large: int, kind: str, gen: torch.Generator, shards: 
     return IndexMap(torch.cat([torch.arange(small), new]), small)
 
 
+def grouped_heads_map(source_heads: int, target_heads: int, source_groups: int, target_groups: int, kind: str,
+                      gen: torch.Generator, shards: int = 1) -> tuple[IndexMap, IndexMap]:
+    """(query heads, key/value heads) maps for grouped-query attention in HF's layout, where query
+    head j attends with key/value head j // group. The key/value heads are mapped first; then each
+    target group's query heads take the query heads of the source group its key/value head copies
+    (a prefix map within the group), so every target query head attends with a copy of its source
+    head's key/value head. Without grouping (one query head per key/value head) the query map is
+    the key/value map, drawn as before."""
+    groups = prefix_map(source_groups, target_groups, kind, gen, shards)
+    rs, rt = source_heads // source_groups, target_heads // target_groups
+    within = [prefix_map(rs, rt, kind, gen) for _ in range(target_groups)]
+    index = torch.cat([groups.index[k] * rs + w.index for k, w in enumerate(within)])
+    return IndexMap(index, source_heads), groups
+
+
 def split_shares(m: IndexMap, gen: torch.Generator, spread: float = 0.5) -> IndexMap:
     """LEMON-style symmetry breaking: unequal positive shares for the copies of each source unit,
     proportional to 1 + spread x u with u uniform in [-1, 1] and summing to 1 over the copies, so
@@ -140,17 +155,21 @@ def attention_map(heads: IndexMap, head_dim: IndexMap) -> IndexMap:
                     (heads.share[:, None] * head_dim.share[None, :]).reshape(-1) if split else None)
 
 
-def layer_axis_maps(hidden: IndexMap, heads: IndexMap, head_dim: IndexMap,
-                    ffn: IndexMap) -> dict[str, AxisMap]:
+def layer_axis_maps(hidden: IndexMap, heads: IndexMap, head_dim: IndexMap, ffn: IndexMap,
+                    kv: IndexMap | None = None) -> dict[str, AxisMap]:
     """The axis roles of the schema, resolved for one layer.
 
-    fan-out ('*_out'): copy rows.  fan-in ('*_in'): copy and multiply by the copy's share
+    fan-out ('*_out'): copy rows ('kv_out': grouped-query attention's key/value heads, by the
+    `kv` map).  fan-in ('*_in'): copy and multiply by the copy's share
     (1/C(g(i)) for equal copies). 'q_out' also compensates head_dim growth: q.k sums over the
     copies of each dim, so the query copies are multiplied by their share, and the 1/sqrt(head_dim) the target
     applies is undone by sqrt(d_t / d_s).
     """
     attn = attention_map(heads, head_dim)
     new_head = heads.is_new[:, None].expand(heads.large, head_dim.large).reshape(-1)
+    kv = heads if kv is None else kv
+    kv_attn = attention_map(kv, head_dim)
+    new_kv = kv.is_new[:, None].expand(kv.large, head_dim.large).reshape(-1)
     q_scale = math.sqrt(head_dim.large / head_dim.small) * head_dim.share.repeat(heads.large)
     ones = torch.ones(attn.large, dtype=torch.float64)
     a_small = attn.small
@@ -159,6 +178,7 @@ def layer_axis_maps(hidden: IndexMap, heads: IndexMap, head_dim: IndexMap,
         "h_out": AxisMap(hidden.index, None, hidden.is_new, h_share),
         "h_in": AxisMap(hidden.index, h_share, hidden.is_new, h_share),
         "a_out": AxisMap(attn.index, None, new_head, a_share),
+        "kv_out": AxisMap(kv_attn.index, None, new_kv, kv_attn.share),
         "q_out": AxisMap(attn.index, q_scale, new_head, a_share),
         "a_in": AxisMap(attn.index, a_share, new_head, a_share),
         "qkv_out": AxisMap(torch.cat([attn.index, attn.index + a_small, attn.index + 2 * a_small]),

@@ -4,6 +4,7 @@ Axis roles (None: the axis is not grown, e.g. vocabulary or positions):
   h_out / h_in     hidden (residual stream) as fan-out / fan-in; ONE map for the whole model
   a_out / a_in     attention inner axis (heads x head_dim), fan-out / fan-in
   q_out            query fan-out: like a_out, plus the head_dim score compensation
+  kv_out           grouped-query attention's key/value fan-out (kv_heads x head_dim)
   qkv_out          GPT-2's fused [q; k; v] fan-out
   hqkv_out         megatron-core's fused QKV fan-out, head-major: rows [head, (q, k, v), dim]
   f_out / f_in     FFN intermediate units, fan-out / fan-in
@@ -12,6 +13,8 @@ Tensor kinds: 'weight' (random init for new units under DirectCopy), 'bias' (zer
 embedding: divided by the hidden counts, see docs/growth.md), 'proj_*' (a block's output
 projection, zeroed in identity-grown blocks), 'output' (the output embedding, absent when
 tied).
+`optional`: a tensor some variants of the architecture have (Llama's attention_bias and
+mlp_bias, Qwen2's q/k/v biases); every other layer tensor must be present.
 `tp`: the axis a tensor-parallel checkpoint shards (megatron-core: column-parallel weights on
 their output axis, row-parallel on their input axis, the vocabulary of embeddings), or None.
 """
@@ -19,6 +22,7 @@ their output axis, row-parallel on their input axis, the vocabulary of embedding
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 from .errors import GrowthError
@@ -29,6 +33,7 @@ class Param:
     axes: tuple
     kind: str
     tp: int | None = None
+    optional: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Schema:
     pre_ln: bool              # pre-LayerNorm blocks admit exact identity depth growth
     params: dict              # template name ({L} for the layer index) -> Param
     dropped: tuple = ()       # buffers that old checkpoints saved and HF rebuilds
+    rope: bool = False        # rotary position embeddings: head_dim cannot grow
 
     def split(self, name: str) -> tuple[int | None, str]:
         """'bert.encoder.layer.3.output.dense.weight' -> (3, 'encoder.layer.{L}.output.dense.weight')."""
@@ -64,14 +70,15 @@ class Schema:
                           "this architecture variant is not supported")
 
 
-def _dense(name, weight_axes, out_role, kind):
+def _dense(name, weight_axes, out_role, kind, optional_bias=False):
     bias_kind = "proj_b" if kind == "proj_w" else "bias"
-    return {f"{name}.weight": Param(weight_axes, kind), f"{name}.bias": Param((out_role,), bias_kind)}
+    return {f"{name}.weight": Param(weight_axes, kind),
+            f"{name}.bias": Param((out_role,), bias_kind, optional=optional_bias)}
 
 
-def _linear(name, out_role, in_role, kind="weight"):
+def _linear(name, out_role, in_role, kind="weight", optional_bias=False):
     """torch.nn.Linear: weight [out, in]."""
-    return _dense(name, (out_role, in_role), out_role, kind)
+    return _dense(name, (out_role, in_role), out_role, kind, optional_bias)
 
 
 def _conv1d(name, in_role, out_role, kind="weight"):
@@ -151,7 +158,37 @@ MCORE_GPT = Schema(
     },
 )
 
-SCHEMAS = {s.model_type: s for s in (BERT, GPT2, MCORE_GPT)}
+
+
+def _llama(model_type: str) -> Schema:
+    """HF LlamaForCausalLM and the families that share its module names (Mistral, Qwen2): RMSNorm
+    (a weight, no bias), grouped-query attention (k/v over kv_heads), SwiGLU (gate and up share
+    the FFN map, down is the fan-in), RoPE; biases where a variant has them."""
+    a, m = "layers.{L}.self_attn", "layers.{L}.mlp"
+    linear = functools.partial(_linear, optional_bias=True)
+    return Schema(
+        model_type=model_type, base_prefix="model.", layer_prefix="layers.", pre_ln=True, rope=True,
+        params={
+            "embed_tokens.weight": Param((None, "h_out"), "weight"),
+            "layers.{L}.input_layernorm.weight": Param(("h_out",), "norm_w"),
+            **linear(f"{a}.q_proj", "q_out", "h_in"),
+            **linear(f"{a}.k_proj", "kv_out", "h_in"),
+            **linear(f"{a}.v_proj", "kv_out", "h_in"),
+            **linear(f"{a}.o_proj", "h_out", "a_in", "proj_w"),
+            "layers.{L}.post_attention_layernorm.weight": Param(("h_out",), "norm_w"),
+            **linear(f"{m}.gate_proj", "f_out", "h_in"),
+            **linear(f"{m}.up_proj", "f_out", "h_in"),
+            **linear(f"{m}.down_proj", "h_out", "f_in", "proj_w"),
+            "norm.weight": Param(("h_out",), "head_norm_w"),
+            "lm_head.weight": Param((None, "h_in"), "output"),
+        },
+        dropped=("layers.{L}.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_freq"),
+    )
+
+
+LLAMA, MISTRAL, QWEN2 = _llama("llama"), _llama("mistral"), _llama("qwen2")
+
+SCHEMAS = {s.model_type: s for s in (BERT, GPT2, MCORE_GPT, LLAMA, MISTRAL, QWEN2)}
 
 
 def schema_for(model_type: str) -> Schema:

@@ -257,7 +257,8 @@ def resolve_model(recipe: Recipe) -> None:
             check_growable(shape, Shape(m.layers, m.hidden, m.heads, m.ffn))
     except GrowthError as err:
         raise RecipeError(f"{key}: {err}") from None
-    found = {"arch": cfg["model_type"]} | ({} if m.grow_from else dataclasses.asdict(shape))
+    shape_keys = {} if m.grow_from else {k: v for k, v in dataclasses.asdict(shape).items() if hasattr(m, k)}
+    found = {"arch": cfg["model_type"]} | shape_keys
     for k, value in found.items():
         mine = getattr(m, k)
         _require(mine is None or mine == value, f"model.{k}",

@@ -1,12 +1,15 @@
-"""`b2b train`: check the recipe, prepare the data, start the workers with the DeepSpeed launcher.
+"""`b2b train`: check the recipe, prepare the data, start one worker per process on this node.
 
 Everything that can be wrong with a recipe fails here, before any process starts. The workers
-run in a session of their own, so a terminal's Ctrl-C or a signal to b2b's process group reaches
-b2b only: SIGINT, SIGTERM or SIGUSR1 sent to `b2b train` is forwarded to the workers, which
-checkpoint at the end of the current step and exit; a second Ctrl-C kills them at once. When b2b
-returns, no worker of the run is left. The exit code says how the run ended: 0 finished, 75
-stopped early with a checkpoint (resume with `--resume auto`), 130 aborted by a second Ctrl-C,
-anything else failed.
+are started as torchrun and DeepSpeed's launcher start them (RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, MASTER_ADDR/PORT; deepspeed.init_distributed reads them), but directly, without
+the launcher's two extra Python processes. Each runs in a session of its own, so a terminal's
+Ctrl-C or a signal to b2b's process group reaches b2b only: SIGINT, SIGTERM or SIGUSR1 sent to
+`b2b train` is forwarded to the workers, which checkpoint at the end of the current step and
+exit; a second Ctrl-C kills them at once, and a worker that fails takes the others down with it
+(a peer would wait for it in a collective forever). When b2b returns, no worker of the run is
+left. The exit code says how the run ended: 0 finished, 75 stopped early with a checkpoint
+(resume with `--resume auto`), 130 aborted by a second Ctrl-C, anything else failed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from . import config, ds_config
@@ -158,31 +162,26 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
     if prepare_only:
         return 0
     env = dict(os.environ, **({"DS_ACCELERATOR": "cpu"} if cpu else {}), **({config.VERBOSE: "1"} if verbose else {}))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
-           "--master_port", str(free_port()), "--no_local_rank", *([] if verbose else ["--log_level", "error"]),
-           "--module", "launchers.train",
-           "--run-dir", str(run_dir), "--resume", resume]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # terminal signals reach b2b, not the workers
+    workers = start_workers(run_dir, procs, resume, env)
     received = []
 
     def on_signal(signum, frame):
         received.append(signum)
         if received.count(signal.SIGINT) > 1:  # a second Ctrl-C: stop now, without a checkpoint
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill(workers)
         elif len(received) == 1:
             print(f"b2b train: {signal.Signals(signum).name}: saving a checkpoint at the end of the step "
                   "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
-            forward_stop(proc.pid, signum)
+            for worker in workers:  # the workers record which signal stopped them
+                if worker.poll() is None:
+                    worker.send_signal(signum)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
-        code = proc.wait()
+        code = wait(workers)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the run outlives b2b (a worker the launcher left)
-        except ProcessLookupError:
-            pass
+        kill(workers)  # nothing of the run outlives b2b (a worker's own children included)
     if received.count(signal.SIGINT) > 1:
         print("b2b train: aborted by a second Ctrl-C; the last complete checkpoint is kept "
               f"(continue with: b2b train {path} --resume auto)", file=sys.stderr)
@@ -209,22 +208,43 @@ def finished_at(run_dir: Path) -> int | None:
     return status.get("step") if status.get("state") == "finished" and RunDir(run_dir).final.is_dir() else None
 
 
-def forward_stop(launcher_pid: int, signum: int = signal.SIGUSR1) -> None:
-    """The stop signal to every training worker under the DeepSpeed launcher (not to the launcher
-    itself, which would kill them); the workers record which signal stopped them."""
-    import psutil
-    try:
-        children = psutil.Process(launcher_pid).children(recursive=True)
-    except psutil.Error:
-        return
-    for child in children:
+def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
+                  logs: list | None = None) -> list[subprocess.Popen]:
+    """The `procs` training processes of this node, each in a session of its own; `logs`: one open
+    file per rank for its output (default: this process's)."""
+    world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
+                 LOCAL_WORLD_SIZE=str(procs))
+    return [subprocess.Popen([sys.executable, "-u", "-m", "launchers.train", "--run-dir", str(run_dir),
+                              "--resume", resume], env=dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)),
+                             start_new_session=True,  # terminal signals reach b2b, not the workers
+                             **({} if logs is None else dict(stdout=logs[rank], stderr=subprocess.STDOUT)))
+            for rank in range(procs)]
+
+
+def wait(workers: list[subprocess.Popen], timeout: float | None = None) -> int:
+    """Wait for every worker: 0, or the first failure's exit code, after which the others are
+    killed, as DeepSpeed's launcher and torchrun do (and all of them after `timeout` seconds)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [w.poll() for w in workers]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed or deadline is not None and time.monotonic() > deadline:
+            kill(workers)
+            if not failed:
+                raise TimeoutError(f"the workers ran past {timeout} s")
+            return failed[0]
+        if None not in codes:
+            return 0
+        time.sleep(0.2)
+
+
+def kill(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
         try:
-            args = child.cmdline()
-            # the workers run `-m launchers.train`; DeepSpeed's launch process names it too, and kills them on a signal
-            if "launchers.train" in args and not any("deepspeed.launcher" in a for a in args):
-                child.send_signal(signum)
-        except psutil.Error:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
+        worker.wait()
 
 
 def train_tokenizer_command(kind: str, vocab_size: int, files: list[str] | None, out: str) -> int:

@@ -1,4 +1,4 @@
-"""The training worker: one process per device, started by the DeepSpeed launcher (`b2b train`).
+"""The training worker: one process per device, started by `b2b train` (launch.start_workers) or srun.
 
     python -m launchers.train --run-dir RUN [--resume none|auto|TAG]
 

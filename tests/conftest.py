@@ -13,6 +13,13 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from growth import Shape
@@ -21,15 +28,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
-CLASSES = {c.__name__: c for c in (BertModel, BertForMaskedLM, BertForPreTraining, GPT2Model, GPT2LMHeadModel)}
+CLASSES = {c.__name__: c for c in (BertModel, BertForMaskedLM, BertForPreTraining, GPT2Model, GPT2LMHeadModel,
+                                    LlamaModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)}
+LLAMA_CONFIGS = {"Llama": LlamaConfig, "Mistral": MistralConfig, "Qwen2": Qwen2Config}
 VOCAB = 101
 
 
-def make_model(cls_name: str, shape: Shape, tied: bool = True, seed: int = 0):
+def make_model(cls_name: str, shape: Shape, tied: bool = True, seed: int = 0, bias: bool = False):
     """A tiny HF model with every parameter (LayerNorms included) randomised, so that a
-    growth bug cannot hide behind HF's ones/zeros initialisation."""
+    growth bug cannot hide behind HF's ones/zeros initialisation. `bias`: a Llama with
+    attention_bias and mlp_bias (Qwen2 has its q/k/v biases anyway)."""
     torch.manual_seed(seed)
-    if cls_name.startswith("Bert"):
+    family = next((f for f in LLAMA_CONFIGS if cls_name.startswith(f)), None)
+    if family:
+        cfg = LLAMA_CONFIGS[family](vocab_size=VOCAB, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                                    num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                                    intermediate_size=shape.ffn, max_position_embeddings=64,
+                                    tie_word_embeddings=tied, **({"attention_bias": bias, "mlp_bias": bias}
+                                                                 if family == "Llama" else {}))
+    elif cls_name.startswith("Bert"):
         cfg = BertConfig(vocab_size=VOCAB, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
                          num_attention_heads=shape.heads, intermediate_size=shape.ffn,
                          max_position_embeddings=64, tie_word_embeddings=tied)

@@ -1,9 +1,9 @@
 """`b2b train` runs for the tests, started the way a cluster starts them (slurm/entrypoint.sh):
 every check and the run directory in this process (`b2b train --prepare-only`), then the workers
-straight from torch.distributed's variables, without DeepSpeed's launcher and its launch process
-(each one more Python start that imports DeepSpeed: about 15 s a run on 2 cores). The tests of
-the launcher itself (signals, Ctrl-C, its exit codes, the README's commands) start `b2b train`
-as a user does."""
+(launch.start_workers, as `b2b train` does), with each rank's output kept in RUN/rank<N>.log and one
+OpenMP thread per worker. The checks run in the test's process, which saves a Python start per
+run. The tests of the launcher itself (signals, Ctrl-C, its exit codes, the README's commands)
+start `b2b train` as a user does."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from launchers.checkpoint import RunDir
 from launchers.cli import main
-from launchers.launch import EXIT_STOPPED, free_port
+from launchers.launch import EXIT_STOPPED, start_workers, wait
 
 
 @dataclass
@@ -38,24 +36,24 @@ def train(recipe: str | Path, out_dir: Path, sets: list[str], procs: int = 2, re
     if code != 0 or (run.status.is_file() and json.loads(run.status.read_text())["state"] == "finished"):
         return Done(code, out.getvalue(), err.getvalue())  # refused, or already finished
     for _ in range(2):  # a port taken between free_port() and rank 0's bind (another test's run): again
-        codes, logs = start_workers(run.root, procs, resume)
-        if not any(codes) or "EADDRINUSE" not in "".join(logs) and "address already in use" not in "".join(logs):
+        code, logs = run_workers(run.root, procs, resume)
+        if not code or "EADDRINUSE" not in "".join(logs) and "address already in use" not in "".join(logs):
             break
-    if any(codes):
-        return Done(max(codes), out.getvalue() + logs[0], "".join(logs))
+    if code:
+        return Done(code, out.getvalue() + logs[0], "".join(logs))
     state = json.loads(run.status.read_text())["state"]
     return Done(0 if state == "finished" else EXIT_STOPPED, out.getvalue() + logs[0], "")
 
 
-def start_workers(run_dir: Path, procs: int, resume: str) -> tuple[list[int], list[str]]:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
-               LOCAL_WORLD_SIZE=str(procs), DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, 2 // procs)))
-    workers = []
-    for rank in range(procs):
-        log = run_dir / f"rank{rank}.log"
-        with open(log, "w") as f:
-            workers.append((subprocess.Popen([sys.executable, "-m", "launchers.train", "--run-dir", str(run_dir),
-                                              "--resume", resume], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                             stdout=f, stderr=subprocess.STDOUT), log))
-    codes = [w.wait(timeout=600) for w, _ in workers]
-    return codes, [log.read_text() for _, log in workers]
+def run_workers(run_dir: Path, procs: int, resume: str) -> tuple[int, list[str]]:
+    """b2b train's workers (launch.start_workers), one OpenMP thread each, each rank's output in
+    RUN/rank<N>.log: (exit code as launch.wait gives it, the logs)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, 2 // procs)))
+    paths = [run_dir / f"rank{rank}.log" for rank in range(procs)]
+    files = [open(path, "w") for path in paths]
+    try:
+        code = wait(start_workers(run_dir, procs, resume, env, files), timeout=600)
+    finally:
+        for f in files:
+            f.close()
+    return code, [path.read_text() for path in paths]

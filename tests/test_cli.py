@@ -94,7 +94,7 @@ def _corrupt(path):
 
 def _unknown_arch(path):
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "t5"}))
 
 
 class Evil:
@@ -125,7 +125,7 @@ def _missing_layer(path):
     (None, "hidden=36,heads=5", "heads=5 does not divide hidden=36"),
     (None, "depth=3", "unknown key 'depth'"),
     (None, "no-such-preset", "not a preset"),
-    (_unknown_arch, "layers=4", "unknown architecture 'llama'"),
+    (_unknown_arch, "layers=4", "unknown architecture 't5'"),
     (_corrupt, "layers=4", "corrupt or truncated"),
     (_pickle_with_code, "layers=4", "needs arbitrary pickled code"),
     (_bad_shape, "layers=4", "does not match the config"),

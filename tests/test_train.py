@@ -1,8 +1,8 @@
 """`b2b train` end to end: two processes on CPU (gloo), ZeRO-2 and ZeRO-3, a tiny BERT and a tiny
 GPT-2: the loss falls, TensorBoard scalars are read back, sharded checkpoints are written and
 pruned, a stopped run resumes exactly, and a grown HF checkpoint initialises the model under
-ZeRO-3's partitioning (workers started by tests/harness.py); Ctrl-C through the DeepSpeed launcher, as a user
-types it, stops a run with a checkpoint."""
+ZeRO-3's partitioning (workers started by tests/harness.py); Ctrl-C to `b2b train`, as a user types it,
+stops a run with a checkpoint."""
 
 import json
 import signal

