@@ -32,11 +32,12 @@ def grower_from_manifest(manifest: dict) -> Grower | None:
     """The Grower that made a growth.json's model (None for DirectCopy, which copies no unit)."""
     if manifest.get("width") == "direct":
         return None
+    old_identity = "top" if manifest.get("depth") == "identity" else "even"  # manifests before --insert
     try:
         grower = Grower(schema_for(manifest["architecture"]), Shape(**manifest["source_shape"]),
                         Shape(**manifest["target_shape"]), width=manifest["width"], depth=manifest["depth"],
                         seed=manifest["seed"], symmetry=manifest.get("symmetry", "none"),
-                        noise_db=manifest.get("noise_db", 10.0),
+                        noise_db=manifest.get("noise_db", 10.0), insert=manifest.get("insert", old_identity),
                         shards=manifest.get("tensor_parallel_growth", 1))
     except (KeyError, TypeError) as err:
         raise GrowthError(f"growth.json: not a growth manifest ({err})") from None

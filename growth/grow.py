@@ -17,6 +17,7 @@ from .errors import GrowthError
 from .maps import (
     AxisMap,
     grouped_heads_map,
+    interleaved_layers,
     layer_axis_maps,
     layer_map,
     prefix_map,
@@ -104,7 +105,7 @@ def widen(w: torch.Tensor, axes: tuple, maps: Mapping[str, AxisMap], scaled: boo
 class Grower:
     def __init__(self, schema: Schema, source: Shape, target: Shape, width: str = "fpi",
                  depth: str = "stack", seed: int = 0, tied: bool = True, init_std: float = 0.02,
-                 shards: int = 1, symmetry: str = "none", noise_db: float = 10.0):
+                 shards: int = 1, symmetry: str = "none", noise_db: float = 10.0, insert: str = "even"):
         """`shards` > 1: the heads and FFN units grow within each of that many tensor-parallel
         shards (prefix_map(..., shards)), so `grow(..., shard=r)` needs source shard r only.
         `symmetry` 'split': the copies of every grown axis (hidden, heads, head_dim, FFN) get
@@ -114,7 +115,10 @@ class Grower:
         attention units, so heads and head_dim, FFN) is multiplied by 1 + eps, eps Gaussian with
         std 10^(-noise_db / 20) and made zero-sum over each source unit's copies
         (maps.zero_sum_over_copies): the copies read equal inputs, so the fan-in's output is
-        unchanged, but each copy's fan-out gets a different gradient."""
+        unchanged, but each copy's fan-out gets a different gradient.
+        `insert` places identity blocks (depth 'identity'): 'even' (LLaMA-Pro: each new block a
+        copy of the layer below it, spread evenly through the stack), 'every=N' (one after every
+        N source layers), or 'top' (StackBERT's order, the new blocks above the source's)."""
         if width not in WIDTH_METHODS:
             raise GrowthError(f"unknown width method {width!r}: choose one of {WIDTH_METHODS}")
         if depth not in DEPTH_METHODS:
@@ -146,7 +150,16 @@ class Grower:
             raise GrowthError(f"--noise-db {noise_db}: must be a finite number of decibels")
         self.symmetry, self.noise_db = symmetry, float(noise_db)
         self.shards = shards
-        self.order = layer_map(source.layers, target.layers)
+        self.order, self.insert = layer_map(source.layers, target.layers), insert
+        self.new_layers = list(range(source.layers, target.layers))
+        if insert != "even" and depth != "identity":
+            raise GrowthError(f"--insert {insert} places identity blocks: it applies to --depth identity")
+        if depth == "identity" and target.layers > source.layers and insert != "top":
+            every = insert.removeprefix("every=")
+            if insert != "even" and not (insert.startswith("every=") and every.isdigit()):
+                raise GrowthError(f"--insert {insert!r}: use even, top or every=N")
+            self.order, self.new_layers = interleaved_layers(source.layers, target.layers,
+                                                             None if insert == "even" else int(every))
 
         gen = torch.Generator().manual_seed(seed)
         kind = "random" if width in ("fpi", "aki") else "exact"  # direct: prefix blocks, i mod d
@@ -170,6 +183,13 @@ class Grower:
         self._last = (None, None)  # grow(): the last source tensor grown, reused by its stacked copies
 
     # -- what the result is -------------------------------------------------------------
+
+    def describe(self) -> str:
+        """The growth options, as the adapters log them."""
+        extra = ([f"noise {self.noise_db:g} dB"] if self.symmetry == "noise" else []) + \
+            ([f"insert {self.insert}"] if self.depth == "identity" and self.target.layers > self.source.layers else [])
+        return ", ".join([f"width {self.width}", f"depth {self.depth}", f"seed {self.seed}",
+                          f"symmetry {self.symmetry}", *extra])
 
     def exactness(self) -> tuple[bool, str]:
         s, t = self.source, self.target
@@ -198,6 +218,7 @@ class Grower:
             "tied_output": ("tied: the LayerNorm feeding the output embedding is multiplied by the "
                             "hidden copies' shares" if self.tied else "untied or no output layer"),
             "layer_map": self.order,
+            **({"insert": self.insert, "identity_layers": self.new_layers} if self.depth == "identity" else {}),
             "hidden_map": self.hidden.index.tolist(),
             "exact": exact, "exact_reason": why,
         }
@@ -291,8 +312,7 @@ class Grower:
 
     def _zeroed(self, param: Param, target_layer: int | None) -> bool:
         """An identity-grown block's output projections are zero."""
-        return self.depth == "identity" and target_layer is not None and target_layer >= self.source.layers \
-            and param.kind.startswith("proj")
+        return self.depth == "identity" and target_layer in self.new_layers and param.kind.startswith("proj")
 
     def grow(self, target_name: str, get: Callable[[str], torch.Tensor], moment: int = 0,
              shard: int | None = None) -> torch.Tensor:

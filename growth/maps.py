@@ -206,3 +206,25 @@ def layer_map(source_layers: int, target_layers: int) -> list[int]:
     """StackBERT order [0..L-1, 0..L-1, ...]; a remainder copies the top source layers."""
     whole, rest = divmod(target_layers, source_layers)
     return list(range(source_layers)) * whole + list(range(source_layers - rest, source_layers))
+
+
+def interleaved_layers(source_layers: int, target_layers: int, every: int | None = None) -> tuple[list[int], list[int]]:
+    """LLaMA-Pro's placement of new blocks: each is a copy of the source layer right below it,
+    inserted after every `every` source layers, or (None) spread evenly, new block i after source
+    layer ((i + 1) L - 1) // P of P new blocks (30 -> 40 layers: after layers 2, 5, ..., 29).
+    Returns (the source layer of every target layer, the target positions of the new blocks)."""
+    extra = target_layers - source_layers
+    if every is not None:
+        if every < 1 or source_layers // every != extra:
+            raise GrowthError(f"--insert every={every}: {source_layers} layers with a new block after every "
+                              f"{every} make {source_layers + source_layers // max(every, 1)}, not {target_layers}")
+        after = [(i + 1) * every - 1 for i in range(extra)]
+    else:
+        after = [((i + 1) * source_layers - 1) // extra for i in range(extra)]
+    order, new = [], []
+    for layer in range(source_layers):
+        order.append(layer)
+        for _ in range(after.count(layer)):
+            new.append(len(order))
+            order.append(layer)
+    return order, new

@@ -15,7 +15,8 @@ def cmd_grow(args) -> int:
     if args.noise_db is not None and args.break_symmetry != "noise":
         raise GrowthError(f"--noise-db applies to --break-symmetry noise, not {args.break_symmetry}")
     common = dict(width=args.width, depth=args.depth, seed=args.seed, symmetry=args.break_symmetry,
-                  noise_db=10.0 if args.noise_db is None else args.noise_db, overwrite=args.overwrite)
+                  noise_db=10.0 if args.noise_db is None else args.noise_db, insert=args.insert or "even",
+                  overwrite=args.overwrite)
     if args.tp is not None and args.tp < 1:
         raise GrowthError(f"--tp {args.tp}: must be a positive integer")
     if megatron.open_source(args.src) is not None:
@@ -123,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", choices=DEPTH_METHODS, default="stack",
                    help="new layers: stack (copies of the source's, in order) or identity (blocks that start as "
                         "the identity) (default: %(default)s)")
+    g.add_argument("--insert", help="--depth identity: where the new blocks go, each a copy of the layer below it "
+                                    "with zeroed output projections: even (spread through the stack, as LLaMA-Pro "
+                                    "does), every=N (after every N source layers), top (above the source's "
+                                    "layers) (default: even)")
     g.add_argument("--seed", type=int, default=0, help="for the random choices of growth (default: %(default)s)")
     g.add_argument("--break-symmetry", choices=SYMMETRY_METHODS, default="none",
                    help="split: unequal fan-in shares of the copied units (LEMON); noise: zero-sum noise over "

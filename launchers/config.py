@@ -29,6 +29,7 @@ VERBOSE = "B2B_VERBOSE"  # "1" in the workers' environment: DeepSpeed's and mega
 class GrowthConfig:
     width: str = "aki"  # fpi | aki | direct | exact (b2b grow --width)
     depth: str = "stack"  # stack | identity (b2b grow --depth)
+    insert: str = "even"  # identity blocks: even | every=N | top (b2b grow --insert)
     seed: int = 0
     symmetry: str = "none"  # none | split | noise (b2b grow --break-symmetry)
     noise_db: float = 10.0  # symmetry noise: its signal-to-noise ratio in dB (b2b grow --noise-db)

@@ -148,7 +148,7 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
         from growth.adapters import deepspeed, hf
         g = m.growth
         options = dict(width=g.width, depth=g.depth, seed=g.seed, symmetry=g.symmetry, noise_db=g.noise_db,
-                       overwrite=True)
+                       insert=g.insert, overwrite=True)
         if deepspeed.is_checkpoint(Path(m.grow_from)):  # a universal checkpoint, Adam's moments grown or reset
             deepspeed.grow_checkpoint(m.grow_from, recipe.start_model, str(recipe.shape), optimizer=g.optimizer,
                                       schedule="restart", **options)

@@ -133,3 +133,42 @@ def test_impossible_llama_targets_are_one_line_and_write_nothing(to, message, tm
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("insert,layers,expected", [
+    ("even", 40, [3 + 4 * i for i in range(10)]),  # LLaMA-Pro: after every 3 of SmolLM2's 30 layers
+    ("every=6", 35, [6, 13, 20, 27, 34]),
+    ("top", 32, [30, 31]),
+])
+def test_identity_blocks_go_where_insert_says_and_copy_the_layer_below(insert, layers, expected):
+    grower = Grower(schema_for("llama"), Shape(30, 16, 2, 8), Shape(layers, 16, 2, 8), width="exact",
+                    depth="identity", insert=insert)
+    assert grower.new_layers == expected and grower.manifest()["identity_layers"] == expected
+    if insert != "top":
+        assert all(grower.order[t] == grower.order[t - 1] for t in expected)
+    assert sorted(set(range(layers)) - set(expected)) == [grower.order.index(s) for s in range(30)]  # originals kept
+
+
+@pytest.mark.parametrize("insert", ["even", "every=1", "top"])
+def test_identity_depth_is_exact_at_every_insertion_pattern(insert, ids):
+    small = make_model("LlamaForCausalLM", Shape(2, 24, 6, 40, kv_heads=3))
+    grown, manifest = grow_model(small, Shape(4, 48, 12, 80, kv_heads=6), width="exact", depth="identity",
+                                 insert=insert)
+    assert manifest["exact"] and manifest["insert"] == insert
+    assert max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0]) < 1e-5
+    stacked, _ = grow_model(small, Shape(4, 48, 12, 80, kv_heads=6), width="exact", depth="stack")
+    assert max_rel(model_outputs(small, ids)[0], model_outputs(stacked, ids)[0]) > 1e-3  # stacking is not
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--insert", "every=4"], "--insert every=4 places identity blocks: it applies to --depth identity"),
+    (["--depth", "identity", "--insert", "every=4"], "--insert every=4: 2 layers with a new block after every 4"),
+    (["--depth", "identity", "--insert", "middle"], "--insert 'middle': use even, top or every=N"),
+])
+def test_bad_insertions_are_one_line(argv, message, tmp_path, capsys):
+    src = tmp_path / "llama"
+    make_model("LlamaForCausalLM", Shape(2, 32, 4, 48, kv_heads=2)).save_pretrained(src)
+    capsys.readouterr()
+    assert main(["grow", str(src), "--to", "layers=3", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -248,10 +248,10 @@ def _optimizer_state(ckpt: ZeroCheckpoint, count: int, step: torch.Tensor) -> di
             "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": [dict(groups[0], params=[])]}}
 
 
-def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                    seed: int = 0, symmetry: str = "none", noise_db: float = 10.0, optimizer: str = "reset",
-                    schedule: str = "restart", overwrite: bool = False, log=print) -> dict:
-    """`b2b grow CKPT`: grow a ZeRO checkpoint into a universal checkpoint in `out`; returns the manifest."""
+def grow_checkpoint(src: str | Path, out: str | Path, to: str, optimizer: str = "reset", schedule: str = "restart",
+                    overwrite: bool = False, log=print, **options) -> dict:
+    """`b2b grow CKPT`: grow a ZeRO checkpoint into a universal checkpoint in `out` (`options`: the
+    Grower's width, depth, seed, symmetry, noise_db, insert); returns the manifest."""
     if optimizer not in OPTIMIZERS:
         raise GrowthError(f"--optimizer {optimizer!r}: choose one of {OPTIMIZERS}")
     if schedule not in SCHEDULES:
@@ -259,8 +259,7 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
     out = free_output(out, overwrite)
     ckpt = ZeroCheckpoint(src)
     where = find_config(ckpt)
-    cfg, grower = grower_for(where, to, width=width, depth=depth, seed=seed, symmetry=symmetry,
-                             noise_db=noise_db)
+    cfg, grower = grower_for(where, to, **options)
     source, target = grower.source, grower.target
     check_source(ckpt.shapes, grower.schema, source)
     plan = grower.plan(ckpt.shapes)
@@ -269,7 +268,7 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
                 **grower.manifest(), "optimizer": optimizer, "schedule": schedule, "adam_step": ckpt.step,
                 "format": "deepspeed universal checkpoint: load with \"checkpoint\": {\"load_universal\": true}"}
     log(f"growing {cfg['model_type']} {source} -> {target} from a ZeRO-{ckpt.stage} checkpoint at DP {ckpt.dp} "
-        f"(width {width}, depth {depth}, seed {seed}, symmetry {symmetry}, optimizer {optimizer}, schedule {schedule})")
+        f"({grower.describe()}, optimizer {optimizer}, schedule {schedule})")
 
     with atomic_directory(out) as tmp:
         zero = tmp / ckpt.tag / "zero"

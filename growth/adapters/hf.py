@@ -31,22 +31,20 @@ from .files import (
 from .safetensors_io import write_streaming
 
 
-def grow_directory(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                   seed: int = 0, symmetry: str = "none", noise_db: float = 10.0, overwrite: bool = False,
-                   log=print) -> dict:
-    """`b2b grow`: grow an HF model directory into `out`; returns the manifest."""
+def grow_directory(src: str | Path, out: str | Path, to: str, overwrite: bool = False, log=print,
+                   **options) -> dict:
+    """`b2b grow`: grow an HF model directory into `out` (`options`: the Grower's width, depth,
+    seed, symmetry, noise_db, insert); returns the manifest."""
     out = free_output(out, overwrite)
     src = resolve(src)
-    cfg, grower = grower_for(src, to, width=width, depth=depth, seed=seed, symmetry=symmetry,
-                             noise_db=noise_db)
+    cfg, grower = grower_for(src, to, **options)
     source, target = grower.source, grower.target
     files = weight_files(src)
     weights = open_weights(files)
     shapes = weights.shapes
     check_source(shapes, grower.schema, source)
     manifest = {"source": str(src), "source_sha256": sha256(files), **grower.manifest()}
-    log(f"growing {cfg['model_type']} {source} -> {target} (width {width}, depth {depth}, seed {seed}, "
-        f"symmetry {symmetry})")
+    log(f"growing {cfg['model_type']} {source} -> {target} ({grower.describe()})")
 
     with atomic_directory(out) as tmp:
         plan = [(t, shape, weights.dtypes[s]) for t, s, shape in grower.plan(shapes)]

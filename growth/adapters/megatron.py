@@ -285,11 +285,10 @@ def source_config(source) -> dict:
 
 # -- growth --------------------------------------------------------------------------------------
 
-def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi", depth: str = "stack",
-                    seed: int = 0, symmetry: str = "none", noise_db: float = 10.0, tp: int | None = None,
-                    overwrite: bool = False,
-                    log=print) -> dict:
-    """`b2b grow` of a megatron-core checkpoint: shard-local growth into a torch_dist checkpoint."""
+def grow_checkpoint(src: str | Path, out: str | Path, to: str, tp: int | None = None, overwrite: bool = False,
+                    log=print, **options) -> dict:
+    """`b2b grow` of a megatron-core checkpoint: shard-local growth into a torch_dist checkpoint
+    (`options`: the Grower's width, depth, seed, symmetry, noise_db, insert)."""
     out = free_output(out, overwrite)
     source = open_source(src)
     if source is None:
@@ -306,15 +305,14 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, width: str = "fpi
                               f"choose --tp (or a target) so that every shard holds whole units")
     check_source(source.shapes, MCORE_GPT, shape)
     tied = "output_layer.weight" not in source.shapes
-    grower = Grower(MCORE_GPT, shape, target, width=width, depth=depth, seed=seed, tied=tied,
-                    init_std=float(cfg.get("initializer_range", 0.02)), shards=tp, symmetry=symmetry,
-                    noise_db=noise_db)
+    grower = Grower(MCORE_GPT, shape, target, tied=tied, init_std=float(cfg.get("initializer_range", 0.02)),
+                    shards=tp, **options)
     manifest = {"source": str(source.path), "source_format": source.format, "tensor_parallel_growth": tp,
                 **grower.manifest(),
                 "format": "megatron-core torch_dist: load with megatron.core.dist_checkpointing.load at any TP "
                           "degree dividing the heads, FFN and padded vocabulary"}
     log(f"growing megatron-core GPT {shape} -> {target} from {source.format}, shard-local at TP {tp} "
-        f"(width {width}, depth {depth}, seed {seed}, symmetry {symmetry})")
+        f"({grower.describe()})")
 
     copies: dict[str, list] = {}  # source name -> its (target name, target shape), stacked copies together
     for target_name, name, tshape in grower.plan(source.shapes):
