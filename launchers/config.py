@@ -17,7 +17,8 @@ from growth import GrowthError, Shape
 
 from .tree import RecipeError, apply_overrides, build, load_raw, merge, read_yaml  # noqa: F401 (the API)
 
-ARCHS = ("bert", "gpt2")
+ARCHS = ("bert", "gpt2", "llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # causal LMs with RMSNorm, SwiGLU, RoPE, grouped-query attention
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 STAGE1_SAMPLING = ("uniform", "cyclic")
@@ -38,11 +39,12 @@ class GrowthConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str | None = None  # bert (masked LM) or gpt2 (causal LM); read from init_from when set
+    arch: str | None = None  # bert (masked LM), or gpt2, llama, mistral, qwen2 (causal LM); read from init_from
     layers: int | None = None
     hidden: int | None = None
     heads: int | None = None
     ffn: int | None = None
+    kv_heads: int | None = None  # grouped-query attention (the Llama family); unset: one per query head
     max_positions: int = 512
     dropout: float = 0.1
     init_from: str | None = None  # an HF model directory or a grown DeepSpeed checkpoint (`b2b grow`)
@@ -198,7 +200,7 @@ class Recipe:
     @property
     def shape(self) -> Shape:
         m = self.model
-        return Shape(m.layers, m.hidden, m.heads, m.ffn)
+        return Shape(m.layers, m.hidden, m.heads, m.ffn, m.kv_heads)
 
 
 def as_dict(recipe: Recipe) -> dict:
@@ -255,7 +257,7 @@ def resolve_model(recipe: Recipe) -> None:
                      f"use one of {', '.join(SYMMETRY_METHODS)}")
             _require(m.growth.symmetry == "none" or m.growth.width != "direct", "model.growth.symmetry",
                      "symmetry breaking applies to copied units, and width direct copies none: set it to none")
-            check_growable(shape, Shape(m.layers, m.hidden, m.heads, m.ffn))
+            check_growable(shape, Shape(m.layers, m.hidden, m.heads, m.ffn, m.kv_heads))
     except GrowthError as err:
         raise RecipeError(f"{key}: {err}") from None
     shape_keys = {} if m.grow_from else {k: v for k, v in dataclasses.asdict(shape).items() if hasattr(m, k)}
@@ -279,6 +281,9 @@ def validate(recipe: Recipe) -> Recipe:
         _ = recipe.shape  # the property checks the shape
     except GrowthError as err:
         raise RecipeError(f"model: {err}") from None
+    _require(m.kv_heads in (None, m.heads) or m.arch in LLAMA_FAMILY, "model.kv_heads",
+             f"{m.kv_heads}: {m.arch} has one key/value head per query head; grouped-query attention is for "
+             f"{', '.join(LLAMA_FAMILY)}")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout}: must be in [0, 1)")
     _require(2 <= d.seq_len <= m.max_positions, "data.seq_len",
              f"{d.seq_len}: must be between 2 and model.max_positions ({m.max_positions})")
@@ -296,7 +301,7 @@ def validate(recipe: Recipe) -> Recipe:
     _require(d.vocab_size >= 64, "data.vocab_size", f"{d.vocab_size}: too small (>= 64)")
     _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"{d.val_fraction}: must be in (0, 0.5)")
     _require(d.max_documents is None or d.max_documents > 0, "data.max_documents", "must be positive")
-    _require(0.0 < recipe.objective.mask_prob < 1.0 or m.arch == "gpt2", "objective.mask_prob",
+    _require(0.0 < recipe.objective.mask_prob < 1.0 or m.arch != "bert", "objective.mask_prob",
              f"{recipe.objective.mask_prob}: must be in (0, 1)")
     _require(o.lr > 0, "optim.lr", f"{o.lr}: must be positive")
     _require(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), "optim.betas",
@@ -425,7 +430,7 @@ def check_parallel(recipe: Recipe) -> None:
 # What a starting model named on the command line brings with it: its architecture, its shape
 # (init_from; grow_from's shape is the target's), and its tokenizer, whose ids its embeddings index.
 FROM_MODEL = {"model.init_from": ("model.arch", "model.layers", "model.hidden", "model.heads", "model.ffn",
-                                  "data.tokenizer"),
+                                  "model.kv_heads", "data.tokenizer"),
               "model.grow_from": ("model.arch", "data.tokenizer")}
 
 

@@ -1,4 +1,5 @@
-"""The model a recipe trains (HF BertForMaskedLM or GPT2LMHeadModel), and its analytic FLOPs.
+"""The model a recipe trains (HF BertForMaskedLM, GPT2LMHeadModel, or a Llama-family causal LM:
+LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM), and its analytic FLOPs.
 
 Knows nothing of DeepSpeed: the trainer wraps what this returns.
 """
@@ -12,7 +13,7 @@ import torch
 
 from growth import Shape
 
-from .config import Recipe, RecipeError
+from .config import LLAMA_FAMILY, Recipe, RecipeError
 
 
 def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
@@ -27,8 +28,9 @@ def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
     )
     m = recipe.model
     vocab = len(tokenizer)
-    dropout = {"hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.dropout} if m.arch == "bert" \
-        else {"resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout}
+    dropout = {"bert": {"hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.dropout},
+               "gpt2": {"resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout}}.get(
+        m.arch, {"attention_dropout": m.dropout})  # the Llama family drops attention probabilities only
     torch.manual_seed(recipe.seed)  # also for what a start model lacks (a new MLM head): the same on every rank
     start = recipe.start_model
     if start is not None:
@@ -48,6 +50,15 @@ def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
             vocab_size=vocab, hidden_size=m.hidden, num_hidden_layers=layers or m.layers, num_attention_heads=m.heads,
             intermediate_size=m.ffn, max_position_embeddings=m.max_positions, pad_token_id=tokenizer.pad_token_id,
             **dropout))
+    elif m.arch in LLAMA_FAMILY:
+        import transformers
+        family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[m.arch]
+        config = getattr(transformers, f"{family}Config")(
+            vocab_size=vocab, hidden_size=m.hidden, num_hidden_layers=layers or m.layers, num_attention_heads=m.heads,
+            num_key_value_heads=m.kv_heads or m.heads, intermediate_size=m.ffn, max_position_embeddings=m.max_positions,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+            **dropout)
+        model = getattr(transformers, f"{family}ForCausalLM")(config)
     else:
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=vocab, n_embd=m.hidden, n_layer=layers or m.layers, n_head=m.heads, n_inner=m.ffn,
@@ -76,15 +87,23 @@ class StepPlan:
         return self.lowest <= unit < self.active
 
 
+def linear_flops(shape: Shape, arch: str) -> int:
+    """Per block and token, the FLOPs of its linear layers: the Q and output projections (4 h^2),
+    K and V over the key/value heads (4 h h_kv; h_kv = h without grouped-query attention), the FFN
+    (4 h f; SwiGLU's gate, up and down in the Llama family: 6 h f)."""
+    h, kv = shape.hidden, shape.kv_heads * shape.head_dim
+    return 4 * h * h + 4 * h * kv + (6 if arch in LLAMA_FAMILY else 4) * h * shape.ffn
+
+
 def forward_flops_per_token(shape: Shape, seq_len: int, vocab: int, arch: str, layers: int | None = None) -> float:
     """Matrix-multiply FLOPs (2 per multiply-add) of one token's forward pass through `layers`
-    blocks (default all) and the LM head: per block the Q, K, V and output projections (8 h^2),
-    the FFN (4 h f) and attention scores and their weighted sum over the sequence (4 s h); the
-    head's vocabulary projection (2 h V) and, for BERT, its dense transform (2 h^2). Causal
+    blocks (default all) and the LM head: per block its linear layers (linear_flops: 8 h^2 + 4 h f
+    for BERT and GPT-2) and the attention scores and their weighted sum over the sequence (4 s h);
+    the head's vocabulary projection (2 h V) and, for BERT, its dense transform (2 h^2). Causal
     attention is counted over the full sequence, as Megatron-LM and the bert2BERT paper do."""
-    h, f = shape.hidden, shape.ffn
+    h = shape.hidden
     head = 2 * h * vocab + (2 * h * h if arch == "bert" else 0)
-    return (shape.layers if layers is None else layers) * (8 * h * h + 4 * h * f + 4 * seq_len * h) + head
+    return (shape.layers if layers is None else layers) * (linear_flops(shape, arch) + 4 * seq_len * h) + head
 
 
 def train_flops_per_token(shape: Shape, seq_len: int, vocab: int, arch: str, plan: StepPlan | None = None,
@@ -99,9 +118,9 @@ def train_flops_per_token(shape: Shape, seq_len: int, vocab: int, arch: str, pla
     train; a tied output matrix trains with the embeddings. In post-LN BERT, the lowest trained
     block's Q, K and V need no input gradient when nothing below it trains (6 h^2). For full
     training this is three times the forward; it matches torch's FlopCounterMode exactly."""
-    h, f, layers = shape.hidden, shape.ffn, shape.layers
+    h, layers = shape.hidden, shape.layers
     plan = plan or StepPlan(0, layers, 0, True, True)
-    linear, attention = 8 * h * h + 4 * h * f, 4 * seq_len * h
+    linear, attention = linear_flops(shape, arch), 4 * seq_len * h
     dense, decoder = (2 * h * h if arch == "bert" else 0), 2 * h * vocab
     forward = plan.active * (linear + attention) + dense + decoder
     bottom = 0 if plan.embeddings else plan.lowest
@@ -118,12 +137,14 @@ def _blocks_parent(model) -> tuple[torch.nn.Module, str]:
         return model.bert.encoder, "layer"
     if hasattr(model, "gpt"):  # launchers.megatron.GPT: megatron-core's GPTModel
         return model.gpt.decoder, "layers"
-    return model.transformer, "h"
+    if hasattr(model, "transformer"):
+        return model.transformer, "h"
+    return model.model, "layers"  # the Llama family
 
 
 def blocks(model) -> torch.nn.ModuleList:
-    """The transformer blocks of an HF BertForMaskedLM / GPT2LMHeadModel (or megatron-core's
-    GPTModel in launchers.megatron.GPT), bottom first."""
+    """The transformer blocks of an HF BertForMaskedLM / GPT2LMHeadModel / Llama-family causal LM
+    (or megatron-core's GPTModel in launchers.megatron.GPT), bottom first."""
     return getattr(*_blocks_parent(model))
 
 
@@ -145,12 +166,13 @@ def bottom_blocks(model, n: int):
 
 def unit_of(name: str) -> str | int:
     """Which unit a parameter belongs to: 'embeddings' (a tied LM head's matrix included), a block
-    index, or 'head' (BERT's MLM transform and bias, GPT-2's final LayerNorm; megatron-core's too)."""
+    index, or 'head' (BERT's MLM transform and bias, GPT-2's final LayerNorm, the Llama family's
+    final RMSNorm; megatron-core's too)."""
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if part in ("layer", "h", "layers") and parts[i + 1].isdigit():
             return int(parts[i + 1])
-    if parts[0] in ("cls", "lm_head") or parts[:2] == ["transformer", "ln_f"] or \
+    if parts[0] in ("cls", "lm_head") or parts[:2] in (["transformer", "ln_f"], ["model", "norm"]) or \
             parts[:3] == ["gpt", "decoder", "final_layernorm"] or parts[:2] == ["gpt", "output_layer"]:
         return "head"
     return "embeddings"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -48,7 +49,7 @@ from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
 from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight",
-            "layernorm.weight")  # the last: megatron-core's input_/pre_mlp_/final_layernorm
+            "norm.weight")  # the last: megatron-core's input_/pre_mlp_/final_layernorm, the Llama family's norms
 
 
 def param_groups(model, weight_decay: float, by_unit: bool = False) -> tuple[list[dict], list]:
@@ -260,15 +261,15 @@ class Trainer:
             return
         import deepspeed
 
-        from growth import Shape
         from growth.adapters.hf import grow_model
-        module, m = self.engine.module, self.recipe.model
+        module = self.engine.module
         gather = deepspeed.zero.GatheredParameters(list(module.parameters())) \
             if self.recipe.zero.stage == 3 else nullcontext()
         with gather:
             current = type(module)(module.config)
             current.load_state_dict({n: p.detach().clone() for n, p in module.named_parameters()}, strict=False)
-        grown, _ = grow_model(current, Shape(layers, m.hidden, m.heads, m.ffn), width="exact", depth="stack")
+        grown, _ = grow_model(current, dataclasses.replace(self.recipe.shape, layers=layers), width="exact",
+                              depth="stack")
         self._start_engine(grown)
         self.engine.lr_scheduler.step(step - 1)  # step k runs at iteration k - 1
 

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from growth import Shape
 from launchers import config
@@ -94,14 +102,16 @@ def test_dynamic_masking_80_10_10(cache):
     assert torch.equal(out["input_ids"][~chosen], ids[~chosen])
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 def test_analytic_forward_flops_equal_torchs_flop_counter(arch):
-    shape, vocab, seq, batch = Shape(2, 64, 4, 96), 300, 32, 2
+    shape, vocab, seq, batch = Shape(2, 64, 4, 96, kv_heads=2 if arch == "llama" else None), 300, 32, 2
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                        intermediate_size=96)) if arch == "bert" else \
         GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_inner=96,
-                                   bos_token_id=0, eos_token_id=0))
+                                   bos_token_id=0, eos_token_id=0)) if arch == "gpt2" else \
+        LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=96, attn_implementation="eager"))
     ids = torch.randint(0, vocab, (batch, seq))
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids)

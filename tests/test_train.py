@@ -12,17 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from launchers import config
 from launchers.data import Batches, cache_path
 from launchers.events import read_scalars
 from launchers.launch import EXIT_STOPPED
+from launchers.model import train_flops_per_token
 
 import harness
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-TINY = {"bert": RECIPES / "bert-tiny-cpu.yaml", "gpt2": RECIPES / "gpt-tiny-cpu.yaml"}
+TINY = {"bert": RECIPES / "bert-tiny-cpu.yaml", "gpt2": RECIPES / "gpt-tiny-cpu.yaml",
+        "llama": RECIPES / "llama-tiny-cpu.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def b2b_train(recipe, out_dir, cache, *sets, resume="none"):
 
 
 # each architecture, each way ZeRO shards (bert ZeRO-3 and gpt2 ZeRO-2 too would add a minute to the suite)
-@pytest.mark.parametrize("arch,stage", [("bert", 2), ("gpt2", 3)])
+@pytest.mark.parametrize("arch,stage", [("bert", 2), ("gpt2", 3), ("llama", 2)])
 def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
     sets = [f"zero.stage={stage}", "train.steps=12", "train.eval_every=6", "optim.warmup_steps=2",
             "checkpoint.every=4", "checkpoint.keep=2"]
@@ -96,7 +98,13 @@ def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
     shards = sorted(p.name for p in (full / "checkpoints" / "step00000012").glob("*optim_states.pt"))
     assert len(shards) == 2  # one optimizer shard per data-parallel rank
     auto = AutoModelForMaskedLM if arch == "bert" else AutoModelForCausalLM
-    assert auto.from_pretrained(full / "final").config.num_hidden_layers == 2
+    final = auto.from_pretrained(full / "final").config
+    assert final.num_hidden_layers == 2 and final.model_type == arch
+    if arch == "llama":  # grouped-query attention, tied, and the analytic FLOPs of SwiGLU and GQA
+        assert (final.num_attention_heads, final.num_key_value_heads, final.tie_word_embeddings) == (4, 2, True)
+        flops = train_flops_per_token(recipe.shape, recipe.data.seq_len, len(AutoTokenizer.from_pretrained(
+            full / "final")), "llama")
+        assert a["train/flops"][1] == pytest.approx(tokens * flops, rel=1e-6)
 
 
 def test_ctrl_c_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from growth import Shape
 from launchers import config
 from launchers.data import prepare
 from launchers.events import read_scalars
-from launchers.model import StepPlan, bottom_blocks, train_flops_per_token, unit_of
+from launchers.model import StepPlan, blocks, bottom_blocks, train_flops_per_token, unit_of
 from launchers.train import plan_for
 
 import harness
@@ -61,22 +61,25 @@ PLANS = [StepPlan(1, 2, 1, False, True), StepPlan(1, 3, 0, False, True), StepPla
          StepPlan(1, 4, 2, False, False), StepPlan(1, 4, 2, True, False), StepPlan(0, 4, 0, True, True)]
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("plan", PLANS, ids=[f"{p.active}-{p.lowest}-{p.embeddings:d}{p.head:d}" for p in PLANS])
 def test_step_flops_equal_torchs_flop_counter(arch, tied, plan):
-    shape, vocab, seq, batch = Shape(4, 64, 4, 96), 300, 32, 2
+    shape, vocab, seq, batch = Shape(4, 64, 4, 96, kv_heads=2 if arch == "llama" else None), 300, 32, 2
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                        intermediate_size=96, tie_word_embeddings=tied)) if arch == "bert" else \
         GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_inner=96,
-                                   tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0))
+                                   tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0)) if arch == "gpt2" else \
+        LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=tied,
+                                     attn_implementation="eager"))  # torch counts no CPU flash-attention kernel
     for name, p in model.named_parameters():
         p.requires_grad_(plan.trains(unit_of(name)))
     with FlopCounterMode(display=False) as counter, bottom_blocks(model, plan.active):
         model(input_ids=torch.randint(0, vocab, (batch, seq))).logits.sum().backward()
     assert counter.get_total_flops() == train_flops_per_token(shape, seq, vocab, arch, plan, tied) * batch * seq
-    assert len(model.bert.encoder.layer if arch == "bert" else model.transformer.h) == 4  # restored
+    assert len(blocks(model)) == 4  # restored
 
 
 @pytest.mark.parametrize("stage", [3])  # the partitioned case; ZeRO-2 freezing runs in the MSLT test below
