@@ -1,5 +1,5 @@
 """Growing DeepSpeed ZeRO checkpoints shard by shard (growth/adapters/deepspeed.py), against real
-DeepSpeed: tiny BERT and GPT-2 models trained by 2-process gloo engines at ZeRO 1, 2 and 3, in
+DeepSpeed: tiny BERT, GPT-2 and Llama models trained by 2-process gloo engines at ZeRO 1, 2 and 3, in
 fp32 and bf16 (tests/zero_worker.py). The grown weights are bit-identical to DeepSpeed's
 zero_to_fp32 followed by in-memory growth, the grown moments to DeepSpeed's own ds_to_universal
 followed by the same growth; DeepSpeed loads the result at world size 1 and 2 and another ZeRO
@@ -35,6 +35,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 ADAM = [name for name, spec in SOURCES.items() if spec[3] == "adamw"]
 TARGET = "layers=3,hidden=32,heads=4,ffn=74"  # twice the width (head_dim 8 -> 8, 2 -> 4 heads), a stacked layer
 WIDER = "layers=2,hidden=32,heads=2,ffn=74"  # width only, head_dim 8 -> 16: exact growth preserves logits
+WIDER_ROPE = "layers=2,hidden=32,heads=4,ffn=74"  # the same with head_dim kept, as RoPE needs (2 KV heads)
 TAG = f"step{STEPS:08d}"
 
 
@@ -134,7 +135,8 @@ def loaded(sources):
     another ZeRO stage, at world size 2 and 1."""
     for name in ADAM:
         stage = SOURCES[name][1] % 3 + 1
-        assert b2b("grow", sources / name, "--to", WIDER, "--width", "exact", "--optimizer", "grow",
+        assert b2b("grow", sources / name, "--to", WIDER_ROPE if name.startswith("llama") else WIDER, "--width",
+                   "exact", "--optimizer", "grow",
                    "--schedule", "keep", "--out", sources / f"{name}.grown") == 0
         (sources / f"{name}.grown.stage").write_text(str(stage))
     torchrun(2, "load", str(sources))

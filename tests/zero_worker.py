@@ -18,7 +18,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config, LlamaConfig
 
 VOCAB = 101
 # name: (architecture, ZeRO stage, precision, optimizer, tied output)
@@ -29,6 +29,7 @@ SOURCES = {
     "gpt2-z1-bf16": ("gpt2", 1, "bf16", "adamw", True),
     "gpt2-z2-fp32": ("gpt2", 2, "fp32", "adamw", False),
     "gpt2-z3-bf16": ("gpt2", 3, "bf16", "adamw", True),
+    "llama-z3-fp32": ("llama", 3, "fp32", "adamw", True),  # grouped-query attention: 2 heads, 1 KV head
     "bert-z2-sgd": ("bert", 2, "fp32", "sgd", True),
 }
 STEPS = 3
@@ -86,6 +87,11 @@ def save(out: Path) -> None:
             cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                              intermediate_size=37, max_position_embeddings=32, tie_word_embeddings=tied)
             model = AutoModelForMaskedLM.from_config(cfg)
+        elif arch == "llama":
+            cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              num_key_value_heads=1, intermediate_size=37, max_position_embeddings=32,
+                              tie_word_embeddings=tied)
+            model = AutoModelForCausalLM.from_config(cfg)
         else:
             cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_inner=37, n_positions=32,
                              tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0)
