@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from growth import GrowthError, Shape
+from growth.adapters.files import ALIASES
 
 from .tree import RecipeError, apply_overrides, build, load_raw, merge, read_yaml  # noqa: F401 (the API)
 
@@ -58,7 +59,7 @@ class DataConfig:
     hub: str | None = None  # a hub dataset name (downloads at run time)
     hub_config: str | None = None  # its configuration, e.g. wikitext-103-raw-v1
     text_field: str = "text"
-    tokenizer: str | None = None  # a tokenizer/model dir, 'minilm', 'wordpiece' or 'bpe' (trained)
+    tokenizer: str | None = None  # a tokenizer/model dir, an alias (minilm, smollm2), 'wordpiece' or 'bpe' (trained)
     vocab_size: int = 8192  # for a trained tokenizer
     seq_len: int = 128
     val_fraction: float = 0.05
@@ -294,7 +295,7 @@ def validate(recipe: Recipe) -> Recipe:
                  f"{file}: use .txt, .jsonl, .json or .parquet files")
     _require(d.files != [], "data.files",
              "empty list: name files, or read the offline corpus with --set data.files=null")
-    if d.tokenizer not in (None, *TOKENIZER_KINDS, "minilm"):
+    if d.tokenizer not in (None, *TOKENIZER_KINDS, *ALIASES):
         _require(Path(d.tokenizer).is_dir(), "data.tokenizer",
                  f"{d.tokenizer}: not a directory; use a tokenizer or model directory, 'minilm', "
                  f"or {' / '.join(TOKENIZER_KINDS)} to train one on the corpus")
