@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -150,16 +151,15 @@ class Grower:
             raise GrowthError(f"--noise-db {noise_db}: must be a finite number of decibels")
         self.symmetry, self.noise_db = symmetry, float(noise_db)
         self.shards = shards
-        self.order, self.insert = layer_map(source.layers, target.layers), insert
-        self.new_layers = list(range(source.layers, target.layers))
+        if insert not in ("even", "top") and not re.fullmatch(r"every=\d+", insert):
+            raise GrowthError(f"--insert {insert!r}: use even, top or every=N")
         if insert != "even" and depth != "identity":
             raise GrowthError(f"--insert {insert} places identity blocks: it applies to --depth identity")
+        self.order, self.insert = layer_map(source.layers, target.layers), insert
+        self.new_layers = list(range(source.layers, target.layers))
         if depth == "identity" and target.layers > source.layers and insert != "top":
-            every = insert.removeprefix("every=")
-            if insert != "even" and not (insert.startswith("every=") and every.isdigit()):
-                raise GrowthError(f"--insert {insert!r}: use even, top or every=N")
-            self.order, self.new_layers = interleaved_layers(source.layers, target.layers,
-                                                             None if insert == "even" else int(every))
+            self.order, self.new_layers = interleaved_layers(
+                source.layers, target.layers, None if insert == "even" else int(insert.removeprefix("every=")))
 
         gen = torch.Generator().manual_seed(seed)
         kind = "random" if width in ("fpi", "aki") else "exact"  # direct: prefix blocks, i mod d

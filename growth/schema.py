@@ -26,6 +26,7 @@ import functools
 import re
 
 from .errors import GrowthError
+from .shape import LLAMA_FAMILY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +187,7 @@ def _llama(model_type: str) -> Schema:
     )
 
 
-LLAMA, MISTRAL, QWEN2 = _llama("llama"), _llama("mistral"), _llama("qwen2")
-
-SCHEMAS = {s.model_type: s for s in (BERT, GPT2, MCORE_GPT, LLAMA, MISTRAL, QWEN2)}
+SCHEMAS = {s.model_type: s for s in (BERT, GPT2, MCORE_GPT, *map(_llama, LLAMA_FAMILY))}
 
 
 def schema_for(model_type: str) -> Schema:

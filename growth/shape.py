@@ -61,6 +61,10 @@ PRESETS = {
     "qwen2.5-1.5b": Shape(28, 1536, 12, 8960, kv_heads=2),
 }
 
+# HF model types of the Llama family: causal LMs with RMSNorm, SwiGLU, RoPE and grouped-query
+# attention, whose HF module names and config keys are the same.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
 # HF config keys holding the shape, per model_type.
 CONFIG_KEYS = {
     "bert": {"layers": "num_hidden_layers", "hidden": "hidden_size",
@@ -68,7 +72,7 @@ CONFIG_KEYS = {
     "gpt2": {"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "ffn": "n_inner"},
     **{family: {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
                 "ffn": "intermediate_size", "kv_heads": "num_key_value_heads"}
-       for family in ("llama", "mistral", "qwen2")},
+       for family in LLAMA_FAMILY},
 }
 
 

@@ -14,9 +14,9 @@ def cmd_grow(args) -> int:
     from growth.adapters.hf import grow_directory
     if args.noise_db is not None and args.break_symmetry != "noise":
         raise GrowthError(f"--noise-db applies to --break-symmetry noise, not {args.break_symmetry}")
+    given = {k: v for k, v in (("noise_db", args.noise_db), ("insert", args.insert)) if v is not None}
     common = dict(width=args.width, depth=args.depth, seed=args.seed, symmetry=args.break_symmetry,
-                  noise_db=10.0 if args.noise_db is None else args.noise_db, insert=args.insert or "even",
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, **given)
     if args.tp is not None and args.tp < 1:
         raise GrowthError(f"--tp {args.tp}: must be a positive integer")
     if megatron.open_source(args.src) is not None:

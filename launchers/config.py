@@ -13,13 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from growth import GrowthError, Shape
+from growth import LLAMA_FAMILY, GrowthError, Shape
 from growth.adapters.files import ALIASES
 
 from .tree import RecipeError, apply_overrides, build, load_raw, merge, read_yaml  # noqa: F401 (the API)
 
-ARCHS = ("bert", "gpt2", "llama", "mistral", "qwen2")
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # causal LMs with RMSNorm, SwiGLU, RoPE, grouped-query attention
+ARCHS = ("bert", "gpt2", *LLAMA_FAMILY)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 STAGE1_SAMPLING = ("uniform", "cyclic")

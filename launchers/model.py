@@ -11,9 +11,9 @@ from contextlib import contextmanager
 
 import torch
 
-from growth import Shape
+from growth import LLAMA_FAMILY, Shape
 
-from .config import LLAMA_FAMILY, Recipe, RecipeError
+from .config import Recipe, RecipeError
 
 
 def build_model(recipe: Recipe, tokenizer, layers: int | None = None):

@@ -48,7 +48,7 @@ from .checkpoint import RECIPE, STEP_TAG, Checkpointer, RunDir, TrainState, resu
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
 from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
 
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight",
+NO_DECAY = ("bias", "LayerNorm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight",
             "norm.weight")  # the last: megatron-core's input_/pre_mlp_/final_layernorm, the Llama family's norms
 
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from ..errors import GrowthError
 from ..grow import Grower
 from ..schema import schema_for
-from ..shape import CONFIG_KEYS, PRESETS, Shape, parse_target, shape_from_config
+from ..shape import CONFIG_KEYS, LLAMA_FAMILY, PRESETS, Shape, parse_target, shape_from_config
 from .safetensors_io import LazyWeights, Weights
 
 HEADLESS_CLASSES = {"BertModel", "GPT2Model", "LlamaModel", "MistralModel", "Qwen2Model"}
@@ -171,7 +171,7 @@ def model_class(cfg: dict, path: Path | str = "config") -> str:
 
 def has_tied_output(cfg: dict, class_name: str) -> bool:
     """An output embedding tied to the input one (headless models have no output at all)."""
-    untied_by_default = cfg.get("model_type") in ("llama", "mistral", "qwen2")  # transformers' config defaults
+    untied_by_default = cfg.get("model_type") in LLAMA_FAMILY  # transformers' config defaults
     return class_name not in HEADLESS_CLASSES and bool(cfg.get("tie_word_embeddings", not untied_by_default))
 
 
