@@ -103,6 +103,14 @@ def widen(w: torch.Tensor, axes: tuple, maps: Mapping[str, AxisMap], scaled: boo
     return out
 
 
+def check_insert(insert: str, depth: str) -> None:
+    """`--insert`: even, top or every=N, and only with --depth identity."""
+    if insert not in ("even", "top") and not re.fullmatch(r"every=\d+", insert):
+        raise GrowthError(f"--insert {insert!r}: use even, top or every=N")
+    if insert != "even" and depth != "identity":
+        raise GrowthError(f"--insert {insert} places identity blocks: it applies to --depth identity")
+
+
 class Grower:
     def __init__(self, schema: Schema, source: Shape, target: Shape, width: str = "fpi",
                  depth: str = "stack", seed: int = 0, tied: bool = True, init_std: float = 0.02,
@@ -151,10 +159,7 @@ class Grower:
             raise GrowthError(f"--noise-db {noise_db}: must be a finite number of decibels")
         self.symmetry, self.noise_db = symmetry, float(noise_db)
         self.shards = shards
-        if insert not in ("even", "top") and not re.fullmatch(r"every=\d+", insert):
-            raise GrowthError(f"--insert {insert!r}: use even, top or every=N")
-        if insert != "even" and depth != "identity":
-            raise GrowthError(f"--insert {insert} places identity blocks: it applies to --depth identity")
+        check_insert(insert, depth)
         self.order, self.insert = layer_map(source.layers, target.layers), insert
         self.new_layers = list(range(source.layers, target.layers))
         if depth == "identity" and target.layers > source.layers and insert != "top":

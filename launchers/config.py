@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,6 +239,7 @@ def resolve_model(recipe: Recipe) -> None:
     from growth import DEPTH_METHODS, SYMMETRY_METHODS, WIDTH_METHODS, check_growable
     from growth.adapters.deepspeed import OPTIMIZERS, is_checkpoint
     from growth.adapters.files import read_config
+    from growth.grow import check_insert
     from growth.shape import shape_from_config
     key = "model.init_from" if m.init_from else "model.grow_from"
     try:
@@ -257,6 +259,8 @@ def resolve_model(recipe: Recipe) -> None:
                      f"use one of {', '.join(SYMMETRY_METHODS)}")
             _require(m.growth.symmetry == "none" or m.growth.width != "direct", "model.growth.symmetry",
                      "symmetry breaking applies to copied units, and width direct copies none: set it to none")
+            check_insert(m.growth.insert, m.growth.depth)
+            _require(math.isfinite(m.growth.noise_db), "model.growth.noise_db", "must be a finite number of decibels")
             check_growable(shape, Shape(m.layers, m.hidden, m.heads, m.ffn, m.kv_heads))
     except GrowthError as err:
         raise RecipeError(f"{key}: {err}") from None

@@ -97,6 +97,9 @@ BAD = {
                                             "model.heads=12", "model.ffn=3072", "model.growth.width=direct",
                                             "model.growth.symmetry=noise"],
                                        "model.growth.symmetry: symmetry breaking applies to copied units"),
+    "a placement of identity blocks that is none": ("", ["model.grow_from=minilm", "model.layers=8",
+                                                          "model.growth.insert=middle"],
+                                                     "--insert 'middle': use even, top or every=N"),
     "a recipe set": ("methods: {scratch: {}}", [], "a recipe set (it names methods), not a training recipe: run it "
                                                   "with b2b run"),
 }
