@@ -4,6 +4,7 @@
     RUN/deepspeed.json   the generated DeepSpeed JSON RUN/tensorboard/   rank 0's event files
     RUN/grown/           model.grow_from grown        RUN/final/         the trained HF model
     RUN/checkpoints/latest, RUN/checkpoints/stepNNNNNNNN/   DeepSpeed's sharded checkpoints
+    RUN/lock             the live run's lock (launchers/runlock.py)
 
 A checkpoint is complete once 'latest' names it: every rank has written its files before rank 0
 moves the pointer, so a tag newer than 'latest' is a save that died half-way and is never

@@ -24,6 +24,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 STAGE1_SAMPLING = ("uniform", "cyclic")
 TOKENIZER_KINDS = ("wordpiece", "bpe")  # trained on the corpus by `b2b tokenizer` / the data pipeline
+MAX_POSITIONS = 1 << 20
 VERBOSE = "B2B_VERBOSE"  # "1" in the workers' environment: DeepSpeed's and megatron's routine output kept
 
 
@@ -289,6 +290,8 @@ def validate(recipe: Recipe) -> Recipe:
              f"{m.kv_heads}: {m.arch} has one key/value head per query head; grouped-query attention is for "
              f"{', '.join(LLAMA_FAMILY)}")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout}: must be in [0, 1)")
+    _require(m.max_positions <= MAX_POSITIONS, "model.max_positions",
+             f"{m.max_positions}: more than {MAX_POSITIONS}, longer than any released model's context")
     _require(2 <= d.seq_len <= m.max_positions, "data.seq_len",
              f"{d.seq_len}: must be between 2 and model.max_positions ({m.max_positions})")
     _require(d.files is None or d.hub is None, "data.hub", "set data.files or data.hub, not both")

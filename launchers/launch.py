@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, ds_config
+from . import config, ds_config, runlock
 from .checkpoint import RunDir
 from .config import RecipeError
 
@@ -115,26 +115,28 @@ def train(path: str, sets: list[str], procs: int | None, resume: str = "none", d
     if dry_run:
         sys.stdout.write(dry_run_text(recipe, procs, ds))
         return 0
+    run_dir = recipe.run_dir
+    runlock.check_free(run_dir)  # before reading the state a live run is changing
     check_can_run(recipe, cpu, resume)
-    if resume == "auto" and finished_at(recipe.run_dir) == recipe.train.steps:
-        print(f"b2b train: {recipe.run_dir} already finished at step {recipe.train.steps}; the model is in "
-              f"{RunDir(recipe.run_dir).final}")
+    if resume == "auto" and finished_at(run_dir) == recipe.train.steps:
+        print(f"b2b train: {run_dir} already finished at step {recipe.train.steps}; the model is in "
+              f"{RunDir(run_dir).final}")
         return 0
     from .data import prepare, quiet_libraries
     quiet_libraries()
     data = prepare(recipe)  # tokenising once here surfaces data errors before workers start
     check_vocabulary(recipe, json.loads((data / "meta.json").read_text())["vocab_size"])
-    run_dir = recipe.run_dir
     fresh = not run_dir.exists()  # a failed start of a new run leaves nothing behind
-    try:
-        code = start(recipe, ds, procs, cpu, path, sets, resume, prepare_only, verbose)
-    except BaseException:
-        if fresh:
+    with runlock.held(run_dir):  # one live run per directory
+        try:
+            code = start(recipe, ds, procs, cpu, path, sets, resume, prepare_only, verbose)
+        except BaseException:
+            if fresh:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        if fresh and code not in (0, EXIT_STOPPED, 130) and not RunDir(run_dir).checkpoints.is_dir():
             shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    if fresh and code not in (0, EXIT_STOPPED, 130) and not RunDir(run_dir).checkpoints.is_dir():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        print(f"b2b train: removed {run_dir}: the run saved nothing", file=sys.stderr)
+            print(f"b2b train: removed {run_dir}: the run saved nothing", file=sys.stderr)
     return code
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from growth import WIDTH_METHODS
 from growth.adapters.deepspeed import OPTIMIZERS
 
-from . import config
+from . import config, runlock
 from .checkpoint import RunDir
 from .config import RecipeError
 
@@ -220,6 +220,11 @@ def run(path: str, methods: list[str] | None = None, seeds: list[int] | None = N
         if e.later:
             print(f"then at seeds {e.later}: the best setting of {', '.join(e.swept)} (b2b report's rule)")
         return 0
+    with runlock.held(e.out):  # one b2b run per set directory; each run's b2b train locks its own
+        return run_plan(s, e, procs, verbose)
+
+
+def run_plan(s: RecipeSet, e: Expansion, procs: int | None, verbose: bool) -> int:
     if s.source:
         train_once(s.source, e.source_sets, procs, e.source_dir, verbose)
     plan = list(e.first)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from growth import B2BError
 
-from . import config
+from . import config, runlock
 from .checkpoint import RunDir
 from .launch import EXIT_STOPPED
 
@@ -62,6 +62,7 @@ class Job:
     log: str
     after: list[int] = field(default_factory=list)
     tensorboard: str | None = None
+    run_dirs: list[Path] = field(default_factory=list)  # what it trains
 
 
 class ClusterError(B2BError):
@@ -159,7 +160,7 @@ def train_job(name: str, runs: list[tuple[str, Path, list[str]]], log: Path, res
                     SIGNAL_SECONDS=str(res.signal_seconds), SELECT=choose,
                     ENTRYPOINT=shlex.quote(str(SLURM_DIR / "entrypoint.sh")))
     tensorboard = RunDir(runs[0][1]).tensorboard if len(runs) == 1 else RunDir(runs[0][1].parent / "*").tensorboard
-    return Job(name, script, str(log), list(after), str(tensorboard))
+    return Job(name, script, str(log), list(after), str(tensorboard), [run_dir for _, run_dir, _ in runs])
 
 
 def recipe_jobs(path: str, sets: list[str], res: Resources, part: Partition) -> list[Job]:
@@ -225,6 +226,9 @@ def submit(path: str, sets: list[str], res: Resources, dry_run: bool = False) ->
             after = " ".join(f"--dependency=afterok:<job {j + 1}>" for j in job.after)
             print(f"# ---- job {i + 1} of {len(jobs)}: sbatch {after}".rstrip() + f"\n{job.script}")
         return 0
+    for job in jobs:  # a job on a directory a live run holds would only fail when it starts
+        for run_dir in job.run_dirs:
+            runlock.check_free(run_dir)
     ids: list[str] = []
     for job in jobs:
         Path(job.log).parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ import yaml
 
 from growth import B2BError
 from growth.adapters.deepspeed import universal_tag
-from growth.adapters.files import atomic_directory
+from growth.adapters.files import atomic_directory, read_json
 
 from . import config, ds_config
 from .checkpoint import RECIPE, STEP_TAG, Checkpointer, RunDir, TrainState, resume_tag
@@ -232,7 +232,7 @@ class Trainer:
         """Load a grown (universal) checkpoint: its weights, Adam moments and step, and its lr schedule
         position when the growth kept it (growth.json); the recipe sets the hyperparameters."""
         tag = universal_tag(path)
-        keep = json.loads((path / "growth.json").read_text()).get("schedule") == "keep"
+        keep = read_json(path / "growth.json", "growth manifest").get("schedule") == "keep"
         self.engine.load_checkpoint(str(path), tag, load_optimizer_states=True, load_lr_scheduler_states=keep)
         self._recipe_hyperparameters()
         scheduler = self.engine.lr_scheduler

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -40,6 +41,14 @@ def _mapping(loader, node, deep=False):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{' '.join(problem.split())}{where}"
+
+
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -48,7 +57,7 @@ def read_yaml(path: Path) -> dict:
     except RecipeError as err:
         raise RecipeError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML ({err})") from None
+        raise RecipeError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -84,7 +93,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=3e-4")
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as err:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML: {yaml_problem(err)}") from None
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
@@ -132,12 +144,14 @@ def _convert(value, tp, key: str):
     if tp is typing.Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 1 << 1000 else math.inf
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{key}: expected a finite number, got {value!r}")
     if tp is bool and not isinstance(value, bool) or not isinstance(value, tp) or \
             (tp is int and isinstance(value, bool)):
         raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")

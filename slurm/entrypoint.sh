@@ -42,6 +42,13 @@ echo "b2b: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_N
      "head $MASTER_ADDR:$MASTER_PORT, $SLURM_NTASKS process(es)"
 
 srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 bash "$0" check || { echo "b2b: node check failed"; exit 1; }
+# one live run per directory (launchers/runlock.py): held by this shell, refreshed every 10 s in the
+# background, released however the job ends; the b2b train below inherits it
+B2B_RUN_LOCK=$("$B2B_PYTHON" -m launchers.runlock acquire "$B2B_RUN_DIR" $$) || exit 2
+export B2B_RUN_LOCK
+(while sleep 10; do touch -c "$B2B_RUN_DIR/lock"; done) &
+heartbeat=$!
+trap 'kill $heartbeat 2>/dev/null; "$B2B_PYTHON" -m launchers.runlock release "$B2B_RUN_DIR" "$B2B_RUN_LOCK"' EXIT
 # checks, data, growth and the run directory, once, with the world size of the whole job
 "$B2B_PYTHON" -m launchers.cli train "$recipe" "$@" --procs "$SLURM_NTASKS" \
     --resume auto --prepare-only || exit $?

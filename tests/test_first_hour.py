@@ -63,6 +63,7 @@ def test_the_readme_as_a_new_user_types_it(workdir, capfd):
                          "--set", "checkpoint.every=0")
     assert code == 0, err
     assert "b2b train: finished; the model is in runs/minilm-8l-train/final" in out
+    assert not (workdir / "runs/minilm-8l-train/lock").exists()  # released: the next b2b train may start
     recipe = (workdir / "runs/minilm-8l-train/recipe.yaml").read_text()
     assert "layers: 8" in recipe and "hidden: 384" in recipe
     lines = [x for x in out.splitlines() if x.startswith("step ") and not x.startswith("step 0:")]

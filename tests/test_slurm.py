@@ -122,7 +122,11 @@ def test_a_job_runs_to_the_end_and_a_preempted_one_resumes_exactly(cluster, cach
     assert f"JobId={full_id} " in (cluster.root / "jobcomp.txt").read_text()
 
     part_log = part / f"slurm-{part_id}.out"
-    wait_for_line(part_log, "step 3:")  # mid-run: preempt it as SLURM does before a time limit
+    wait_for_line(part_log, "step 3:")  # mid-run: a resubmission of the same run is refused in one line
+    again = submit(cluster, str(TINY), "--gpus-per-node", "2", *tiny_sets(part, cache, *sets))
+    assert again.returncode == 2 and f"{part} is in use by process" in again.stderr \
+        and f"SLURM job {part_id}" in again.stderr and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    # then preempt it as SLURM does before a time limit
     cluster.run("scancel", "--signal=USR1", "--batch", part_id)
     info = cluster.wait_job(part_id)
     log = part_log.read_text()  # --open-mode=append: both runs of the job in one log
@@ -135,6 +139,7 @@ def test_a_job_runs_to_the_end_and_a_preempted_one_resumes_exactly(cluster, cach
     for step in range(1, 21):
         assert abs(a["train/loss"][step] - b["train/loss"][step]) <= 1e-6, step
     for run in (full, part):
+        assert not (run / "lock").exists()  # released by the batch shell, at the requeue too
         assert json.loads((run / "status.json").read_text())["state"] == "finished"
         assert (run / "checkpoints" / "latest").read_text() == "step00000020"
         assert (run / "final" / "config.json").is_file()

@@ -9,6 +9,7 @@ stage, exact growths reproduce the source's logits, and training continues, in D
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from launchers.cli import main
 from launchers.events import read_scalars
 from launchers.launch import EXIT_STOPPED, free_port
 
+import fuzz
 import harness
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -360,6 +362,24 @@ def test_bad_checkpoints_are_one_clear_error(name, mutate, message, sources, tmp
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "this must never run" not in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_corrupted_checkpoint_files_end_cleanly(sources, tmp_path):
+    """Seeded byte-level corruptions (tests/fuzz.py) of 'latest' and the rank files: a grown
+    checkpoint, or one error line with exit 2 and nothing written; never a traceback."""
+    rng = random.Random(0)
+    grow = lambda src, work: ["grow", str(src), "--to", TARGET, "--optimizer", "grow",  # noqa: E731
+                              "--out", str(work / "out")]
+    cases = []
+    for name in ("bert-z1-fp32", "gpt2-z2-fp32", "bert-z3-fp32"):
+        files = sorted(str(p.relative_to(sources / name)) for p in (sources / name).rglob("*") if p.is_file())
+        cases += [fuzz.file_case(rng, "zero checkpoint", sources / name, grow, rng.choice(files)) for _ in range(8)]
+    outcomes = []
+    for i, case in enumerate(cases):
+        (tmp_path / str(i)).mkdir()
+        outcomes.append(fuzz.run_case(case, tmp_path / str(i)))
+    bad = [f"{o.name}: {o.ended}\n{o.detail}" for o in outcomes if o.ended not in ("valid", "error")]
+    assert not bad, "\n".join(bad)
 
 
 def test_bad_options(sources, tmp_path, capsys):

@@ -85,6 +85,18 @@ def _from_hub(repo_id: str) -> Path:
     return path
 
 
+def read_json(file: Path, what: str) -> dict:
+    """A JSON object b2b reads (a config, a manifest); a damaged or unreadable one is a GrowthError
+    naming `what`."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GrowthError(f"{file}: corrupt {what} ({err})") from None
+    if not isinstance(data, dict):
+        raise GrowthError(f"{file}: corrupt {what} (not a JSON object)")
+    return data
+
+
 def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
@@ -92,12 +104,7 @@ def read_config(path: Path) -> dict:
             raise GrowthError(f"{path}: a b2b train run, not a model: give its model, {path / 'final'}, or its "
                               f"DeepSpeed checkpoints, {path / 'checkpoints'}")
         raise GrowthError(f"{path}: no config.json; not an HF model directory")
-    try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GrowthError(f"{file}: corrupt config ({err})") from None
-    if not isinstance(cfg, dict):
-        raise GrowthError(f"{file}: corrupt config (not a JSON object)")
+    cfg = read_json(file, "config")
     schema_for(cfg.get("model_type"))  # unknown architecture -> error
     return cfg
 
@@ -108,8 +115,8 @@ def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            shards = sorted(set(read_json(index, "shard index")["weight_map"].values()))
+        except (KeyError, AttributeError) as err:
             raise GrowthError(f"{index}: corrupt shard index ({err!r})") from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:

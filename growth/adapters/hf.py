@@ -7,7 +7,6 @@ torch file), hands tensors to growth.Grower, and writes an HF directory atomical
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import GrowthError
@@ -23,6 +22,7 @@ from .files import (
     grower_for,
     has_tied_output,
     open_weights,
+    read_json,
     resolve,
     sha256,
     target_config,
@@ -104,7 +104,4 @@ def copies_grower(manifest: Path):
     """The Grower a growth.json describes (growth.copies.grower_from_manifest), None for DirectCopy;
     a corrupt file is a GrowthError."""
     from growth.copies import grower_from_manifest
-    try:
-        return grower_from_manifest(json.loads(manifest.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GrowthError(f"{manifest}: corrupt growth manifest ({err})") from None
+    return grower_from_manifest(read_json(manifest, "growth manifest"))

@@ -24,7 +24,6 @@ linear they feed (input_layernorm -> self_attention.linear_qkv.layer_norm_weight
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from .files import (
     dump_manifest,
     free_output,
     load_torch,
+    read_json,
     target_config,
     target_shape,
 )
@@ -152,13 +152,6 @@ def mcore_to_hf(state: dict[str, torch.Tensor], heads: int, vocab: int) -> dict[
 
 
 # -- reading a source, one tensor-parallel shard at a time -------------------------------------
-
-def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GrowthError(f"{file}: unreadable config ({err})") from None
-
 
 def tensor_region(shape: tuple, layer: int | None, tp_dim: int | None, shard: int | None, shards: int) -> tuple:
     """(offsets, sizes) in a torch_dist tensor of `shape` of one module tensor: layer `layer` of the
@@ -276,7 +269,7 @@ def source_config(source) -> dict:
     if not file.is_file():
         raise GrowthError(f"{source.path}: no config.json beside the checkpoint: write the model's GPT-2 config "
                           "there (b2b train and b2b convert do) so that its heads and vocabulary are known")
-    cfg = _read_json(file)
+    cfg = read_json(file, "config")
     if cfg.get("model_type") != "gpt2":
         raise GrowthError(f"{file}: model_type {cfg.get('model_type')!r}; megatron-core checkpoints are grown "
                           "as GPT (model_type gpt2)")

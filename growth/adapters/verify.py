@@ -8,13 +8,12 @@ at target index j, so the first d_small units are the source's).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import GrowthError
-from .files import EXACT_TOLERANCE, model_class, read_config, resolve
+from .files import EXACT_TOLERANCE, model_class, read_config, read_json, resolve
 
 DEFAULT_TEXT = (
     "Growing a small pretrained transformer into a larger one reuses what the small one "
@@ -125,7 +124,7 @@ def verify(src: str | Path, grown: str | Path, text_file: str | None = None, log
     """Print the differences; return 1 when growth.json calls the growth exact and it is not."""
     grown_path = resolve(grown)
     manifest_file = grown_path / "growth.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+    manifest = read_json(manifest_file, "growth manifest") if manifest_file.is_file() else None
     text = None
     if text_file is not None:
         try:
