@@ -6,10 +6,13 @@
     RUN/checkpoints/latest, RUN/checkpoints/stepNNNNNNNN/   DeepSpeed's sharded checkpoints
     RUN/lock             the live run's lock (launchers/runlock.py)
 
-A checkpoint is complete once 'latest' names it: every rank has written its files before rank 0
-moves the pointer, so a tag newer than 'latest' is a save that died half-way and is never
-resumed from (the next save removes it). The launcher (`b2b train`) reads this module without
-starting a worker; the worker's Checkpointer saves, loads and prunes.
+A checkpoint is complete once 'latest' names it: every rank has written its files, and each
+node has put them on disk (fsync), before rank 0 moves the pointer, so a tag newer than 'latest'
+is a save that died half-way: it is never resumed from, and the next start removes it with a
+warning. A save that cannot be written (a full disk, found before it starts or while it writes)
+stops the run with the previous checkpoint intact: NotSaved, exit EXIT_STOPPED. The launcher
+(`b2b train`) reads this module without starting a worker; the worker's Checkpointer saves,
+loads and prunes.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 import yaml
 
 from growth import CheckpointError
-from growth.adapters.files import atomic_file
+from growth.adapters.files import atomic_file, fsync_tree
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again with --resume auto
 STEP_TAG = "step{:08d}"
 LATEST = "latest"
 CLIENT_KEY = "b2b"  # the TrainState inside DeepSpeed's client_state
@@ -125,25 +129,80 @@ def check_same_parallel(recipe, tag_dir: Path) -> None:
                               "its weights (model.init_from: the tag's dist/ directory, or RUN/final)")
 
 
-class Checkpointer:
-    """Saves, loads and prunes one run's DeepSpeed checkpoints (every rank calls each method)."""
+def partial_tags(ckpt_dir: Path) -> list[str]:
+    """Tags newer than 'latest' (all of them if there is none): saves that died half-way."""
+    latest = latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
+    return [t for t in tags(ckpt_dir) if latest is None or t > latest] if ckpt_dir.is_dir() else []
 
-    def __init__(self, ckpt_dir: Path, keep: int, rank: int, barrier: Callable[[], None]):
+
+def remove_partial(ckpt_dir: Path, log: Callable[[str], None]) -> None:
+    """Remove the saves that died half-way (only ever with the run's lock held: a live run's save
+    in progress looks the same)."""
+    for tag in partial_tags(ckpt_dir):
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        log(f"b2b train: warning: removed {ckpt_dir / tag}, a checkpoint whose save did not finish")
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class NotSaved(CheckpointError):
+    """A checkpoint that could not be written; the previous one is intact. `here`: this rank saw why."""
+
+    def __init__(self, message: str, here: bool = True):
+        super().__init__(message)
+        self.here = here
+
+
+class Checkpointer:
+    """Saves, loads and prunes one run's DeepSpeed checkpoints (every rank calls each method).
+    any_rank(flag): whether any rank's flag is true (a collective); local_rank 0 of each node
+    checks the free space and puts the node's files on disk."""
+
+    def __init__(self, ckpt_dir: Path, keep: int, rank: int, barrier: Callable[[], None], local_rank: int = 0,
+                 any_rank: Callable[[bool], bool] = bool):
         self.dir, self.keep, self.rank, self.barrier = ckpt_dir, keep, rank, barrier
+        self.local_rank, self.any_rank = local_rank, any_rank
 
     def latest(self) -> str | None:
         return latest_tag(self.dir)
 
+    def space_short(self, tag: str) -> str | None:
+        """Why the disk cannot hold the next checkpoint (as large as the last one, 5% spare), or None."""
+        last = self.latest()
+        if self.local_rank != 0 or last is None:
+            return None
+        need, free = 1.05 * tree_bytes(self.dir / last), shutil.disk_usage(self.dir).free
+        if free >= need:
+            return None
+        return (f"{self.dir}: {free / 2**20:.1f} MiB free, but the checkpoint at {tag} needs about "
+                f"{need / 2**20:.1f} MiB (as large as {last}): free space, then continue with --resume auto; "
+                f"the checkpoint {last} is intact")
+
     def save(self, engine, state: TrainState, side_files: Callable[[Path], None]) -> str:
         """TAG = the state's step: rank 0 writes `side_files(TAG dir)` (the recipe, the model's config
-        and tokenizer, what `b2b grow` reads), every rank its shards; then 'latest' moves to TAG and
-        older tags beyond `keep` (and any newer, abandoned one) go."""
+        and tokenizer, what `b2b grow` reads), every rank its shards, each node puts them on disk;
+        then 'latest' moves to TAG and older tags beyond `keep` (and any newer, abandoned one) go.
+        A disk too full for it is found first, on every rank at once (NotSaved, nothing written)."""
         tag = STEP_TAG.format(state.step)
-        if self.rank == 0:
-            (self.dir / tag).mkdir(parents=True, exist_ok=True)
-        side_files(self.dir / tag)
-        engine.save_checkpoint(str(self.dir), tag, client_state={CLIENT_KEY: dataclasses.asdict(state)},
-                               save_latest=False)
+        short = self.space_short(tag)
+        if self.any_rank(short is not None):
+            raise NotSaved(short or "another node's disk cannot hold the checkpoint", here=short is not None)
+        try:
+            if self.rank == 0:
+                (self.dir / tag).mkdir(parents=True, exist_ok=True)
+            side_files(self.dir / tag)
+            engine.save_checkpoint(str(self.dir), tag, client_state={CLIENT_KEY: dataclasses.asdict(state)},
+                                   save_latest=False)
+            if self.local_rank == 0:
+                fsync_tree(self.dir / tag)
+        except (OSError, RuntimeError) as err:  # a full disk or quota mid-save (torch.save: RuntimeError)
+            last = self.latest()
+            raise NotSaved(f"{self.dir / tag}: could not be written ({' '.join(str(err).split())[:200]}): free "
+                           f"space, then continue with --resume auto; "
+                           + (f"the checkpoint {last} is intact" if last else "there is no earlier checkpoint")) \
+                from None
         self.barrier()
         if self.rank == 0:
             with atomic_file(self.dir / LATEST) as tmp:  # DeepSpeed's pointer, written last

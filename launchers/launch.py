@@ -25,10 +25,8 @@ import time
 from pathlib import Path
 
 from . import config, ds_config, runlock
-from .checkpoint import RunDir
+from .checkpoint import EXIT_STOPPED, RunDir, remove_partial
 from .config import RecipeError
-
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again with --resume auto
 
 
 def free_port() -> int:
@@ -157,6 +155,7 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
         else:
             hf.grow_directory(m.grow_from, recipe.start_model, str(recipe.shape), **options)
     layout = RunDir(run_dir)
+    remove_partial(layout.checkpoints, lambda line: print(line, file=sys.stderr, flush=True))
     layout.recipe.write_text(config.dump(recipe))
     layout.deepspeed.write_text(json.dumps(ds, indent=2))
     status = layout.status
@@ -188,6 +187,10 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
         print("b2b train: aborted by a second Ctrl-C; the last complete checkpoint is kept "
               f"(continue with: b2b train {path} --resume auto)", file=sys.stderr)
         return 130
+    again = " ".join(f"--set {s}" for s in sets if not s.startswith("train.stop_at="))
+    if code == EXIT_STOPPED:  # a worker stopped the run with its last checkpoint intact (a full disk); it said why
+        print(f"b2b train: stopped; continue with: b2b train {path} --resume auto {again}".rstrip(), file=sys.stderr)
+        return EXIT_STOPPED
     if not status.is_file():
         print(f"b2b train: error: the workers failed (exit code {code}); see the log above", file=sys.stderr)
         return code or 1
@@ -197,7 +200,6 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
     if json.loads(status.read_text())["state"] == "finished":
         print(f"b2b train: finished; the model is in {RunDir(run_dir).final}")
         return 0
-    again = " ".join(f"--set {s}" for s in sets if not s.startswith("train.stop_at="))
     print(f"b2b train: stopped before the end; continue with: b2b train {path} --resume auto {again}".rstrip(),
           file=sys.stderr)
     return EXIT_STOPPED

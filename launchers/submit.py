@@ -241,13 +241,16 @@ def submit(path: str, sets: list[str], res: Resources, dry_run: bool = False) ->
 
 def outcome(run_dir: Path) -> int:
     """What the job's batch shell does with a run the workers left: 0 finished (or stopped at
-    train.stop_at, the end of a stage), EXIT_STOPPED stopped by a signal (requeue), 1 otherwise."""
+    train.stop_at, the end of a stage), EXIT_STOPPED stopped by a signal (requeue), 1 otherwise
+    (a failure, or a stop a requeue would only repeat)."""
     from .report import run_state
     state = run_state(run_dir)
     if state == "stopped":
         stop_at = config.read_yaml(RunDir(run_dir).recipe).get("train", {}).get("stop_at")
-        step = json.loads(RunDir(run_dir).status.read_text())["step"]
-        return 0 if step == stop_at else EXIT_STOPPED
+        status = json.loads(RunDir(run_dir).status.read_text())
+        if status["step"] == stop_at:
+            return 0
+        return EXIT_STOPPED if str(status.get("reason", "")).startswith("stopped by signal") else 1
     return 0 if state == "finished" else 1
 
 

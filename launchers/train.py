@@ -44,7 +44,7 @@ from growth.adapters.deepspeed import universal_tag
 from growth.adapters.files import atomic_directory, read_json
 
 from . import config, ds_config
-from .checkpoint import RECIPE, STEP_TAG, Checkpointer, RunDir, TrainState, resume_tag
+from .checkpoint import EXIT_STOPPED, RECIPE, STEP_TAG, Checkpointer, NotSaved, RunDir, TrainState, resume_tag
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
 from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
 
@@ -181,7 +181,8 @@ class Trainer:
         dist.barrier()
         self.data = Batches(cache_path(recipe), recipe, self.dp_rank, self.dp_world)
         self.run_dir = RunDir(recipe.run_dir)
-        self.checkpoints = Checkpointer(self.run_dir.checkpoints, recipe.checkpoint.keep, self.rank, dist.barrier)
+        self.checkpoints = Checkpointer(self.run_dir.checkpoints, recipe.checkpoint.keep, self.rank, dist.barrier,
+                                        local_rank, self._any_rank)
         self.by_unit = recipe.stage1.steps > 0 or recipe.progressive.freeze_lower
         tag = self._resume_tag(resume)
         start = int(tag.removeprefix("step")) if tag else 0  # progressive runs start at that step's depth
@@ -431,10 +432,14 @@ class Trainer:
             found = copy_cosines(self.copies, module.named_parameters()) if self.rank == 0 else {}
         return {f"growth/copy_cosine/{kind}": value for kind, value in found.items()}
 
-    def _should_stop(self) -> bool:
-        flag = torch.tensor([self.stop_signal], dtype=torch.int64, device=self.engine.device)
+    def _any_rank(self, value: int) -> int:
+        """The largest of every rank's value (a flag: whether any rank's is set)."""
+        flag = torch.tensor([int(value)], dtype=torch.int64, device=self.engine.device)
         self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
+
+    def _should_stop(self) -> bool:
+        return bool(self._any_rank(self.stop_signal))
 
     def run(self) -> str:
         r, t = self.recipe, self.recipe.train
@@ -531,6 +536,10 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     try:
         Trainer(recipe, args.resume).run()
+    except NotSaved as err:  # the last checkpoint is intact: resumable once the disk has room
+        if err.here:
+            print(f"b2b train: error: {err}", file=sys.stderr)
+        return EXIT_STOPPED
     except B2BError as err:  # a bad recipe, checkpoint or model (in-run growth included): one line
         print(f"b2b train: error: {err}", file=sys.stderr)
         return 2

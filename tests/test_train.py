@@ -65,6 +65,7 @@ def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
     resumed = b2b_train(TINY[arch], part, cache, *sets, resume="auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step00000006 at step 6" in resumed.stdout
+    assert not partial.exists()  # removed, with a warning, before the workers started
 
     a, b = read_scalars(full), read_scalars(part)
     assert sorted(a["train/loss"]) == sorted(b["train/loss"]) == list(range(1, 13))

@@ -3,12 +3,13 @@
 Finding a model (a directory, or a packaged alias) and reading its config.json; its weights,
 lazily and without running pickled code (safetensors, or torch files with weights_only=True);
 writing outputs atomically (a hidden sibling renamed into place, so a failure leaves nothing
-behind); the side files a grown model carries (config.json and the tokenizer's files); the
-growth manifest; content hashes.
+behind, and a full disk says so) and durably (fsync); the side files a grown model carries
+(config.json and the tokenizer's files); the growth manifest; content hashes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..errors import GrowthError
+from ..errors import B2BError, GrowthError
 from ..grow import Grower
 from ..schema import schema_for
 from ..shape import CONFIG_KEYS, LLAMA_FAMILY, PRESETS, Shape, parse_target, shape_from_config
@@ -214,12 +215,23 @@ def dump_manifest(manifest: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+def disk_full(err: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC or a quota (EDQUOT), or a writer that says
+    less (torch.save: 'unexpected pos') on a filesystem left with under 1 MiB."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err):
+        return True
+    try:
+        return not isinstance(err, B2BError) and shutil.disk_usage(where).free < 2**20
+    except OSError:
+        return False
+
+
 @contextmanager
 def atomic_directory(out: Path, replace: bool = True):
     """A hidden temporary sibling of `out` to fill, renamed to `out` (replacing it) when the block
-    ends normally and removed when it raises, so that a failure leaves nothing behind.
-    replace=False: an `out` that another process completed meanwhile (a cache entry of the same
-    content) is kept, and this copy dropped."""
+    ends normally and removed when it raises, so that a failure leaves nothing behind; one that
+    ran out of space is a GrowthError saying so. replace=False: an `out` that another process
+    completed meanwhile (a cache entry of the same content) is kept, and this copy dropped."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -233,8 +245,12 @@ def atomic_directory(out: Path, replace: bool = True):
             if replace or not out.is_dir():
                 raise
             shutil.rmtree(tmp)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and disk_full(err, out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise GrowthError(f"{out}: no space left on the device: free space or choose another path "
+                              f"({' '.join(str(err).split())[:160]})") from None
         raise
 
 
@@ -257,11 +273,31 @@ def copy_side_files(src: Path, out: Path, cfg: dict) -> None:
 @contextmanager
 def atomic_file(path: Path):
     """A hidden temporary sibling of `path` to write, renamed over `path` when the block ends
-    normally and removed when it raises."""
+    normally (its data on disk first, and the rename after it) and removed when it raises."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_path(path: Path) -> None:
+    """Put a file's data, or a directory's entries, on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Put `path` on disk: every file and directory under it, deepest first, then itself, so that a
+    crash cannot leave a name pointing at data still in the page cache, as a cluster filesystem
+    needs before a pointer such as DeepSpeed's 'latest' moves."""
+    for p in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync_path(p)
+    fsync_path(path)
