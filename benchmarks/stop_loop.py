@@ -1,5 +1,5 @@
 """The stop path, counted (issue 20, item 0): a 2-process ZeRO run stopped by `train.stop_at`,
-N times, its workers started as `b2b train` starts them (launch.start_workers), and each
+N times, its workers started as `b2b train` starts them (workers.start_workers), and each
 worker's exit code tallied. The contract: every worker exits 0 once rank 0 has committed
 status.json "stopped" (from which `b2b train` and the SLURM entrypoint derive 75, requeue); a
 teardown crash ("terminate called without an active exception", exit 250 once in a fresh
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from launchers.checkpoint import RunDir
 from launchers.cli import main as b2b
-from launchers.launch import start_workers
+from launchers.workers import start_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,15 +1,13 @@
-"""`b2b train`: check the recipe, prepare the data, start one worker per process on this node.
+"""`b2b train`: check the recipe, prepare the data, start one worker per process on this node
+(launchers/workers.py), holding the run directory's lock (launchers/runlock.py).
 
-Everything that can be wrong with a recipe fails here, before any process starts. The workers
-are started as torchrun and DeepSpeed's launcher start them (RANK, LOCAL_RANK, WORLD_SIZE,
-LOCAL_WORLD_SIZE, MASTER_ADDR/PORT; deepspeed.init_distributed reads them), but directly, without
-the launcher's two extra Python processes. Each runs in a session of its own, so a terminal's
-Ctrl-C or a signal to b2b's process group reaches b2b only: SIGINT, SIGTERM or SIGUSR1 sent to
-`b2b train` is forwarded to the workers, which checkpoint at the end of the current step and
-exit; a second Ctrl-C kills them at once, and a worker that fails takes the others down with it
-(a peer would wait for it in a collective forever). When b2b returns, no worker of the run is
-left. The exit code says how the run ended: 0 finished, 75 stopped early with a checkpoint
-(resume with `--resume auto`), 130 aborted by a second Ctrl-C, anything else failed.
+Everything that can be wrong with a recipe fails here, before any process starts. A terminal's
+Ctrl-C or a signal to b2b's process group reaches b2b only (the workers run in sessions of their
+own): SIGINT, SIGTERM or SIGUSR1 sent to `b2b train` is forwarded to the workers, which
+checkpoint at the end of the current step and exit; a second Ctrl-C kills them at once. When b2b
+returns, no worker of the run is left. The exit code says how the run ended: 0 finished, 75
+stopped early with a checkpoint (resume with `--resume auto`), 130 aborted by a second Ctrl-C,
+anything else failed.
 """
 
 from __future__ import annotations
@@ -18,21 +16,13 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from . import config, ds_config, runlock
 from .checkpoint import EXIT_STOPPED, RunDir, remove_partial
 from .config import RecipeError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .workers import kill, start_workers, wait
 
 
 def resolve(path: str, sets: list[str], procs: int | None) -> tuple[config.Recipe, int, bool, dict]:
@@ -210,45 +200,6 @@ def finished_at(run_dir: Path) -> int | None:
     from .report import run_status
     status = run_status(run_dir)
     return status.get("step") if status.get("state") == "finished" and RunDir(run_dir).final.is_dir() else None
-
-
-def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
-                  logs: list | None = None) -> list[subprocess.Popen]:
-    """The `procs` training processes of this node, each in a session of its own; `logs`: one open
-    file per rank for its output (default: this process's)."""
-    world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
-                 LOCAL_WORLD_SIZE=str(procs))
-    return [subprocess.Popen([sys.executable, "-u", "-m", "launchers.train", "--run-dir", str(run_dir),
-                              "--resume", resume], env=dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)),
-                             start_new_session=True,  # terminal signals reach b2b, not the workers
-                             **({} if logs is None else dict(stdout=logs[rank], stderr=subprocess.STDOUT)))
-            for rank in range(procs)]
-
-
-def wait(workers: list[subprocess.Popen], timeout: float | None = None) -> int:
-    """Wait for every worker: 0, or the first failure's exit code, after which the others are
-    killed, as DeepSpeed's launcher and torchrun do (and all of them after `timeout` seconds)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        codes = [w.poll() for w in workers]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed or deadline is not None and time.monotonic() > deadline:
-            kill(workers)
-            if not failed:
-                raise TimeoutError(f"the workers ran past {timeout} s")
-            return failed[0]
-        if None not in codes:
-            return 0
-        time.sleep(0.2)
-
-
-def kill(workers: list[subprocess.Popen]) -> None:
-    for worker in workers:
-        try:
-            os.killpg(worker.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        worker.wait()
 
 
 def train_tokenizer_command(kind: str, vocab_size: int, files: list[str] | None, out: str) -> int:

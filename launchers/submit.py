@@ -29,8 +29,7 @@ from pathlib import Path
 from growth import B2BError
 
 from . import config, runlock
-from .checkpoint import RunDir
-from .launch import EXIT_STOPPED
+from .checkpoint import EXIT_STOPPED, RunDir
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 

@@ -1,4 +1,4 @@
-"""The training worker: one process per device, started by `b2b train` (launch.start_workers) or srun.
+"""The training worker: one process per device, started by `b2b train` (workers.start_workers) or srun.
 
     python -m launchers.train --run-dir RUN [--resume none|auto|TAG]
 
@@ -47,6 +47,7 @@ from . import config, ds_config
 from .checkpoint import EXIT_STOPPED, RECIPE, STEP_TAG, Checkpointer, NotSaved, RunDir, TrainState, resume_tag
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
 from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
+from .workers import PARENT_ENV
 
 NO_DECAY = ("bias", "LayerNorm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight",
             "norm.weight")  # the last: megatron-core's input_/pre_mlp_/final_layernorm, the Llama family's norms
@@ -529,6 +530,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", required=True, type=Path)
     p.add_argument("--resume", default="none")
     args = p.parse_args(argv)
+    die_with_parent()
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     quiet_workers()
     quiet_libraries()
@@ -552,10 +554,24 @@ def main(argv=None) -> int:
 
 
 def remove_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates a 64 MiB /dev/shm
-    file per rank and never unlinks it; on a CPU run, remove this rank's once the group is gone."""
+    """DeepSpeed's CPU all-reduce creates a 64 MiB /dev/shm file per rank when LOCAL_SIZE is set
+    (b2b does not set it; DeepSpeed's launcher does) and never unlinks it: remove this rank's once
+    the group is gone."""
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}"
     Path("/dev/shm", f"{name}_{rank}").unlink(missing_ok=True)
+
+
+def die_with_parent() -> None:
+    """On Linux, a worker that `b2b train` started is killed when b2b dies (a kill -9 of its
+    process group, whose signals the worker's own session does not get), so that no orphan trains
+    on in a directory the next run will take over."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # b2b died before the line above
+        os._exit(1)
 
 
 if __name__ == "__main__":

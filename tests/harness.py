@@ -1,6 +1,6 @@
 """`b2b train` runs for the tests, started the way a cluster starts them (slurm/entrypoint.sh):
 every check and the run directory in this process (`b2b train --prepare-only`), then the workers
-(launch.start_workers, as `b2b train` does), with each rank's output kept in RUN/rank<N>.log and one
+(launchers/workers.py, as `b2b train` does), with each rank's output kept in RUN/rank<N>.log and one
 OpenMP thread per worker. The checks run in the test's process, which saves a Python start per
 run. The tests of the launcher itself (signals, Ctrl-C, its exit codes, the README's commands)
 start `b2b train` as a user does."""
@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers.checkpoint import RunDir
+from launchers.checkpoint import EXIT_STOPPED, RunDir
 from launchers.cli import main
-from launchers.launch import EXIT_STOPPED, start_workers, wait
+from launchers.workers import start_workers, wait
 
 
 @dataclass
@@ -46,8 +46,8 @@ def train(recipe: str | Path, out_dir: Path, sets: list[str], procs: int = 2, re
 
 
 def run_workers(run_dir: Path, procs: int, resume: str) -> tuple[int, list[str]]:
-    """b2b train's workers (launch.start_workers), one OpenMP thread each, each rank's output in
-    RUN/rank<N>.log: (exit code as launch.wait gives it, the logs)."""
+    """b2b train's workers (workers.start_workers), one OpenMP thread each, each rank's output in
+    RUN/rank<N>.log: (exit code as workers.wait gives it, the logs)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, 2 // procs)))
     paths = [run_dir / f"rank{rank}.log" for rank in range(procs)]
     files = [open(path, "w") for path in paths]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from launchers.checkpoint import EXIT_STOPPED
 from launchers.cli import main
-from launchers.launch import EXIT_STOPPED
 
 import harness
 

@@ -24,7 +24,7 @@ from growth.adapters.dist_checkpoint import DistCheckpoint
 from growth.adapters.megatron import sharded_key
 from growth.schema import MCORE_GPT
 from launchers.cli import main
-from launchers.launch import free_port
+from launchers.workers import free_port
 
 WORKER = Path(__file__).parent / "megatron_worker.py"
 WIDER = "layers=2,hidden=128,heads=8,ffn=512"    # twice the width: exact growth preserves the logits

@@ -19,8 +19,8 @@ from launchers import config
 from launchers.cli import main
 from launchers.data import Batches, cache_path, prepare, train_tokenizer
 from launchers.events import read_scalars
-from launchers.launch import free_port
 from launchers.megatron import build_model, initialize
+from launchers.workers import free_port
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TP_RECIPE = RECIPES / "gpt-tiny-tp.yaml"

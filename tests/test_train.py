@@ -15,9 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from launchers import config
+from launchers.checkpoint import EXIT_STOPPED
 from launchers.data import Batches, cache_path
 from launchers.events import read_scalars
-from launchers.launch import EXIT_STOPPED
 from launchers.model import train_flops_per_token
 
 import harness
@@ -138,6 +138,43 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):
     resumed = b2b_train(TINY["bert"], run, cache, *sets, resume="auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(read_scalars(run)["train/loss"]) == list(range(1, 41))
+
+
+def run_processes(run: Path) -> list:
+    import psutil
+    return [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_kill_9_of_b2b_train_leaves_no_orphan_and_the_next_run_cleans_up(tmp_path, cache):
+    """kill -9 of b2b train's process group mid-run (a node's OOM killer, an impatient user): its
+    workers die with it, not training on as orphans, and leave no /dev/shm buffer; the next
+    `b2b train --resume auto` takes over the dead run's lock and resumes from the last checkpoint."""
+    import os
+    import time
+    run = tmp_path / "run"
+    shm = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    sets = ["train.steps=30", "train.eval_every=0", "checkpoint.every=5", "optim.warmup_steps=2"]
+    proc = subprocess.Popen(train_cmd(TINY["gpt2"], run, cache, *sets), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 7:"):  # after the checkpoint at step 5
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    for _ in range(50):
+        if not run_processes(run):
+            break
+        time.sleep(0.2)
+    assert not run_processes(run)
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm  # none of 64 MiB a rank
+    assert json.loads((run / "lock").read_text())["pid"] == proc.pid
+
+    resumed = subprocess.run(train_cmd(TINY["gpt2"], run, cache, *sets, resume="auto"), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"took over the lock of process {proc.pid}" in resumed.stderr and "has ended" in resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert not (run / "lock").exists()
 
 
 def test_resume_errors(tmp_path, cache):

@@ -22,9 +22,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 from growth import Grower, Shape, grow_state_dict, schema_for
 from growth.adapters.deepspeed import STATES, ZeroCheckpoint, read_universal, universal_tag
 from growth.adapters.files import has_tied_output, read_config
+from launchers.checkpoint import EXIT_STOPPED
 from launchers.cli import main
 from launchers.events import read_scalars
-from launchers.launch import EXIT_STOPPED, free_port
+from launchers.workers import free_port
 
 import fuzz
 import harness

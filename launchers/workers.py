@@ -1,0 +1,71 @@
+"""The training processes of one node: started as torchrun and DeepSpeed's launcher start them
+(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT; deepspeed.init_distributed
+reads them), but directly, without the launcher's two extra Python processes.
+
+- Each worker runs in a session of its own, so a terminal's Ctrl-C or a signal to b2b's process
+  group reaches b2b only, and b2b decides what the workers get (launch.py).
+- Each dies with the process that started it (PARENT_ENV; launchers.train.die_with_parent), so
+  a kill -9 of `b2b train` leaves no orphan training on.
+- A worker that fails takes the others down with it (a peer would wait for it in a collective
+  forever), and `kill` leaves none behind.
+- LOCAL_SIZE is not set, so DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/
+  comm: inference only; training reduces through gloo) creates no 64 MiB /dev/shm buffer per
+  rank, which it would never unlink: a killed run leaves none (DeepSpeed's own launcher sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PARENT_ENV = "B2B_PARENT_PID"  # the pid of the process that started the worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
+                  logs: list | None = None) -> list[subprocess.Popen]:
+    """The `procs` training processes of this node, each in a session of its own; `logs`: one open
+    file per rank for its output (default: this process's)."""
+    world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
+                 LOCAL_WORLD_SIZE=str(procs), **{PARENT_ENV: str(os.getpid())})
+    return [subprocess.Popen([sys.executable, "-u", "-m", "launchers.train", "--run-dir", str(run_dir),
+                              "--resume", resume], env=dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)),
+                             start_new_session=True,  # terminal signals reach b2b, not the workers
+                             **({} if logs is None else dict(stdout=logs[rank], stderr=subprocess.STDOUT)))
+            for rank in range(procs)]
+
+
+def wait(workers: list[subprocess.Popen], timeout: float | None = None) -> int:
+    """Wait for every worker: 0, or the first failure's exit code, after which the others are
+    killed, as DeepSpeed's launcher and torchrun do (and all of them after `timeout` seconds)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [w.poll() for w in workers]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed or deadline is not None and time.monotonic() > deadline:
+            kill(workers)
+            if not failed:
+                raise TimeoutError(f"the workers ran past {timeout} s")
+            return failed[0]
+        if None not in codes:
+            return 0
+        time.sleep(0.2)
+
+
+def kill(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        worker.wait()
