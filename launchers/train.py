@@ -17,7 +17,16 @@ Each checkpoint tag also holds the weights as a megatron-core torch_dist checkpo
 its GPT-2 config.json and tokenizer), which loads at any tensor-parallel degree.
 """
 
+# ruff: noqa: E402 (the stop signals are caught before the imports below take their seconds)
 from __future__ import annotations
+
+import signal
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_RECEIVED: list[int] = []  # the stop signals this worker got: the run stops at the end of the next step
+if __name__ == "__main__":  # from the first line, so that one arriving while the worker imports and builds
+    for _sig in STOP_SIGNALS:  # its engine is kept: not lost (a background shell starts it with SIGINT
+        signal.signal(_sig, lambda signum, frame: STOP_RECEIVED.append(signum))  # ignored), nor a traceback
 
 import argparse
 import contextlib
@@ -29,7 +38,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -210,9 +218,6 @@ class Trainer:
             self._load(tag)
         self.copies = self._copy_grower()
         self.fresh = tag is None  # not resumed from a checkpoint of this run
-        self.stop_signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -349,9 +354,6 @@ class Trainer:
                          "train_seconds": s.seconds}, indent=1))
         self.dist.barrier()
 
-    def _on_signal(self, signum, frame):
-        self.stop_signal = signum
-
     # ------------------------------------------------------------ steps
 
     def _all_mean(self, value: float) -> float:
@@ -440,7 +442,7 @@ class Trainer:
         return int(flag.item())
 
     def _should_stop(self) -> bool:
-        return bool(self._any_rank(self.stop_signal))
+        return bool(self._any_rank(STOP_RECEIVED[0] if STOP_RECEIVED else 0))
 
     def run(self) -> str:
         r, t = self.recipe, self.recipe.train
@@ -477,7 +479,8 @@ class Trainer:
                 if stop or step == last or (r.checkpoint.every and step % r.checkpoint.every == 0):
                     self.save()
                 if stop:
-                    outcome = f"stopped by signal {signal.Signals(self.stop_signal or signal.SIGTERM).name}"
+                    name = signal.Signals(STOP_RECEIVED[0] if STOP_RECEIVED else signal.SIGTERM).name
+                    outcome = f"stopped by signal {name}"
                     break
             if self.state.step < t.steps and outcome == "finished":
                 outcome = "stopped at train.stop_at"

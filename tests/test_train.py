@@ -140,6 +140,25 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):
     assert sorted(read_scalars(run)["train/loss"]) == list(range(1, 41))
 
 
+def test_ctrl_c_while_the_workers_start_is_kept_not_lost(tmp_path, cache):
+    """Ctrl-C in the seconds the workers spend importing and building their engines: caught from
+    their first line, so the run stops at the end of step 1 with a checkpoint (found when a signal
+    to a background `b2b run` reached workers that had inherited SIGINT ignored and trained on)."""
+    import os
+    import time
+    run = tmp_path / "run"
+    sets = ["train.steps=40", "train.eval_every=0", "checkpoint.every=0", "optim.warmup_steps=2"]
+    proc = subprocess.Popen(train_cmd(TINY["bert"], run, cache, *sets), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    while not any("launchers.train" in " ".join(p.info["cmdline"]) for p in run_processes(run)):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == EXIT_STOPPED and "Traceback" not in out, out[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["reason"] == "stopped by signal SIGINT" and status["step"] == 1
+
+
 def run_processes(run: Path) -> list:
     import psutil
     return [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
