@@ -1,0 +1,71 @@
+"""The fuzzing campaign of issue 20 (item 5), longer than the test suite's share: seeded mutations
+of recipes and `--set` strings, `--to` strings, and byte-level corruptions of an HF model's
+safetensors header and config and of a growth manifest (tests/fuzz.py's cases; the ZeRO
+checkpoint cases need DeepSpeed checkpoints and run in tests/test_zero_growth.py). Prints how
+the cases ended, by kind; exits 1 if any ended in a traceback, a multi-line error or an output
+left behind.
+
+    python benchmarks/faults.py --seed 0 --cases 1400
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from growth import Shape  # noqa: E402
+from launchers.cli import main as b2b  # noqa: E402
+
+import fuzz  # noqa: E402
+from conftest import make_model  # noqa: E402
+
+TARGET = "layers=3,hidden=64,heads=4,ffn=128"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", type=int, default=1400, help="recipe and --set cases; a tenth as many of each other kind")
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        make_model("BertForMaskedLM", Shape(layers=2, hidden=32, heads=2, ffn=64)).save_pretrained(root / "src")
+        assert b2b(["grow", str(root / "src"), "--to", TARGET, "--width", "exact", "--out", str(root / "grown")]) == 0
+        grow = lambda src, work: ["grow", str(src), "--to", TARGET, "--out", str(work / "out")]  # noqa: E731
+        verify = lambda src, work: ["verify", str(root / "src"), str(src)]  # noqa: E731
+        n = max(1, args.cases // 10)
+        cases = fuzz.recipe_cases(args.seed, args.cases)
+        cases += [fuzz.to_case(rng, root / "src") for _ in range(n)]
+        cases += [fuzz.file_case(rng, "safetensors header", root / "src", grow, "model.safetensors",
+                                 head=fuzz.safetensors_header) for _ in range(n)]
+        cases += [fuzz.file_case(rng, "config.json", root / "src", grow, "config.json") for _ in range(n)]
+        cases += [fuzz.file_case(rng, "growth.json", root / "grown", verify, "growth.json", verdicts=(0, 1))
+                  for _ in range(n)]
+        tally: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        bad = []
+        for i, case in enumerate(cases):
+            work = root / f"case{i}"
+            work.mkdir()
+            outcome = fuzz.run_case(case, work)
+            tally[case.kind][outcome.ended] += 1
+            if outcome.ended not in ("valid", "error"):
+                bad.append(outcome)
+    print("| kind | cases | valid | error (one line, exit 2, nothing written) | broke the contract |")
+    print("|---|---|---|---|---|")
+    for kind, ended in tally.items():
+        broke = sum(v for k, v in ended.items() if k not in ("valid", "error"))
+        print(f"| {kind} | {sum(ended.values())} | {ended['valid']} | {ended['error']} | {broke} |")
+    for outcome in bad:
+        print(f"{outcome.kind} {outcome.name}: {outcome.ended}\n{outcome.detail}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
