@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from growth import CheckpointError
-from growth.adapters.files import atomic_file, fsync_tree
+from growth.adapters.files import atomic_file, fsync_tree, read_latest
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again with --resume auto
 STEP_TAG = "step{:08d}"
@@ -96,7 +96,7 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / LATEST
     if not latest.is_file():
         return None
-    tag = latest.read_text().strip()
+    tag = read_latest(latest)
     if not (ckpt_dir / tag).is_dir():
         raise CheckpointError(f"{latest} names {tag!r}, which is missing: the checkpoint directory is damaged")
     return tag

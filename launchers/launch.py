@@ -163,12 +163,15 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
         elif len(received) == 1:
             print(f"b2b train: {signal.Signals(signum).name}: saving a checkpoint at the end of the step "
                   "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
-            for worker in workers:  # the workers record which signal stopped them
-                if worker.poll() is None:
-                    worker.send_signal(signum)
+            forward()
+
+    def forward():  # the workers record which signal stopped them
+        for worker in workers:
+            if received and worker.poll() is None:
+                worker.send_signal(received[0])
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
-        code = wait(workers)
+        code = wait(workers, every_second=forward)  # again until they end: one still starting misses a signal
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import signal
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # as launchers.workers.STOP_SIGNALS
 STOP_RECEIVED: list[int] = []  # the stop signals this worker got: the run stops at the end of the next step
 if __name__ == "__main__":  # from the first line, so that one arriving while the worker imports and builds
     for _sig in STOP_SIGNALS:  # its engine is kept: not lost (a background shell starts it with SIGINT

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 PARENT_ENV = "B2B_PARENT_PID"  # the pid of the process that started the worker
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # checkpoint at the end of the step, and exit
 
 
 def free_port() -> int:
@@ -38,6 +39,18 @@ def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
     file per rank for its output (default: this process's)."""
     world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
                  LOCAL_WORLD_SIZE=str(procs), **{PARENT_ENV: str(os.getpid())})
+    # the workers start with the stop signals ignored (inherited), until their first line catches
+    # them: one that arrives while the interpreter starts is not a KeyboardInterrupt traceback
+    # (b2b train sends it again every second until they end)
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        return start(run_dir, procs, resume, env, world, logs)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def start(run_dir: Path, procs: int, resume: str, env: dict, world: dict, logs: list | None) -> list:
     return [subprocess.Popen([sys.executable, "-u", "-m", "launchers.train", "--run-dir", str(run_dir),
                               "--resume", resume], env=dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)),
                              start_new_session=True,  # terminal signals reach b2b, not the workers
@@ -45,11 +58,16 @@ def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
             for rank in range(procs)]
 
 
-def wait(workers: list[subprocess.Popen], timeout: float | None = None) -> int:
+def wait(workers: list[subprocess.Popen], timeout: float | None = None, every_second=None) -> int:
     """Wait for every worker: 0, or the first failure's exit code, after which the others are
-    killed, as DeepSpeed's launcher and torchrun do (and all of them after `timeout` seconds)."""
+    killed, as DeepSpeed's launcher and torchrun do (and all of them after `timeout` seconds).
+    every_second: called about once a second while they run."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    polls = 0
     while True:
+        polls += 1
+        if every_second is not None and polls % 5 == 0:
+            every_second()
         codes = [w.poll() for w in workers]
         failed = [c for c in codes if c not in (None, 0)]
         if failed or deadline is not None and time.monotonic() > deadline:

@@ -39,7 +39,16 @@ import torch
 
 from ..errors import GrowthError
 from ..grow import check_source
-from .files import atomic_directory, copy_side_files, dump_manifest, free_output, grower_for, load_torch, target_config
+from .files import (
+    atomic_directory,
+    copy_side_files,
+    dump_manifest,
+    free_output,
+    grower_for,
+    load_torch,
+    read_latest,
+    target_config,
+)
 
 OPTIMIZERS = ("reset", "grow")
 SCHEDULES = ("restart", "keep")
@@ -89,7 +98,7 @@ class ZeroCheckpoint:
     def __init__(self, path: str | Path):
         path = Path(path)
         if (path / "latest").is_file():
-            tag = (path / "latest").read_text().strip()
+            tag = read_latest(path / "latest")
             if not (path / tag).is_dir():
                 raise GrowthError(f"{path / 'latest'} names {tag!r}, which is missing")
             path = path / tag

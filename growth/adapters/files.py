@@ -98,6 +98,17 @@ def read_json(file: Path, what: str) -> dict:
     return data
 
 
+def read_latest(file: Path) -> str:
+    """The tag DeepSpeed's 'latest' pointer names; a damaged pointer is a GrowthError."""
+    try:
+        tag = file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise GrowthError(f"{file}: corrupt checkpoint pointer ({err})") from None
+    if not tag or "/" in tag or "\0" in tag or tag in (".", ".."):
+        raise GrowthError(f"{file}: corrupt checkpoint pointer ({tag[:40]!r} is not a tag)")
+    return tag
+
+
 def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
