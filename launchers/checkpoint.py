@@ -131,8 +131,10 @@ def check_same_parallel(recipe, tag_dir: Path) -> None:
 
 def partial_tags(ckpt_dir: Path) -> list[str]:
     """Tags newer than 'latest' (all of them if there is none): saves that died half-way."""
-    latest = latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
-    return [t for t in tags(ckpt_dir) if latest is None or t > latest] if ckpt_dir.is_dir() else []
+    if not ckpt_dir.is_dir():
+        return []
+    latest = latest_tag(ckpt_dir)
+    return [t for t in tags(ckpt_dir) if latest is None or t > latest]
 
 
 def remove_partial(ckpt_dir: Path, log: Callable[[str], None]) -> None:
