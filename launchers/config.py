@@ -23,6 +23,8 @@ ARCHS = ("bert", "gpt2", *LLAMA_FAMILY)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 STAGE1_SAMPLING = ("uniform", "cyclic")
+ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2")  # HF's attn_implementation; auto: its default
+OPTIMIZER_KERNELS = ("auto", "fused", "foreach", "forloop", "deepspeed")
 TOKENIZER_KINDS = ("wordpiece", "bpe")  # trained on the corpus by `b2b tokenizer` / the data pipeline
 MAX_POSITIONS = 1 << 20
 VERBOSE = "B2B_VERBOSE"  # "1" in the workers' environment: DeepSpeed's and megatron's routine output kept
@@ -159,6 +161,20 @@ class LoggingConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed options for GPU training. The defaults leave CPU training as it is; each option is a
+    no-op, or a one-line refusal, where it cannot apply."""
+    # HF models' attn_implementation: auto (transformers' choice, sdpa), eager, sdpa, flash_attention_2 (GPUs)
+    attention: str = "auto"
+    # AdamW's kernel: auto (torch's fused on GPUs, its for-loop on CPU), fused, foreach, forloop, or
+    # deepspeed (DeepSpeed's FusedAdam, built on first use; GPUs)
+    optimizer: str = "auto"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile; inductor)
+    pin_memory: bool = True  # GPUs: batches go from pinned memory, without blocking; CPU: nothing to do
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     method: str | None = None  # the label `b2b report` groups runs by (default: name)
@@ -177,6 +193,7 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -375,7 +392,23 @@ def validate(recipe: Recipe) -> Recipe:
     _require(recipe.logging.every >= 1, "logging.every", "must be >= 1")
     _require(recipe.logging.peak_tflops is None or recipe.logging.peak_tflops > 0, "logging.peak_tflops",
              "must be positive")
+    check_perf(recipe)
     return recipe
+
+
+def check_perf(recipe: Recipe) -> None:
+    """What the speed options cannot combine with, whatever the machine (launch.check_can_run
+    checks what needs a GPU)."""
+    p = recipe.perf
+    _require(p.attention in ATTENTIONS, "perf.attention", f"{p.attention!r}: use one of {', '.join(ATTENTIONS)}")
+    _require(p.optimizer in OPTIMIZER_KERNELS, "perf.optimizer",
+             f"{p.optimizer!r}: use one of {', '.join(OPTIMIZER_KERNELS)}")
+    _require(p.attention == "auto" or not recipe.megatron, "perf.attention",
+             f"{p.attention}: megatron-core's GPTModel has its own core attention (torch's "
+             "scaled_dot_product_attention): leave perf.attention at auto")
+    _require(not p.compile or recipe.stage1.steps == 0, "perf.compile",
+             "bert2BERT's stage 1 runs another sub-model every step, which torch.compile would recompile: set "
+             "perf.compile to false, or stage1.steps to 0")
 
 
 def config_dir(start: str | Path) -> Path:

@@ -32,6 +32,18 @@ def fit_world(recipe: Recipe, world: int) -> int:
     return size
 
 
+def adam_kernel(kernel: str, cpu: bool) -> dict:
+    """DeepSpeed's AdamW parameters for perf.optimizer: `torch_adam` takes torch.optim.AdamW, which
+    gets the rest (fused, foreach); without it, DeepSpeed builds its own FusedAdam (a CUDA kernel,
+    compiled on first use). auto: torch's fused kernel on GPUs, its for-loop on CPU."""
+    if kernel == "auto":
+        kernel = "forloop" if cpu else "fused"
+    if kernel == "deepspeed":
+        return {"torch_adam": False}
+    return {"torch_adam": True, "fused": True} if kernel == "fused" else \
+        {"torch_adam": True, "foreach": kernel == "foreach"}
+
+
 def deepspeed_config(recipe: Recipe, world: int, cpu: bool, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON for this recipe at this data-parallel size; `load_universal` for an engine
     that loads a universal checkpoint (a grown one, see growth/adapters/deepspeed.py)."""
@@ -53,7 +65,8 @@ def deepspeed_config(recipe: Recipe, world: int, cpu: bool, load_universal: bool
         "gradient_accumulation_steps": recipe.batch.accum,
         "gradient_clipping": o.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": o.betas, "eps": o.eps,
-                                                  "weight_decay": o.weight_decay, "torch_adam": cpu}},
+                                                  "weight_decay": o.weight_decay,
+                                                  **adam_kernel(recipe.perf.optimizer, cpu)}},
         "scheduler": scheduler,
         "zero_optimization": {"stage": recipe.zero.stage},
         "bf16": {"enabled": t.precision == "bf16"},

@@ -74,10 +74,29 @@ def check_vocabulary(recipe: config.Recipe, tokens: int | None = None) -> None:
                       "(--set data.tokenizer=null) or give the model another vocabulary first (b2b vocab transfer)")
 
 
+def check_perf_can_run(perf: config.PerfConfig, megatron: bool, cpu: bool) -> None:
+    """The perf options that need a GPU, or a package, this machine lacks."""
+    import importlib.util
+    none = "this machine has none"
+    if perf.attention == "flash_attention_2":
+        if cpu:
+            raise RecipeError(f"perf.attention: flash_attention_2 is a CUDA kernel and {none}: use sdpa (or auto)")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RecipeError("perf.attention: flash_attention_2 needs the flash-attn package: install it "
+                              "(pip install flash-attn), or use sdpa")
+    if perf.optimizer == "deepspeed" and cpu:
+        raise RecipeError(f"perf.optimizer: deepspeed is DeepSpeed's FusedAdam, a CUDA kernel, and {none}: use "
+                          "fused, foreach or forloop (torch.optim.AdamW's kernels)")
+    if perf.activation_checkpointing and megatron and cpu:
+        raise RecipeError(f"perf.activation_checkpointing: megatron-core's recomputation keeps CUDA random states "
+                          f"and {none}: set it to false here")
+
+
 def check_can_run(recipe: config.Recipe, cpu: bool, resume: str) -> None:
     if cpu and recipe.train.precision != "fp32":
         raise RecipeError(f"train.precision: {recipe.train.precision} needs a GPU; this machine has none: "
                           "use --set train.precision=fp32")
+    check_perf_can_run(recipe.perf, recipe.megatron, cpu)
     from .checkpoint import check_same_parallel, resume_tag, tags
     ckpts = RunDir(recipe.run_dir).checkpoints
     if resume == "none" and ckpts.is_dir() and tags(ckpts):

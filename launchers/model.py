@@ -13,7 +13,7 @@ import torch
 
 from growth import LLAMA_FAMILY, Shape
 
-from .config import Recipe, RecipeError
+from .config import PerfConfig, Recipe, RecipeError
 
 
 def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
@@ -65,6 +65,23 @@ def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
             n_positions=m.max_positions, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
             **dropout))
     model.config.use_cache = False  # training: no key/value cache
+    return model
+
+
+def apply_perf(model, perf: PerfConfig):
+    """The recipe's perf options that change the model itself, before DeepSpeed wraps it (every
+    model a run trains passes here: built, started from, or stacked): the attention kernel of an
+    HF model, and activation checkpointing, HF's non-reentrant gradient checkpointing, or for
+    megatron-core's GPTModel its full recomputation of each layer."""
+    if hasattr(model, "gpt"):  # launchers.megatron.GPT: perf.attention stays auto (config.check_perf)
+        if perf.activation_checkpointing:  # TransformerBlock reads these at every forward
+            c = model.gpt.config
+            c.recompute_granularity, c.recompute_method, c.recompute_num_layers = "full", "uniform", 1
+        return model
+    if perf.attention != "auto":
+        model.set_attn_implementation(perf.attention)
+    if perf.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

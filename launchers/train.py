@@ -54,7 +54,16 @@ from growth.adapters.files import atomic_directory, read_json
 from . import config, ds_config
 from .checkpoint import EXIT_STOPPED, RECIPE, STEP_TAG, Checkpointer, NotSaved, RunDir, TrainState, resume_tag
 from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
-from .model import StepPlan, blocks, bottom_blocks, build_model, peak_tflops, train_flops_per_token, unit_of
+from .model import (
+    StepPlan,
+    apply_perf,
+    blocks,
+    bottom_blocks,
+    build_model,
+    peak_tflops,
+    train_flops_per_token,
+    unit_of,
+)
 from .workers import PARENT_ENV
 
 NO_DECAY = ("bias", "LayerNorm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight",
@@ -227,11 +236,14 @@ class Trainer:
         import deepspeed
         if self.engine is not None:
             self.engine.destroy()
+        model = apply_perf(model, self.recipe.perf)
         groups, self.group_units = param_groups(model, self.recipe.optim.weight_decay, by_unit=self.by_unit)
         self.group_decay = [g["weight_decay"] for g in groups]
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=groups, mpu=self.mpu if self.megatron else None,
             config=ds_config.deepspeed_config(self.recipe, self.dp_world, self.cpu, load_universal=load_universal))
+        if self.recipe.perf.compile:
+            self.engine.compile()  # compiles the module in place: its state dict keeps its names
         self.plan = None
         self.tied = bool(model.config.tie_word_embeddings)
 
@@ -382,6 +394,11 @@ class Trainer:
                     group["lr"] = 0.0
         return lr
 
+    def _on_device(self, batch: dict) -> dict:
+        """A batch on this rank's device: on GPUs from pinned memory without blocking (perf.pin_memory)."""
+        pin = self.recipe.perf.pin_memory and not self.cpu
+        return {k: (v.pin_memory() if pin else v).to(self.engine.device, non_blocking=pin) for k, v in batch.items()}
+
     def train_step(self, step: int, plan: StepPlan) -> tuple[float, float]:
         """(mean loss over micro steps and ranks, the learning rate this step used)."""
         self.engine.train()
@@ -390,8 +407,7 @@ class Trainer:
         total = 0.0
         with bottom_blocks(self.engine.module, plan.active):
             for micro in range(self.recipe.batch.accum):
-                batch = {k: v.to(self.engine.device) for k, v in self.data.train_batch(step, micro).items()}
-                loss = self.engine(**batch).loss
+                loss = self.engine(**self._on_device(self.data.train_batch(step, micro))).loss
                 self.engine.backward(loss)
                 self.engine.step()
                 total += loss.item()
@@ -400,7 +416,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.engine.eval()
-        losses = [self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()}).loss.item()
+        losses = [self.engine(**self._on_device(batch)).loss.item()
                   for batch in self.data.val_batches(self.recipe.train.eval_batches)]
         return self._all_mean(sum(losses) / len(losses))
 
@@ -513,6 +529,7 @@ class Trainer:
             "perf/tokens_per_s": self.tokens_per_step / elapsed,
             "perf/tflops_per_device": tflops,
             "perf/mfu": tflops / self.peak if self.peak else None,
+            "perf/peak_memory_gib": None if self.cpu else torch.cuda.max_memory_allocated() / 2 ** 30,
         }
 
 

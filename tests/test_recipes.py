@@ -269,3 +269,36 @@ def test_bad_recipe_sets(tmp_path, capsys):
         path.write_text(text)
         code, _, err = run(capsys, "run", path, "--dry-run")
         assert code == 2 and message in err, (text, err)
+
+
+@pytest.mark.parametrize("kernel,cpu,params", [
+    ("auto", True, {"torch_adam": True, "foreach": False}),  # torch.optim.AdamW's for-loop, as before perf
+    ("auto", False, {"torch_adam": True, "fused": True}),
+    ("fused", True, {"torch_adam": True, "fused": True}),
+    ("foreach", False, {"torch_adam": True, "foreach": True}),
+    ("forloop", False, {"torch_adam": True, "foreach": False}),
+    ("deepspeed", False, {"torch_adam": False})])
+def test_the_optimizer_kernel_reaches_the_deepspeed_config(kernel, cpu, params, capsys):
+    assert ds_config.adam_kernel(kernel, cpu) == params
+    _, ds = dry_run(capsys, RECIPES[0].parent / "bert-tiny-cpu.yaml", f"perf.optimizer={kernel}")
+    optimizer = ds["optimizer"]["params"]
+    assert {k: optimizer[k] for k in ("torch_adam", "fused", "foreach") if k in optimizer} == \
+        ds_config.adam_kernel(kernel, cpu=True)  # the dry run describes this machine: no GPU
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["perf.attention=flash_attention_2"], "perf.attention: flash_attention_2 is a CUDA kernel"),
+    (["perf.optimizer=deepspeed"], "perf.optimizer: deepspeed is DeepSpeed's FusedAdam, a CUDA kernel"),
+    (["perf.activation_checkpointing=true", "parallel.megatron=true", "zero.stage=1"],
+     "perf.activation_checkpointing: megatron-core's recomputation keeps CUDA random states"),
+    (["perf.attention=eager", "parallel.megatron=true", "zero.stage=1"],
+     "perf.attention: eager: megatron-core's GPTModel has its own core attention"),
+    (["perf.compile=true", "stage1.steps=10", "stage1.block=1"], "perf.compile: bert2BERT's stage 1 runs another"),
+    (["perf.attention=flash"], "perf.attention: 'flash': use one of auto, eager, sdpa, flash_attention_2"),
+    (["perf.optimizer=lion"], "perf.optimizer: 'lion': use one of auto, fused, foreach, forloop, deepspeed")])
+def test_speed_options_that_cannot_apply_are_refused_in_one_line(sets, message, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", RECIPES[0].parent / "gpt-tiny-cpu.yaml", "--set", f"out_dir={out_dir}",
+                       *sum((["--set", s] for s in sets), []))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out_dir.exists()

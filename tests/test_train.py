@@ -249,3 +249,33 @@ def test_init_from_a_grown_checkpoint(stage, grown_minilm, tmp_path, cache):
     with torch.no_grad():
         losses = [model(**Batches(cache_path(recipe), recipe, rank, 2).train_batch(1, 0)).loss for rank in (0, 1)]
     assert abs(logged - sum(losses).item() / 2) < 1e-5
+
+
+def test_speed_options_train_the_same_model(tmp_path, cache):
+    """Activation checkpointing (non-reentrant, random states kept: the same dropout), torch's fused
+    AdamW and eager attention change how a step is computed, not what it computes."""
+    sets = ["zero.stage=2", "train.steps=8", "train.eval_every=4", "optim.warmup_steps=2"]
+    plain = b2b_train(TINY["bert"], tmp_path / "plain", cache, *sets)
+    fast = b2b_train(TINY["bert"], tmp_path / "fast", cache, *sets, "perf.activation_checkpointing=true",
+                     "perf.optimizer=fused", "perf.attention=eager")
+    assert plain.returncode == fast.returncode == 0, plain.stderr[-2000:] + fast.stderr[-2000:]
+    a, b = read_scalars(tmp_path / "plain"), read_scalars(tmp_path / "fast")
+    assert sorted(b["train/loss"]) == list(range(1, 9))
+    for step in range(1, 9):  # float32 summation order only
+        assert abs(a["train/loss"][step] - b["train/loss"][step]) <= 1e-5, step
+    assert abs(a["val/loss"][8] - b["val/loss"][8]) <= 1e-5
+    ds = json.loads((tmp_path / "fast" / "deepspeed.json").read_text())
+    assert ds["optimizer"]["params"]["fused"] is True
+
+
+@pytest.mark.slow  # inductor compiles each rank's model on CPU: about a minute
+def test_a_compiled_model_trains_as_the_eager_one_and_resumes(tmp_path, cache):
+    sets = ["zero.stage=2", "train.steps=6", "train.eval_every=3", "optim.warmup_steps=2", "model.dropout=0.0",
+            "checkpoint.every=3"]  # no dropout: inductor draws its random numbers its own way
+    eager = b2b_train(TINY["gpt2"], tmp_path / "eager", cache, *sets)
+    stopped = b2b_train(TINY["gpt2"], tmp_path / "compiled", cache, *sets, "perf.compile=true", "train.stop_at=3")
+    resumed = b2b_train(TINY["gpt2"], tmp_path / "compiled", cache, *sets, "perf.compile=true", resume="auto")
+    assert eager.returncode == resumed.returncode == 0 and stopped.returncode == EXIT_STOPPED, resumed.stderr[-3000:]
+    a, b = read_scalars(tmp_path / "eager"), read_scalars(tmp_path / "compiled")
+    for step in range(1, 7):
+        assert abs(a["train/loss"][step] - b["train/loss"][step]) <= 1e-4, step
