@@ -144,7 +144,7 @@ def plan_transfer(source_vocab: dict[str, int], target_vocab: dict[str, int],
     rows: list[list[tuple[int, float]]] = [[] for _ in range(size)]
     kinds, specials, examples = ["random"] * size, {}, {}
     names = {i: token for token, i in source_vocab.items()}
-    for token, t in target_vocab.items():
+    for token, t in sorted(target_vocab.items(), key=lambda kv: kv[1]):  # by id: tokenizers' own order varies
         if method == "random":
             continue
         if token in roles_of:

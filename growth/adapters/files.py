@@ -10,6 +10,7 @@ behind, and a full disk says so) and durably (fsync); the side files a grown mod
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -239,17 +240,23 @@ def disk_full(err: BaseException, where: Path) -> bool:
 
 @contextmanager
 def atomic_directory(out: Path, replace: bool = True):
-    """A hidden temporary sibling of `out` to fill, renamed to `out` (replacing it) when the block
-    ends normally and removed when it raises, so that a failure leaves nothing behind; one that
-    ran out of space is a GrowthError saying so. replace=False: an `out` that another process
-    completed meanwhile (a cache entry of the same content) is kept, and this copy dropped."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """A hidden temporary sibling of `out` to fill, put in place of `out` when the block ends
+    normally and removed when it raises, so that a failure leaves nothing behind; one that ran out
+    of space is a GrowthError saying so. An existing `out` is swapped with the new one in one step
+    (exchange), so that a process killed at any moment leaves the previous `out` or the new one,
+    never neither; the hidden siblings of killed processes are removed by the next writer.
+    replace=False: an `out` that another process completed meanwhile (a cache entry of the same
+    content) is kept, and this copy dropped."""
+    tmp = out.parent / f"{_temporary_prefix(out)}{os.getpid()}"
+    _remove_orphans(out)
     try:
         tmp.mkdir(parents=True)
         yield tmp
         if out.exists() and replace:
-            shutil.rmtree(out)
+            if exchange(tmp, out):
+                shutil.rmtree(tmp)  # the previous output
+                return
+            shutil.rmtree(out)  # no atomic exchange here: a short window without either
         try:
             tmp.rename(out)
         except OSError:
@@ -263,6 +270,48 @@ def atomic_directory(out: Path, replace: bool = True):
             raise GrowthError(f"{out}: no space left on the device: free space or choose another path "
                               f"({' '.join(str(err).split())[:160]})") from None
         raise
+
+
+def _temporary_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-{os.uname().nodename}-"
+
+
+def _remove_orphans(out: Path) -> None:
+    """The hidden siblings of `out` that writers on this host left when they were killed."""
+    prefix = _temporary_prefix(out)
+    if not out.parent.is_dir():
+        return
+    for sibling in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = sibling.name.removeprefix(prefix)
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE); False where
+    the C library or the filesystem cannot."""
+    import ctypes
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def free_output(out: str | Path, overwrite: bool) -> Path:
