@@ -27,6 +27,7 @@ STOP_RECEIVED: list[int] = []  # the stop signals this worker got: the run stops
 if __name__ == "__main__":  # from the first line, so that one arriving while the worker imports and builds
     for _sig in STOP_SIGNALS:  # its engine is kept: not lost (a background shell starts it with SIGINT
         signal.signal(_sig, lambda signum, frame: STOP_RECEIVED.append(signum))  # ignored), nor a traceback
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by workers.start_workers: one pending is caught
 
 import argparse
 import contextlib

@@ -39,15 +39,15 @@ def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
     file per rank for its output (default: this process's)."""
     world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
                  LOCAL_WORLD_SIZE=str(procs), **{PARENT_ENV: str(os.getpid())})
-    # the workers start with the stop signals ignored (inherited), until their first line catches
-    # them: one that arrives while the interpreter starts is not a KeyboardInterrupt traceback
-    # (b2b train sends it again every second until they end)
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    # the stop signals are blocked while the workers start (they inherit the mask), not ignored:
+    # one that arrives meanwhile waits, for b2b's handler once they have started (it sends it on
+    # to them every second until they end) and for each worker's first line, which catches and
+    # unblocks them; so it is neither lost nor a KeyboardInterrupt traceback
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         return start(run_dir, procs, resume, env, world, logs)
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def start(run_dir: Path, procs: int, resume: str, env: dict, world: dict, logs: list | None) -> list:
