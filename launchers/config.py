@@ -417,7 +417,7 @@ def config_dir(start: str | Path) -> Path:
     from growth.adapters.files import resolve
     if deepspeed.is_checkpoint(Path(start)):
         return deepspeed.find_config(deepspeed.ZeroCheckpoint(start))
-    return resolve(start)
+    return resolve(start, weights=False)
 
 
 def kept_step(grown: str) -> int | None:

@@ -149,7 +149,7 @@ def tokenizer_source(recipe: Recipe) -> str:
 
 def _resolve_dir(name: str) -> Path:
     from growth.adapters.files import resolve
-    return resolve(name).resolve()
+    return resolve(name, weights=False).resolve()
 
 
 def load_tokenizer(path: str | Path):

@@ -179,7 +179,8 @@ def expand(s: RecipeSet, methods: list[str] | None = None, seeds: list[int] | No
     seeds = seeds if seeds is not None else s.seeds
     sweep_seeds = [x for x in (s.sweep_seeds or s.seeds[:1]) if x in seeds]
     source_dir = out / "source"
-    source_model = Path(s.source_model).resolve() if s.source_model else RunDir(source_dir).final
+    source_model = RunDir(source_dir).final if not s.source_model else \
+        Path(s.source_model).resolve() if Path(s.source_model).exists() else Path(s.source_model)  # alias, hub id
     source_sets = as_sets({"out_dir": str(source_dir), "method": "source"})
     if s.source:
         source = config.load(s.source, source_sets)

@@ -4,6 +4,7 @@ local HF cache (pre-filled here; HF_HUB_OFFLINE=1, nothing downloads)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -15,6 +16,7 @@ from launchers.cli import main
 
 from conftest import make_model
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SMOLLM2_WIDE = "layers=40,hidden=1152,heads=18,ffn=3072"  # 2x width (6 KV heads), identity depth 30 -> 40
 
 
@@ -24,6 +26,27 @@ def cache(tmp_path_factory):
         root = tmp_path_factory.mktemp("b2b-cache")
         mp.setenv("B2B_CACHE", str(root))
         yield root
+
+
+def test_a_dry_run_reads_a_gguf_source_from_its_metadata_without_dequantising(cache, capsys):
+    """The cluster set (SmolLM2 as its source_model and tokenizer) checks and dry-runs from the GGUF
+    file's metadata: config.json and the tokenizer, in seconds; the weights are dequantised only
+    when something reads them, into a directory whose config and tokenizer are the same."""
+    assert main(["train", str(RECIPES / "smollm2-1b.yaml"), "--procs", "8", "--dry-run"]) == 0
+    assert main(["run", str(RECIPES / "sets" / "smollm2-1b.yaml"), "--dry-run"]) == 0
+    assert "FLOPs budget" in capsys.readouterr().out
+    [entry] = (cache / "gguf").iterdir()
+    assert entry.name.endswith(".config") and not (entry / "model.safetensors").exists()
+    meta = json.loads((entry / "config.json").read_text())
+    full = resolve("smollm2")
+    assert full.name + ".config" == entry.name and (full / "model.safetensors").is_file()
+    config = json.loads((full / "config.json").read_text())
+    keys = ("architectures", "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings", "rope_theta",
+            "rms_norm_eps", "max_position_embeddings")
+    assert {k: meta.get(k) for k in keys} == {k: config.get(k) for k in keys}
+    assert (entry / "tokenizer.json").read_bytes() == (full / "tokenizer.json").read_bytes()
+    assert resolve("smollm2", weights=False) == full  # once converted, the full directory serves both
 
 
 def test_smollm2_grows_exactly_twice_as_wide_and_deeper(cache, tmp_path, capsys):

@@ -41,15 +41,17 @@ RUN_FILES = ("status.json", "recipe.yaml")  # a `b2b train` run directory holds 
 EXACT_TOLERANCE = 1e-5  # max |a - b| / max |a| over the outputs, float32: what "exact" growth keeps
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | Path, weights: bool = True) -> Path:
     """A model directory from what a user names: a directory, a packaged alias (ALIASES), a GGUF
-    file (converted once, adapters.gguf), or a hub id (org/name) found in the local HF cache."""
+    file (converted once, adapters.gguf), or a hub id (org/name) found in the local HF cache.
+    weights=False: the caller reads only config.json and the tokenizer, which a GGUF file gives
+    without dequantising its weights."""
     if str(path) in ALIASES:
         path = _alias(str(path))
     text, path = str(path), Path(path)
     if path.suffix == ".gguf":
-        from .gguf import hf_directory
-        return hf_directory(path)
+        from .gguf import config_directory, hf_directory
+        return hf_directory(path) if weights else config_directory(path)
     if not path.is_dir():
         if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.parent.exists():
             return _from_hub(text)

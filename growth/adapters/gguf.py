@@ -1,5 +1,7 @@
 """GGUF files (llama.cpp's format) as growth sources: dequantised once by transformers into an HF
-model directory, which is cached and then read like any other.
+model directory, which is cached and then read like any other. What needs only the config and
+the tokenizer (a recipe's checks, a dry run) reads them from the file's metadata instead, into a
+directory of their own, without dequantising the weights.
 
 transformers reads a GGUF file with `from_pretrained(dir, gguf_file=name)` (it needs the `gguf`
 package) and dequantises it to float32. A model loaded that way refuses `save_pretrained`, so
@@ -24,9 +26,7 @@ def cache_root() -> Path:
 
 def hf_directory(file: Path, log=print) -> Path:
     """The HF directory of a GGUF file's model, converted on first use."""
-    if not file.is_file():
-        raise GrowthError(f"{file}: no such GGUF file")
-    out = cache_root() / "gguf" / f"{sha256([file])[:16]}-{file.stem}"
+    out = _cached(file)
     if (out / "config.json").is_file():
         return out
     log(f"{file.name}: dequantising the GGUF model into {out} (once)")
@@ -36,6 +36,39 @@ def hf_directory(file: Path, log=print) -> Path:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     return out
+
+
+def config_directory(file: Path) -> Path:
+    """A directory with the GGUF model's config.json and tokenizer, read from the file's metadata
+    on first use (seconds, where dequantising takes most of a minute); the full directory if it
+    is there already."""
+    full = _cached(file)
+    if (full / "config.json").is_file():
+        return full
+    out = full.with_name(full.name + ".config")
+    if (out / "config.json").is_file():
+        return out
+    import transformers
+    with _quiet():
+        try:
+            config = transformers.AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+        except (ValueError, KeyError, OSError, RuntimeError) as err:
+            raise GrowthError(f"{file}: cannot read this GGUF file: {str(err).splitlines()[0][:200]}") from None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        with atomic_directory(out) as tmp:
+            config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _cached(file: Path) -> Path:
+    if not file.is_file():
+        raise GrowthError(f"{file}: no such GGUF file")
+    return cache_root() / "gguf" / f"{sha256([file])[:16]}-{file.stem}"
 
 
 @contextlib.contextmanager
