@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from growth import B2BError
+from growth.adapters.files import alive
 
 HEARTBEAT = 10.0  # seconds between the holder's refreshes of the lock's mtime
 STALE = 60.0  # a lock not refreshed for this long has lost its holder
@@ -62,16 +63,6 @@ def read(path: Path) -> dict | None:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def why_stale(path: Path, held: dict) -> str | None:

@@ -285,11 +285,12 @@ def _remove_orphans(out: Path) -> None:
         return
     for sibling in out.parent.glob(f"{glob.escape(prefix)}*"):
         pid = sibling.name.removeprefix(prefix)
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this host has this pid (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
