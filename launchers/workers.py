@@ -33,10 +33,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def popen_start(run_dir: Path, procs: int, resume: str, env: dict, world: dict, logs: list | None) -> list:
+    """`python -m launchers.train` for each rank, with `world` and its RANK in its environment."""
+    return [subprocess.Popen([sys.executable, "-u", "-m", "launchers.train", "--run-dir", str(run_dir),
+                              "--resume", resume], env=dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)),
+                             start_new_session=True,  # terminal signals reach b2b, not the workers
+                             **({} if logs is None else dict(stdout=logs[rank], stderr=subprocess.STDOUT)))
+            for rank in range(procs)]
+
+
 def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
-                  logs: list | None = None) -> list[subprocess.Popen]:
+                  logs: list | None = None, start=popen_start) -> list[subprocess.Popen]:
     """The `procs` training processes of this node, each in a session of its own; `logs`: one open
-    file per rank for its output (default: this process's)."""
+    file per rank for its output (default: this process's). `start`: what starts them (the tests'
+    harness forks them from a server that has imported their modules)."""
     world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
                  LOCAL_WORLD_SIZE=str(procs), **{PARENT_ENV: str(os.getpid())})
     # the stop signals are blocked while the workers start (they inherit the mask), not ignored:
@@ -48,14 +58,6 @@ def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
         return start(run_dir, procs, resume, env, world, logs)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def start(run_dir: Path, procs: int, resume: str, env: dict, world: dict, logs: list | None) -> list:
-    return [subprocess.Popen([sys.executable, "-u", "-m", "launchers.train", "--run-dir", str(run_dir),
-                              "--resume", resume], env=dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)),
-                             start_new_session=True,  # terminal signals reach b2b, not the workers
-                             **({} if logs is None else dict(stdout=logs[rank], stderr=subprocess.STDOUT)))
-            for rank in range(procs)]
 
 
 def wait(workers: list[subprocess.Popen], timeout: float | None = None, every_second=None) -> int:

@@ -1,8 +1,19 @@
-"""`b2b train` runs for the tests, started the way a cluster starts them (slurm/entrypoint.sh):
-every check and the run directory in this process (`b2b train --prepare-only`), then the workers
-(launchers/workers.py, as `b2b train` does), with each rank's output kept in RUN/rank<N>.log and one
-OpenMP thread per worker. The checks run in the test's process, which saves a Python start per
-run. The tests of the launcher itself (signals, Ctrl-C, its exit codes, the README's commands)
+"""Distributed processes for the tests, started cheaply.
+
+Most of a tiny 2-process run on CPU is Python importing torch, transformers and DeepSpeed: about
+7 s a process, against 2 s of training. So the tests start their workers from a fork server
+(multiprocessing's, one per test process) that has imported those once: each worker is a fork of
+it that runs `python -m launchers.train` (or a test's worker script) as its __main__, with the
+environment, session and output the direct start gives it (launchers/workers.py).
+
+- train(): a `b2b train` run started the way a cluster starts one (slurm/entrypoint.sh): every
+  check and the run directory in this process (`b2b train --prepare-only`), then the workers
+  through workers.start_workers (start_run), each rank's output in RUN/rank<N>.log.
+- forked_start: what start_workers starts processes with (launch.start's too, for a `b2b run` in
+  the test's process).
+- torchrun(): a test's worker script on N ranks, as torchrun starts it.
+
+The tests of the launcher itself (signals, Ctrl-C, its exit codes, the README's commands, SLURM)
 start `b2b train` as a user does."""
 
 from __future__ import annotations
@@ -10,13 +21,114 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import multiprocessing
 import os
+import runpy
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from launchers.checkpoint import EXIT_STOPPED, RunDir
 from launchers.cli import main
-from launchers.workers import start_workers, wait
+from launchers.workers import PARENT_ENV, free_port, start_workers, wait
+
+# what a worker imports before its first step (the fork server imports them once)
+PRELOAD = ["launchers.train", "launchers.megatron", "deepspeed.runtime.zero.muon.muon_optimizer",
+           "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3", "torch.utils.tensorboard",
+           "transformers.models.bert.modeling_bert", "transformers.models.gpt2.modeling_gpt2",
+           "transformers.models.llama.modeling_llama"]
+_server: list = []  # the fork-server context, once started
+
+
+def forkserver():
+    """multiprocessing's fork server, started on first use with PRELOAD imported and the
+    environment every CPU worker has at import time (DS_ACCELERATOR, one OpenMP thread)."""
+    if not _server:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        saved = {k: os.environ.get(k) for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS")}
+        os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        try:
+            from multiprocessing import forkserver as server
+            server.ensure_running()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.update({k: v})
+        _server.append(ctx)
+    return _server[0]
+
+
+def _main(target: str, args: list[str], env: dict, log: str) -> None:
+    """A forked worker: `python -m target` (or the script at path `target`) as __main__, in a session
+    of its own, with `env` and its output in `log`; it dies with the fork server (PARENT_ENV)."""
+    os.setsid()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    os.environ.clear()
+    os.environ.update(env, **{PARENT_ENV: str(os.getppid())})
+    sys.argv = [target, *args]
+    try:
+        if target.endswith(".py"):
+            runpy.run_path(target, run_name="__main__")
+        else:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+    except SystemExit as stop:  # a script's sys.exit(code)
+        code = stop.code if isinstance(stop.code, int) else (stop.code is not None)
+    else:
+        code = 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Worker:
+    """A forked worker as workers.wait, workers.kill and launch.start use a subprocess.Popen."""
+
+    def __init__(self, target: str, args: list[str], env: dict, log: str):
+        self.process = forkserver().Process(target=_main, args=(target, args, env, log), daemon=False)
+        self.process.start()
+        self.pid = self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode  # as Popen's: -N when killed by signal N
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.process.join(timeout)
+        return self.poll()
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+
+def forked_start(run_dir: Path, procs: int, resume: str, env: dict, world: dict, logs: list | None) -> list[Worker]:
+    """workers.start with forked workers; their output in `logs` (files) or RUN/rank<N>.log."""
+    paths = [f.name for f in logs] if logs else [str(Path(run_dir) / f"rank{rank}.log") for rank in range(procs)]
+    return [Worker("launchers.train", ["--run-dir", str(run_dir), "--resume", resume],
+                   dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)), paths[rank]) for rank in range(procs)]
+
+
+def torchrun(script: Path, *args, procs: int = 2, logs: Path | None = None, timeout: float = 600) -> list[str]:
+    """`torchrun --nproc-per-node procs script args...` with forked workers: every rank's output
+    (kept in `logs`, a directory, as rank<N>.log; default a new temporary one). Fails the test
+    with the logs when a rank fails."""
+    import tempfile
+    where = Path(logs or tempfile.mkdtemp(prefix="torchrun-"))
+    where.mkdir(parents=True, exist_ok=True)
+    world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
+                 LOCAL_WORLD_SIZE=str(procs))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **world)
+    paths = [where / f"rank{rank}.log" for rank in range(procs)]
+    for path in paths:
+        path.write_text("")
+    workers = [Worker(str(script), [str(a) for a in args], dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                      str(paths[rank])) for rank in range(procs)]
+    code = wait(workers, timeout=timeout)
+    texts = [path.read_text() for path in paths]
+    assert code == 0, f"{script.name} {' '.join(map(str, args))} failed with exit {code}:\n" + \
+        "\n".join(t[-3000:] for t in texts)
+    return texts
 
 
 @dataclass
@@ -45,15 +157,15 @@ def train(recipe: str | Path, out_dir: Path, sets: list[str], procs: int = 2, re
     return Done(0 if state == "finished" else EXIT_STOPPED, out.getvalue() + logs[0], "")
 
 
+def start_run(run_dir: Path, procs: int = 2, resume: str = "none") -> list[Worker]:
+    """b2b train's workers for a prepared run directory (workers.start_workers, forked), each
+    rank's output in a new RUN/rank<N>.log."""
+    for rank in range(procs):
+        (Path(run_dir) / f"rank{rank}.log").write_text("")
+    return start_workers(Path(run_dir), procs, resume, dict(os.environ, DS_ACCELERATOR="cpu"), start=forked_start)
+
+
 def run_workers(run_dir: Path, procs: int, resume: str) -> tuple[int, list[str]]:
-    """b2b train's workers (workers.start_workers), one OpenMP thread each, each rank's output in
-    RUN/rank<N>.log: (exit code as workers.wait gives it, the logs)."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, 2 // procs)))
-    paths = [run_dir / f"rank{rank}.log" for rank in range(procs)]
-    files = [open(path, "w") for path in paths]
-    try:
-        code = wait(start_workers(run_dir, procs, resume, env, files), timeout=600)
-    finally:
-        for f in files:
-            f.close()
-    return code, [path.read_text() for path in paths]
+    """(exit code as workers.wait gives it, every rank's log)."""
+    code = wait(start_run(run_dir, procs, resume), timeout=600)
+    return code, [(run_dir / f"rank{rank}.log").read_text() for rank in range(procs)]

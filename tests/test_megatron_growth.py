@@ -9,8 +9,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,19 +22,13 @@ from growth.adapters.dist_checkpoint import DistCheckpoint
 from growth.adapters.megatron import sharded_key
 from growth.schema import MCORE_GPT
 from launchers.cli import main
-from launchers.workers import free_port
+
+import harness
 
 WORKER = Path(__file__).parent / "megatron_worker.py"
 WIDER = "layers=2,hidden=128,heads=8,ffn=512"    # twice the width: exact growth preserves the logits
 STACKED = "layers=4,hidden=128,heads=8,ffn=512"  # and twice the depth
 TOLERANCE = 1e-5  # max |a - b| / max |a|, float32 logits of two equal functions computed differently
-
-
-def torchrun(*args) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(WORKER), *map(str, args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
 def b2b(*argv) -> int:
@@ -50,7 +42,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("megatron")
-    torchrun("save", d)
+    harness.torchrun(WORKER, "save", d)
     reads = []
     original = DistCheckpoint.read
 
@@ -71,7 +63,7 @@ def run(tmp_path_factory):
                "--out", d / "noise") == 0
     assert b2b("convert", d / "source", "--out", d / "hf") == 0
     names = ["source", "exact", "stacked", "legacy-exact", "fpi-tp1", "split", "noise"]
-    torchrun("logits", d, *(d / n for n in names))
+    harness.torchrun(WORKER, "logits", d, *(d / n for n in names))
     logits = {(Path(k[0]).name, k[1]): v for k, v in torch.load(d / "logits.pt").items() if k != "ids"}
     return d, logits, torch.load(d / "logits.pt")["ids"], reads
 

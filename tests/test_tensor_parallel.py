@@ -5,9 +5,6 @@ from one HF GPT-2 directory, compute the same losses step by step, and the first
 model's own loss; the TP 2 run's torch_dist checkpoint loads at TP 1 with the logits of its HF
 export; bad parallel recipes fail before anything starts."""
 
-import os
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +18,8 @@ from launchers.data import Batches, cache_path, prepare, train_tokenizer
 from launchers.events import read_scalars
 from launchers.megatron import build_model, initialize
 from launchers.workers import free_port
+
+import harness
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TP_RECIPE = RECIPES / "gpt-tiny-tp.yaml"
@@ -82,20 +81,11 @@ def prepare_only(out_dir, *sets, resume="none") -> int:
     return main(["train", str(TP_RECIPE), "--procs", "2", "--resume", resume, "--prepare-only", *sets])
 
 
-def train(out_dir, *sets, resume="none") -> list[tuple[subprocess.Popen, Path]]:
+def train(out_dir, *sets, resume="none") -> list[tuple[harness.Worker, Path]]:
     """`b2b train --procs 2` as a cluster runs it (slurm/entrypoint.sh): check and prepare the run here,
-    then start the two workers with torch.distributed's variables (no launcher processes: cheaper)."""
+    then start the two workers (tests/harness.py)."""
     assert prepare_only(out_dir, *sets, resume=resume) == 0
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    workers = []
-    for rank in range(2):
-        log = out_dir / f"rank{rank}.log"
-        with open(log, "a") as out:
-            workers.append((subprocess.Popen([sys.executable, "-m", "launchers.train", "--run-dir", str(out_dir),
-                                              "--resume", resume], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                             stdout=out, stderr=subprocess.STDOUT), log))
-    return workers
+    return list(zip(harness.start_run(out_dir, 2, resume), (out_dir / f"rank{r}.log" for r in range(2))))
 
 
 def finish(workers: list) -> None:

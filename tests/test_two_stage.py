@@ -118,8 +118,7 @@ def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
 def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage, optimizer, tmp_path):
     """1 block for 4 steps, stacked to 2 for 4 steps (MSLT: only the new block trains), then to
     4 blocks, each growth through the sharded checkpoint (StackBERT carrying Adam's moments); a
-    StackBERT run stopped at step 4, before the first growth, resumes to the same losses (one
-    method, for the suite's time)."""
+    run stopped at step 4, before the first growth, resumes to the same losses."""
     phases = ["progressive.layers=[1, 2]", "progressive.steps=[4, 4]", f"progressive.optimizer={optimizer}"] + \
         (["progressive.freeze_lower=true"] if method == "mslt" else [])
     sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256",
@@ -134,12 +133,11 @@ def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage
     assert done.returncode == 0, done.stderr[-3000:]
     a = read_scalars(full)
     assert [a["train/active_layers"][s] for s in range(1, 13)] == [1] * 4 + [2] * 4 + [4] * 4
-    if method == "stackbert":
-        assert train(part, "train.stop_at=4").returncode == 75
-        resumed = train(part, resume="auto")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        b = read_scalars(part)
-        assert all(a["train/loss"][s] == b["train/loss"][s] for s in range(1, 13))
+    assert train(part, "train.stop_at=4").returncode == 75
+    resumed = train(part, resume="auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    b = read_scalars(part)
+    assert all(a["train/loss"][s] == b["train/loss"][s] for s in range(1, 13))
     r = config.load(full / "recipe.yaml")
     per_step = [8 * 2 * 64 * train_flops_per_token(r.shape, 64, 256, "bert", plan_for(r, s), True)
                 for s in range(1, 13)]

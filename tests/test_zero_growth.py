@@ -8,10 +8,8 @@ stage, exact growths reproduce the source's logits, and training continues, in D
 
 import argparse
 import json
-import os
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from growth.adapters.files import has_tied_output, read_config
 from launchers.checkpoint import EXIT_STOPPED
 from launchers.cli import main
 from launchers.events import read_scalars
-from launchers.workers import free_port
 
 import fuzz
 import harness
@@ -42,13 +39,6 @@ WIDER_ROPE = "layers=2,hidden=32,heads=4,ffn=74"  # the same with head_dim kept,
 TAG = f"step{STEPS:08d}"
 
 
-def torchrun(procs: int, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-           "--master_port", str(free_port()), str(WORKER), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-
-
 def b2b(*argv) -> int:
     return main([str(a) for a in argv])
 
@@ -56,7 +46,7 @@ def b2b(*argv) -> int:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero")
-    torchrun(2, "save", str(out))
+    harness.torchrun(WORKER, "save", out)
     return out
 
 
@@ -142,8 +132,8 @@ def loaded(sources):
                    "exact", "--optimizer", "grow",
                    "--schedule", "keep", "--out", sources / f"{name}.grown") == 0
         (sources / f"{name}.grown.stage").write_text(str(stage))
-    torchrun(2, "load", str(sources))
-    torchrun(1, "load", str(sources))
+    harness.torchrun(WORKER, "load", sources)
+    harness.torchrun(WORKER, "load", sources, procs=1)
     return sources
 
 
