@@ -88,15 +88,16 @@ def largest_micro(micro: int, peak_gib: float, static_gib: float, capacity_gib: 
     return max(micro, math.floor((MEMORY_FILL * capacity_gib - static_gib) / per_sequence))
 
 
+def b2b(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd=ROOT, capture_output=True, text=True)
+
+
 class Check:
-    def __init__(self, mode: Mode, out: Path):
-        self.mode, self.out = mode, out
+    def __init__(self, mode: Mode, out: Path, b2b=b2b):
+        """b2b: runs a b2b command, as subprocess.run does (tests/test_gpu_check.py: in its process)."""
+        self.mode, self.out, self.b2b = mode, out, b2b
         self.work = out.parent
         self.cache = self.work / "cache"
-
-    def b2b(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd=ROOT, capture_output=True,
-                              text=True)
 
     def train(self, case: Case, name: str, micro: int, *sets: str, resume: str = "none") -> dict | None:
         """One `b2b train` of the case: its perf figures and losses, or None if it ran out of memory."""
@@ -239,10 +240,10 @@ def gpu_memory_gib() -> float | None:
 
 def check(done: subprocess.CompletedProcess) -> None:
     if done.returncode:
-        raise SystemExit(f"gpu_check: {' '.join(done.args[2:])} failed:\n{(done.stdout + done.stderr)[-4000:]}")
+        raise SystemExit(f"gpu_check: {' '.join(map(str, done.args))} failed:\n{(done.stdout + done.stderr)[-4000:]}")
 
 
-def main(argv=None) -> int:
+def main(argv=None, b2b=b2b) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="tiny shapes in fp32 on CPU: checks the script itself")
     p.add_argument("--out", default=str(ROOT / "runs" / "gpu_check" / "gpu_check.json"))
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
         raise SystemExit("gpu_check: no GPU here; --cpu checks the script with tiny shapes")
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = Check(CPU if args.cpu else GPU, out).run()
+    report = Check(CPU if args.cpu else GPU, out, b2b).run()
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return 0

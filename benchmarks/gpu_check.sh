@@ -12,7 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
-if ! "$PY" -c "import deepspeed, datasets, megatron.core" 2>/dev/null; then
+# found, not imported (importing megatron-core alone takes seconds)
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+     deepspeed datasets megatron.core 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
     echo "gpu_check: $PY lacks deepspeed, datasets or megatron-core, and .whl/ holds no wheels to install" \
          "them from: run bash benchmarks/gpu_wheels.sh where pip reaches PyPI, and bring .whl/" >&2

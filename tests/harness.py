@@ -9,8 +9,8 @@ environment, session and output the direct start gives it (launchers/workers.py)
 - train(): a `b2b train` run started the way a cluster starts one (slurm/entrypoint.sh): every
   check and the run directory in this process (`b2b train --prepare-only`), then the workers
   through workers.start_workers (start_run), each rank's output in RUN/rank<N>.log.
-- forked_start: what start_workers starts processes with (launch.start's too, for a `b2b run` in
-  the test's process).
+- forked_start: what start_workers starts the processes with.
+- b2b(): a b2b command (`b2b run`, `b2b train`, ...) in the test's process, its workers forked.
 - torchrun(): a test's worker script on N ranks, as torchrun starts it.
 
 The tests of the launcher itself (signals, Ctrl-C, its exit codes, the README's commands, SLURM)
@@ -19,15 +19,18 @@ start `b2b train` as a user does."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import multiprocessing
 import os
 import runpy
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from launchers import launch
 from launchers.checkpoint import EXIT_STOPPED, RunDir
 from launchers.cli import main
 from launchers.workers import PARENT_ENV, free_port, start_workers, wait
@@ -129,6 +132,20 @@ def torchrun(script: Path, *args, procs: int = 2, logs: Path | None = None, time
     assert code == 0, f"{script.name} {' '.join(map(str, args))} failed with exit {code}:\n" + \
         "\n".join(t[-3000:] for t in texts)
     return texts
+
+
+def b2b(*argv) -> subprocess.CompletedProcess:
+    """`b2b ARGV...` run in this process (launchers.cli.main, as the console script runs it), the
+    workers of every `b2b train` it starts forked: its exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    popen_workers = launch.start_workers
+    launch.start_workers = functools.partial(start_workers, start=forked_start)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    finally:
+        launch.start_workers = popen_workers
+    return subprocess.CompletedProcess(["b2b", *map(str, argv)], code, out.getvalue(), err.getvalue())
 
 
 @dataclass

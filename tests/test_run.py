@@ -3,11 +3,11 @@ scratch / AKI / bert2BERT, the report, and the report's arithmetic against the e
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 from launchers.events import read_scalars
+
+import harness
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -24,8 +24,7 @@ def test_a_miniature_comparison_end_to_end(tmp_path):
         f"name: mini\nout_dir: {tmp_path / 'out'}\nsource: source.yaml\ntarget: target.yaml\nseeds: [0, 1]\n"
         "sweep_seeds: [0]\nmethods:\n  scratch: {}\n  aki: {grow: aki, sweep: {optim.lr: [1.0e-4, 1.0e-3]}}\n"
         "  bert2bert: {grow: aki, set: {stage1.steps: 8, stage1.block: 2}}\n")
-    cmd = [sys.executable, "-m", "launchers.cli", "run", str(tmp_path / "set.yaml"), "--procs", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = harness.b2b("run", tmp_path / "set.yaml", "--procs", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "out"
 
@@ -76,5 +75,5 @@ def test_a_miniature_comparison_end_to_end(tmp_path):
     stage = read_scalars(out / "bert2bert-s0")["train/stage"]
     assert {stage[s] for s in (4, 8)} == {1} and stage[12] == 2
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # finished runs are not redone
+    again = harness.b2b("run", tmp_path / "set.yaml", "--procs", "1")  # finished runs are not redone
     assert again.returncode == 0 and again.stdout.count("already finished") == 8, again.stdout[-2000:]
