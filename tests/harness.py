@@ -28,6 +28,7 @@ import runpy
 import subprocess
 import sys
 from dataclasses import dataclass
+from multiprocessing import reduction
 from pathlib import Path
 
 from launchers import launch
@@ -61,14 +62,28 @@ def forkserver():
     return _server[0]
 
 
-def _main(target: str, args: list[str], env: dict, log: str) -> None:
+class _Fd:
+    """A file descriptor handed to a forked worker (multiprocessing's DupFd: sent over the fork
+    server's socket), so that it writes where a Popen's child would."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _received, (reduction.DupFd(self.fd),)
+
+
+def _received(dup) -> int:
+    return dup.detach()
+
+
+def _main(target: str, args: list[str], env: dict, stdout: int, stderr: int) -> None:
     """A forked worker: `python -m target` (or the script at path `target`) as __main__, in a session
-    of its own, with `env` and its output in `log`; it dies with the fork server (PARENT_ENV)."""
+    of its own, with `env`, writing to `stdout` and `stderr`; it dies with the fork server (PARENT_ENV)."""
     os.setsid()
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout.reconfigure(line_buffering=True)
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    sys.stdout.reconfigure(line_buffering=True)  # as `python -u`
     os.environ.clear()
     os.environ.update(env, **{PARENT_ENV: str(os.getppid())})
     sys.argv = [target, *args]
@@ -87,10 +102,12 @@ def _main(target: str, args: list[str], env: dict, log: str) -> None:
 
 
 class Worker:
-    """A forked worker as workers.wait, workers.kill and launch.start use a subprocess.Popen."""
+    """A forked worker as workers.wait, workers.kill and launch.start use a subprocess.Popen: its
+    output to `out` (an open file; stderr too) or, as Popen's default, to this process's."""
 
-    def __init__(self, target: str, args: list[str], env: dict, log: str):
-        self.process = forkserver().Process(target=_main, args=(target, args, env, log), daemon=False)
+    def __init__(self, target: str, args: list[str], env: dict, out=None):
+        fds = (out.fileno(), out.fileno()) if out is not None else (sys.__stdout__.fileno(), sys.__stderr__.fileno())
+        self.process = forkserver().Process(target=_main, args=(target, args, env, *map(_Fd, fds)))
         self.process.start()
         self.pid = self.process.pid
 
@@ -106,10 +123,21 @@ class Worker:
 
 
 def forked_start(run_dir: Path, procs: int, resume: str, env: dict, world: dict, logs: list | None) -> list[Worker]:
-    """workers.start with forked workers; their output in `logs` (files) or RUN/rank<N>.log."""
-    paths = [f.name for f in logs] if logs else [str(Path(run_dir) / f"rank{rank}.log") for rank in range(procs)]
+    """workers.popen_start with forked workers."""
     return [Worker("launchers.train", ["--run-dir", str(run_dir), "--resume", resume],
-                   dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)), paths[rank]) for rank in range(procs)]
+                   dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)), logs[rank] if logs else None)
+            for rank in range(procs)]
+
+
+@contextlib.contextmanager
+def forked_workers():
+    """Every `b2b train` the commands run in this process start forked workers (forked_start)."""
+    popen_workers = launch.start_workers
+    launch.start_workers = functools.partial(start_workers, start=forked_start)
+    try:
+        yield
+    finally:
+        launch.start_workers = popen_workers
 
 
 def torchrun(script: Path, *args, procs: int = 2, logs: Path | None = None, timeout: float = 600) -> list[str]:
@@ -123,10 +151,11 @@ def torchrun(script: Path, *args, procs: int = 2, logs: Path | None = None, time
                  LOCAL_WORLD_SIZE=str(procs))
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **world)
     paths = [where / f"rank{rank}.log" for rank in range(procs)]
-    for path in paths:
-        path.write_text("")
-    workers = [Worker(str(script), [str(a) for a in args], dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                      str(paths[rank])) for rank in range(procs)]
+    workers = []
+    for rank, path in enumerate(paths):
+        with open(path, "w") as out:
+            workers.append(Worker(str(script), [str(a) for a in args], dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                  out))
     code = wait(workers, timeout=timeout)
     texts = [path.read_text() for path in paths]
     assert code == 0, f"{script.name} {' '.join(map(str, args))} failed with exit {code}:\n" + \
@@ -138,13 +167,8 @@ def b2b(*argv) -> subprocess.CompletedProcess:
     """`b2b ARGV...` run in this process (launchers.cli.main, as the console script runs it), the
     workers of every `b2b train` it starts forked: its exit code and output."""
     out, err = io.StringIO(), io.StringIO()
-    popen_workers = launch.start_workers
-    launch.start_workers = functools.partial(start_workers, start=forked_start)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in argv])
-    finally:
-        launch.start_workers = popen_workers
+    with forked_workers(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
     return subprocess.CompletedProcess(["b2b", *map(str, argv)], code, out.getvalue(), err.getvalue())
 
 
@@ -177,9 +201,13 @@ def train(recipe: str | Path, out_dir: Path, sets: list[str], procs: int = 2, re
 def start_run(run_dir: Path, procs: int = 2, resume: str = "none") -> list[Worker]:
     """b2b train's workers for a prepared run directory (workers.start_workers, forked), each
     rank's output in a new RUN/rank<N>.log."""
-    for rank in range(procs):
-        (Path(run_dir) / f"rank{rank}.log").write_text("")
-    return start_workers(Path(run_dir), procs, resume, dict(os.environ, DS_ACCELERATOR="cpu"), start=forked_start)
+    logs = [open(Path(run_dir) / f"rank{rank}.log", "w") for rank in range(procs)]
+    try:
+        return start_workers(Path(run_dir), procs, resume, dict(os.environ, DS_ACCELERATOR="cpu"), logs,
+                             start=forked_start)
+    finally:  # each worker has its own copy
+        for f in logs:
+            f.close()
 
 
 def run_workers(run_dir: Path, procs: int, resume: str) -> tuple[int, list[str]]:
