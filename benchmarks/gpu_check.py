@@ -131,8 +131,9 @@ class Check:
                 "tflops_per_device": median("perf/tflops_per_device"),
                 "mfu": median("perf/mfu"), "peak_memory_gib": peak, "loss": s["train/loss"]}
 
-    def speed(self, case: Case) -> dict:
-        """The case at the largest micro batch that fits (the first run also serves exact resume)."""
+    def speed(self, case: Case) -> tuple[dict, dict]:
+        """The case at the largest micro batch that fits: its report entry, and the first run (which
+        also serves exact resume)."""
         first = self.train(case, f"{case.name}-m{case.micro}", case.micro)
         if first is None:
             raise SystemExit(f"gpu_check: {case.name} does not fit at micro batch {case.micro}")
@@ -148,11 +149,10 @@ class Check:
                     best = result
                     break
                 micro = max(case.micro, int(micro * 0.75))
-        figures = {k: v for k, v in best.items() if k != "loss"}
         goal = MFU_GOALS.get(case.name)
-        return {**figures, "mfu_goal": goal, "mfu_goal_met": None if best["mfu"] is None else best["mfu"] >= goal,
-                "tried": [{k: t[k] for k in ("micro", "peak_memory_gib", "out_of_memory") if k in t} for t in tried],
-                "first": first}
+        return {**figures(best), "mfu_goal": goal, "mfu_goal_met": None if best["mfu"] is None else best["mfu"] >= goal,
+                "tried": [{k: t[k] for k in ("micro", "peak_memory_gib", "out_of_memory") if k in t} for t in tried]}, \
+            first
 
     def resume(self, case: Case, uninterrupted: dict) -> dict:
         """Stop half-way, resume, and compare every step after the resume with the first run's."""
@@ -173,7 +173,7 @@ class Check:
         source, out = self.work / "grow-source", self.work / "grow-target"
         tokenizer = self.work / "grow-tokenizer"
         if not tokenizer.is_dir():
-            check(self.b2b("tokenizer", "--kind", "wordpiece", "--vocab-size", vocab, "--out", str(tokenizer)))
+            must_succeed(self.b2b("tokenizer", "--kind", "wordpiece", "--vocab-size", vocab, "--out", str(tokenizer)))
         from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
         tok = AutoTokenizer.from_pretrained(tokenizer)
         dims = dict(item.split("=") for item in shape.split(","))
@@ -183,7 +183,7 @@ class Check:
         model.save_pretrained(source)
         tok.save_pretrained(source)
         start = time.perf_counter()
-        check(self.b2b("grow", str(source), "--to", target, "--width", "aki", "--out", str(out), "--overwrite"))
+        must_succeed(self.b2b("grow", str(source), "--to", target, "--width", "aki", "--out", str(out), "--overwrite"))
         seconds = time.perf_counter() - start
         grown = json.loads((out / "config.json").read_text())
         return {"from": shape, "to": target, "width": "aki", "seconds": round(seconds, 2),
@@ -195,7 +195,7 @@ class Check:
             result = self.train(case, f"{case.name}-megatron-half", max(1, micro // 2), *MEGATRON)
         if result is None:
             raise SystemExit(f"gpu_check: megatron-core's {case.name} does not fit at micro batch {micro // 2}")
-        return {k: v for k, v in result.items() if k != "loss"}
+        return figures(result)
 
     def run(self) -> dict:
         import torch
@@ -203,15 +203,20 @@ class Check:
         report = {"mode": "cpu" if self.mode is CPU else "gpu", "python": platform.python_version(),
                   "torch": torch.__version__, "device": device_name(), "gpu_memory_gib": gpu_memory_gib(),
                   "notes": self.mode.notes, "train": {}}
-        bert, gpt = self.mode.cases
+        gpt = self.mode.cases[1]
+        first = {}
         for case in self.mode.cases:
-            report["train"][case.name] = self.speed(case)
-        report["resume"] = self.resume(gpt, report["train"][gpt.name].pop("first"))
-        report["train"][bert.name].pop("first")
+            report["train"][case.name], first[case.name] = self.speed(case)
+        report["resume"] = self.resume(gpt, first[gpt.name])
         report["grow"] = self.grow()
         report["megatron_tp1"] = self.megatron(gpt, report["train"][gpt.name]["micro"])
         report["seconds"] = round(time.perf_counter() - start, 1)
         return report
+
+
+def figures(result: dict) -> dict:
+    """A run's figures for the report: all but its per-step losses."""
+    return {k: v for k, v in result.items() if k != "loss"}
 
 
 def static_gib(case: Case, check: Check) -> float:
@@ -238,7 +243,7 @@ def gpu_memory_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else None
 
 
-def check(done: subprocess.CompletedProcess) -> None:
+def must_succeed(done: subprocess.CompletedProcess) -> None:
     if done.returncode:
         raise SystemExit(f"gpu_check: {' '.join(map(str, done.args))} failed:\n{(done.stdout + done.stderr)[-4000:]}")
 

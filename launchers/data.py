@@ -14,6 +14,7 @@ exactly what the uninterrupted run read, and masks exactly the same tokens.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import sys
@@ -46,7 +47,8 @@ def quiet_libraries() -> None:
 # ---------------------------------------------------------------- corpus
 
 
-def python_docs() -> list[str]:
+@functools.cache  # parsing the standard library takes seconds; a process preparing several caches parses it once
+def python_docs() -> tuple[str, ...]:
     """Docstrings (100 characters or more) of the standard library's modules, classes and functions."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
@@ -62,7 +64,7 @@ def python_docs() -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= 100:
                     docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
 def load_corpus(recipe: Recipe):
@@ -75,7 +77,7 @@ def load_corpus(recipe: Recipe):
     elif d.hub:
         ds = datasets.load_dataset(d.hub, d.hub_config, split="train")
     else:
-        ds = datasets.Dataset.from_dict({"text": python_docs()})
+        ds = datasets.Dataset.from_dict({"text": list(python_docs())})
     field = "text" if not (d.files or d.hub) else d.text_field
     if field not in ds.column_names:
         raise RecipeError(f"data.text_field: {field!r} is not a column of the corpus ({ds.column_names})")
