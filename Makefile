@@ -24,10 +24,10 @@ demo: $(VENV)/.installed
 	$(BIN)/b2b grow minilm --to layers=6,hidden=768,heads=12,ffn=3072 --width exact --out runs/demo/minilm-w768-exact --overwrite
 	$(BIN)/b2b verify minilm runs/demo/minilm-w768-exact
 
-# Lint (ruff, configured in pyproject.toml), then two pytest-xdist workers: one after another,
-# the tests keep about one core busy (most of a
-# launch is start-up and teardown). Each test file goes to one worker, so a module's fixtures and
-# the SLURM test cluster are built once.
+# Lint (ruff, configured in pyproject.toml), then two pytest-xdist workers, one per core. Each
+# test file goes to one worker (the longest first: tests/conftest.py), so a module's fixtures and
+# the SLURM test cluster are built once. The distributed tests fork their workers from a server
+# that has imported torch, transformers and DeepSpeed once (tests/harness.py).
 test: $(VENV)/.installed
 	$(BIN)/ruff check growth launchers tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
