@@ -25,12 +25,13 @@ demo: $(VENV)/.installed
 	$(BIN)/b2b verify minilm runs/demo/minilm-w768-exact
 
 # Lint (ruff, configured in pyproject.toml), then two pytest-xdist workers, one per core. Each
-# test file goes to one worker (the longest first: tests/conftest.py), so a module's fixtures and
-# the SLURM test cluster are built once. The distributed tests fork their workers from a server
+# test file goes to one worker, the longest first (tests/conftest.py's order; xdist would otherwise
+# reorder the files by their number of tests), so a module's fixtures and the SLURM test cluster
+# are built once. The distributed tests fork their workers from a server
 # that has imported torch, transformers and DeepSpeed once (tests/harness.py).
 test: $(VENV)/.installed
 	$(BIN)/ruff check growth launchers tests benchmarks
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs

@@ -33,10 +33,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def world_env(procs: int) -> dict:
+    """torch.distributed's variables for `procs` ranks on this node, but the rank's own (rank_env)."""
+    return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
+                LOCAL_WORLD_SIZE=str(procs))
+
+
+def rank_env(env: dict, world: dict, rank: int) -> dict:
+    return dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank))
+
+
 def popen_start(run_dir: Path, procs: int, resume: str, env: dict, world: dict, logs: list | None) -> list:
     """`python -m launchers.train` for each rank, with `world` and its RANK in its environment."""
     return [subprocess.Popen([sys.executable, "-u", "-m", "launchers.train", "--run-dir", str(run_dir),
-                              "--resume", resume], env=dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)),
+                              "--resume", resume], env=rank_env(env, world, rank),
                              start_new_session=True,  # terminal signals reach b2b, not the workers
                              **({} if logs is None else dict(stdout=logs[rank], stderr=subprocess.STDOUT)))
             for rank in range(procs)]
@@ -47,15 +57,14 @@ def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
     """The `procs` training processes of this node, each in a session of its own; `logs`: one open
     file per rank for its output (default: this process's). `start`: what starts them (the tests'
     harness forks them from a server that has imported their modules)."""
-    world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
-                 LOCAL_WORLD_SIZE=str(procs), **{PARENT_ENV: str(os.getpid())})
+    variables = dict(world_env(procs), **{PARENT_ENV: str(os.getpid())})
     # the stop signals are blocked while the workers start (they inherit the mask), not ignored:
     # one that arrives meanwhile waits, for b2b's handler once they have started (it sends it on
     # to them every second until they end) and for each worker's first line, which catches and
     # unblocks them; so it is neither lost nor a KeyboardInterrupt traceback
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return start(run_dir, procs, resume, env, world, logs)
+        return start(run_dir, procs, resume, env, variables, logs)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 

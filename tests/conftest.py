@@ -1,5 +1,8 @@
 import os
 import random
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -128,6 +131,26 @@ def pytest_sessionfinish(session):
 LONGEST_FIRST = ["test_train.py", "test_slurm.py", "test_data.py", "test_zero_growth.py", "test_first_hour.py",
                  "test_two_stage.py", "test_run.py", "test_killed_writers.py", "test_sources.py",
                  "test_gpu_check.py"]
+
+
+def pytest_configure(config):
+    """On a machine without SLURM (CI's fresh Debian), its packages start installing now, in the
+    background, while the first test files run: the SLURM tests come later in the order and find
+    them installed, or wait for the rest (tests/slurm_cluster.py). Only in the controller (or a
+    run without xdist), and only when the run may include the SLURM tests."""
+    import slurm_cluster
+    paths = [Path(a.split("::")[0]) for a in config.args] or [Path(__file__).parent]
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.geteuid() != 0 or slurm_cluster.installed() or \
+            not any(p.is_dir() or p.name == "test_slurm.py" for p in paths):
+        return
+    with open(Path(tempfile.gettempdir()) / "b2b-slurm-install.log", "w") as log:
+        config.slurm_install = subprocess.Popen([sys.executable, slurm_cluster.__file__, "install"], stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "slurm_install"):  # never left half-done by the session's end (it ends long before)
+        config.slurm_install.wait()
 
 
 def pytest_collection_modifyitems(config, items):

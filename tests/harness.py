@@ -34,7 +34,7 @@ from pathlib import Path
 from launchers import launch
 from launchers.checkpoint import EXIT_STOPPED, RunDir
 from launchers.cli import main
-from launchers.workers import PARENT_ENV, free_port, start_workers, wait
+from launchers.workers import PARENT_ENV, rank_env, start_workers, wait, world_env
 
 # what a worker imports before its first step (the fork server imports them once)
 PRELOAD = ["launchers.train", "launchers.megatron", "deepspeed.runtime.zero.muon.muon_optimizer",
@@ -125,7 +125,7 @@ class Worker:
 def forked_start(run_dir: Path, procs: int, resume: str, env: dict, world: dict, logs: list | None) -> list[Worker]:
     """workers.popen_start with forked workers."""
     return [Worker("launchers.train", ["--run-dir", str(run_dir), "--resume", resume],
-                   dict(env, **world, RANK=str(rank), LOCAL_RANK=str(rank)), logs[rank] if logs else None)
+                   rank_env(env, world, rank), logs[rank] if logs else None)
             for rank in range(procs)]
 
 
@@ -142,22 +142,18 @@ def forked_workers():
 
 def torchrun(script: Path, *args, procs: int = 2, logs: Path | None = None, timeout: float = 600) -> list[str]:
     """`torchrun --nproc-per-node procs script args...` with forked workers: every rank's output
-    (kept in `logs`, a directory, as rank<N>.log; default a new temporary one). Fails the test
-    with the logs when a rank fails."""
+    (kept in `logs`, a directory, as rank<N>.log; default a temporary one, removed after). Fails
+    the test with the logs when a rank fails. (One OpenMP thread each: the fork server's.)"""
     import tempfile
-    where = Path(logs or tempfile.mkdtemp(prefix="torchrun-"))
-    where.mkdir(parents=True, exist_ok=True)
-    world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
-                 LOCAL_WORLD_SIZE=str(procs))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **world)
-    paths = [where / f"rank{rank}.log" for rank in range(procs)]
-    workers = []
-    for rank, path in enumerate(paths):
-        with open(path, "w") as out:
-            workers.append(Worker(str(script), [str(a) for a in args], dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                  out))
-    code = wait(workers, timeout=timeout)
-    texts = [path.read_text() for path in paths]
+    with contextlib.nullcontext(logs) if logs else tempfile.TemporaryDirectory(prefix="torchrun-") as where:
+        paths = [Path(where) / f"rank{rank}.log" for rank in range(procs)]
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        env, variables, workers = dict(os.environ, DS_ACCELERATOR="cpu"), world_env(procs), []
+        for rank, path in enumerate(paths):
+            with open(path, "w") as out:
+                workers.append(Worker(str(script), [str(a) for a in args], rank_env(env, variables, rank), out))
+        code = wait(workers, timeout=timeout)
+        texts = [path.read_text() for path in paths]
     assert code == 0, f"{script.name} {' '.join(map(str, args))} failed with exit {code}:\n" + \
         "\n".join(t[-3000:] for t in texts)
     return texts

@@ -13,10 +13,13 @@ Debian's slurm-wlm and munge are installed with apt-get when slurmctld is missin
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,13 +31,21 @@ def sh(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=check, **kwargs)
 
 
+def installed() -> bool:
+    return bool(shutil.which("slurmctld") and shutil.which("munged"))
+
+
 def install() -> None:
-    """Debian's packages, only when they are missing (CI runs as root on a fresh Debian)."""
-    if shutil.which("slurmctld") and shutil.which("munged"):
-        return
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    sh("apt-get", "update", env=env)
-    sh("apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge", env=env)
+    """Debian's packages, only when they are missing (CI runs as root on a fresh Debian). One
+    install at a time (an flock): conftest.py starts one in the background when the session
+    starts, and the cluster fixture's call waits for it to end."""
+    with open(Path(tempfile.gettempdir()) / "b2b-slurm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if installed():
+            return
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        sh("apt-get", "update", env=env)
+        sh("apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge", env=env)
 
 
 def free_port() -> int:
@@ -196,3 +207,7 @@ class Cluster:
         self.procs = []
         if not self.multi_error:
             self._remove_network()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["install"]:  # conftest.py's background install
+    install()

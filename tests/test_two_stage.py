@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -82,24 +83,39 @@ def test_step_flops_equal_torchs_flop_counter(arch, tied, plan):
     assert len(blocks(model)) == 4  # restored
 
 
-@pytest.mark.parametrize("stage", [3])  # the partitioned case; ZeRO-2 freezing runs in the MSLT test below
-def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
-    """Two cyclic stage-1 steps at a constant learning rate with block 1 on a 4-block model: step 1
-    trains block 0 (a 1-block sub-model), step 2 trains block 1 (a 2-block sub-model); blocks 2 and 3 and the embeddings
-    must come out bit-identical, under ZeRO-1 and under ZeRO-3's partitioned parameters."""
-    sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256"]
-    tok = prepare(config.load(RECIPES / "bert-tiny-cpu.yaml", sets)) / "tokenizer"
-    start = tmp_path / "start"
+TINY = {"bert": RECIPES / "bert-tiny-cpu.yaml", "llama": RECIPES / "llama-tiny-cpu.yaml"}
+
+
+def tiny_start(arch: str, vocab: int):
+    """A 4-block model of the arch, 32 wide (Llama: 2 query heads sharing 1 key/value head, tied)."""
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=128)).save_pretrained(start)
+    if arch == "bert":
+        return BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=128))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
+                                        tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_stage_one_step_changes_only_what_it_trains(arch, tmp_path):
+    """Two cyclic stage-1 steps at a constant learning rate with block 1 on a 4-block model: step 1
+    trains block 0 (a 1-block sub-model), step 2 trains block 1 (a 2-block sub-model); blocks 2 and 3
+    and the embeddings must come out bit-identical under ZeRO-3's partitioned parameters (ZeRO-2
+    freezing runs in the MSLT test below). The head: BERT's MLM transform, the Llama's final RMSNorm."""
+    sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256"]
+    tok = prepare(config.load(TINY[arch], sets)) / "tokenizer"
+    vocab = Tokenizer.from_file(str(tok / "tokenizer.json")).get_vocab_size()  # BPE: 256 bytes and its special token
+    start = tmp_path / "start"
+    tiny_start(arch, vocab).save_pretrained(start)
     for file in tok.iterdir():
         (start / file.name).write_bytes(file.read_bytes())
     run = tmp_path / "run"
     sets += [f"model.init_from={start}", "train.steps=2", "optim.warmup_steps=1",
-             "optim.lr=1e-2", "optim.min_lr_ratio=1.0", "stage1.steps=2", "stage1.block=1", "stage1.sampling=cyclic",
-             f"zero.stage={stage}", "train.eval_batches=1", "logging.progress=false"]
-    done = harness.train(RECIPES / "bert-tiny-cpu.yaml", run, sets)
+             "optim.lr=1e-2", "optim.schedule=linear", "optim.min_lr_ratio=1.0", "stage1.steps=2", "stage1.block=1",
+             "stage1.sampling=cyclic",
+             "zero.stage=3", "train.eval_batches=1", "logging.progress=false"]
+    done = harness.train(TINY[arch], run, sets)
     assert done.returncode == 0, done.stderr[-3000:]
 
     before, after = load_file(start / "model.safetensors"), load_file(run / "final" / "model.safetensors")
@@ -108,17 +124,19 @@ def test_a_stage_one_step_changes_only_what_it_trains(stage, tmp_path):
 
     r = config.load(run / "recipe.yaml")
     flops = read_scalars(run)["train/flops"]
-    per_token = [train_flops_per_token(r.shape, 64, 256, "bert", StepPlan(1, k + 1, k, False, True)) for k in (0, 1)]
+    per_token = [train_flops_per_token(r.shape, 64, vocab, arch, StepPlan(1, k + 1, k, False, True)) for k in (0, 1)]
     tokens = 8 * 2 * 64
     assert flops[1] == pytest.approx(tokens * per_token[0], rel=1e-6)
     assert flops[2] == pytest.approx(tokens * sum(per_token), rel=1e-6)
 
 
-@pytest.mark.parametrize("method,stage,optimizer", [("stackbert", 3, "grow"), ("mslt", 2, "reset")])
-def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage, optimizer, tmp_path):
+@pytest.mark.parametrize("arch,method,stage,optimizer", [("bert", "stackbert", 3, "grow"), ("bert", "mslt", 2, "reset"),
+                                                        ("llama", "stackbert", 2, "grow")])
+def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(arch, method, stage, optimizer, tmp_path):
     """1 block for 4 steps, stacked to 2 for 4 steps (MSLT: only the new block trains), then to
     4 blocks, each growth through the sharded checkpoint (StackBERT carrying Adam's moments); a
-    run stopped at step 4, before the first growth, resumes to the same losses."""
+    run stopped at step 4, before the first growth, resumes to the same losses. The tiny Llama too
+    (grouped-query attention, tied)."""
     phases = ["progressive.layers=[1, 2]", "progressive.steps=[4, 4]", f"progressive.optimizer={optimizer}"] + \
         (["progressive.freeze_lower=true"] if method == "mslt" else [])
     sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256",
@@ -126,7 +144,7 @@ def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage
             "logging.progress=false", *phases]
 
     def train(run, *more, resume="none"):
-        return harness.train(RECIPES / "bert-tiny-cpu.yaml", run, [*sets, *more], resume=resume)
+        return harness.train(TINY[arch], run, [*sets, *more], resume=resume)
 
     full, part = tmp_path / "full", tmp_path / "part"
     done = train(full)
@@ -139,9 +157,11 @@ def test_progressive_stacking_grows_in_the_run_and_resumes_exactly(method, stage
     b = read_scalars(part)
     assert all(a["train/loss"][s] == b["train/loss"][s] for s in range(1, 13))
     r = config.load(full / "recipe.yaml")
-    per_step = [8 * 2 * 64 * train_flops_per_token(r.shape, 64, 256, "bert", plan_for(r, s), True)
+    model = (BertForMaskedLM if arch == "bert" else LlamaForCausalLM).from_pretrained(full / "final")
+    assert model.config.num_hidden_layers == 4
+    vocab = model.config.vocab_size  # the tokenizer's: byte-level BPE adds its special token to the 256
+    per_step = [8 * 2 * 64 * train_flops_per_token(r.shape, 64, vocab, arch, plan_for(r, s), True)
                 for s in range(1, 13)]
     assert a["train/flops"][12] == pytest.approx(sum(per_step), rel=1e-6)
     if method == "mslt":
         assert per_step[4] < per_step[0] * 2  # phase 2 trains one of its two blocks, and not the embeddings
-    assert BertForMaskedLM.from_pretrained(full / "final").config.num_hidden_layers == 4

@@ -1,0 +1,227 @@
+"""The kill -9 campaign of issue 20 (item 1): a 2-process `b2b train` (StackBERT at ZeRO-2, so
+that the run also grows its model in the middle) killed with SIGKILL at seeded random moments,
+its whole process group at once, as a node's OOM killer or a scheduler without a grace period
+does; then started again with `--resume auto`, until it finishes.
+
+    python benchmarks/kill_campaign.py --seed 0 --kills 16
+
+A kill lands at a uniformly drawn time in the first start's wall-clock span, or (one kill in
+three) the moment a checkpoint save is seen in progress: a tag directory newer than 'latest'.
+Before some restarts the data cache is removed, so that kills also land in data preparation.
+Where each kill landed is read from outside, as a user would see it: preparing data (the cache
+not yet written), starting (no step logged since the start: imports, engine build, resume),
+saving (a tag newer than 'latest'), growing (after a stacking boundary's step, before the next
+step), exporting (after the last step), or a training step.
+
+After every kill: no process of the run is left; 'latest' names a tag that exists and holds
+every rank's files; no DeepSpeed /dev/shm buffer was left. Each restart takes over the killed
+run's lock and removes a half-written tag, each with a one-line warning; a kill loses at most one
+checkpoint interval of steps. At the end the
+run has finished and every step's loss equals an uninterrupted run's (float32 CPU, 1e-6). Prints
+the kills by phase and the steps lost; exits 1 if any contract broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from growth import CheckpointError
+from launchers.checkpoint import RunDir, latest_tag, partial_tags
+from launchers.events import read_scalars
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS, EVERY, BOUNDARIES = 24, 4, (8, 16)
+SETS = [f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=2", "train.eval_every=8",
+        "optim.warmup_steps=2", "zero.stage=2", "model.layers=4", "progressive.layers=[1, 2]",
+        "progressive.steps=[8, 8]", "data.max_documents=800", "data.vocab_size=512", "logging.progress=false"]
+PHASES = ("data", "start", "step", "save", "growth", "export")
+
+
+class Start:
+    """One `b2b train --resume auto`, its output read as it comes."""
+
+    def __init__(self, run: Path, cache: Path):
+        sets = sum((["--set", s] for s in [f"out_dir={run}", f"data.cache_dir={cache}", *SETS]), [])
+        self.proc = subprocess.Popen([sys.executable, "-m", "launchers.cli", "train", str(ROOT / "recipes" /
+                                      "bert-tiny-cpu.yaml"), "--procs", "2", "--resume", "auto", *sets],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True, cwd=ROOT)
+        self.lines: list[str] = []
+        self.last_step = 0  # the last step this start logged
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("step ") and line.split()[1].rstrip(":").isdigit():
+                self.last_step = int(line.split()[1].rstrip(":"))
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self.reader.join()
+        return code
+
+
+def phase(start: Start, run: Path, cache: Path, prepared: bool) -> str:
+    if not prepared and not any(cache.glob("*/tokenizer")):
+        return "data"
+    if partial_tags(RunDir(run).checkpoints):
+        return "save"
+    if start.last_step == 0:
+        return "start"
+    if start.last_step == STEPS:
+        return "export"
+    if start.last_step in BOUNDARIES:
+        return "growth"
+    return "step"
+
+
+def run_processes(run: Path) -> list:
+    return [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
+
+
+def shm_buffers() -> set:
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
+def complete(run: Path) -> str | None:
+    """What is wrong with the checkpoint 'latest' names, if anything: it must hold the model's
+    states and both ranks' optimizer partitions."""
+    ckpt = RunDir(run).checkpoints
+    try:
+        tag = latest_tag(ckpt)
+    except CheckpointError as err:
+        return str(err)
+    if tag is None:
+        return None
+    files = sorted(p.name for p in (ckpt / tag).iterdir())
+    optim = [f for f in files if f.endswith("_optim_states.pt")]
+    model = [f for f in files if f.endswith("_model_states.pt")]
+    return None if len(optim) == 2 and model else f"'latest' names {tag}, which holds {files}"
+
+
+def campaign_run(run: Path, cache: Path, reference: dict, span: float, rng: random.Random, budget: int,
+                 shm: set, log: list) -> list[str]:
+    """Kills (at most `budget`) and restarts of one run until it finishes: the contracts broken.
+    `log` gets (phase, steps lost) per kill."""
+    broken, kills, removed_partial, stale_lock = [], 0, False, None
+    for _ in range(budget + 20):
+        prepared = any(cache.glob("*/tokenizer"))
+        start = Start(run, cache)
+        killed = None
+        if kills < budget:
+            deadline = time.monotonic() + rng.uniform(0.2, span)
+            watch_save = rng.random() < 1 / 3
+            while start.proc.poll() is None and time.monotonic() < deadline:
+                if watch_save and partial_tags(RunDir(run).checkpoints):
+                    break
+                time.sleep(0.002)
+            if start.proc.poll() is None:
+                killed = phase(start, run, cache, prepared)
+                checkpoint = latest_tag(RunDir(run).checkpoints)
+                os.killpg(start.proc.pid, signal.SIGKILL)
+        code = start.wait()
+        out = "".join(start.lines)
+        if removed_partial and start.last_step > 0 and "a checkpoint whose save did not finish" not in out:
+            broken.append(f"a start after a kill mid-save did not remove the partial tag: {out[-1500:]}")
+        if stale_lock and start.last_step > 0 and f"took over the lock of process {stale_lock}" not in out:
+            broken.append(f"a start did not take over the killed run's lock (pid {stale_lock}): {out[-1500:]}")
+        if killed is None:
+            if code != 0:
+                broken.append(f"a start exited {code}: {out[-2000:]}")
+            break
+        kills += 1
+        step = int(checkpoint.removeprefix("step")) if checkpoint else 0
+        log.append((killed, max(0, start.last_step - step)))
+        for _ in range(50):
+            if not run_processes(run):
+                break
+            time.sleep(0.2)
+        if run_processes(run):
+            broken.append(f"kill {kills} ({killed}): processes left: {run_processes(run)}")
+        if (problem := complete(run)) is not None:
+            broken.append(f"kill {kills} ({killed}): {problem}")
+        if shm_buffers() - shm:
+            broken.append(f"kill {kills} ({killed}): /dev/shm buffers left: {shm_buffers() - shm}")
+        removed_partial = bool(partial_tags(RunDir(run).checkpoints))
+        stale_lock = start.proc.pid if (run / "lock").is_file() else None
+        if rng.random() < 0.2:
+            shutil.rmtree(cache, ignore_errors=True)  # the next start prepares the data again
+    loss = read_scalars(run)["train/loss"] if RunDir(run).tensorboard.is_dir() else {}
+    differ = [s for s in range(1, STEPS + 1) if abs(reference[s] - loss.get(s, float("inf"))) > 1e-6 * reference[s]]
+    if differ:
+        broken.append(f"losses differ from the uninterrupted run's at steps {differ}")
+    if not (RunDir(run).final / "config.json").is_file():
+        broken.append("the run did not finish")
+    return broken
+
+
+@dataclass
+class Campaign:
+    seed: int
+    span: float  # an uninterrupted run's wall clock, data preparation included
+    log: list[tuple[str, int]] = field(default_factory=list)  # per kill: (phase, steps lost)
+    runs: int = 0
+    recovered: int = 0  # runs that finished, every loss the uninterrupted run's, no contract broken
+    broken: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        kills = collections.Counter(where for where, _ in self.log)
+        lost = collections.Counter(n for _, n in self.log)
+        return "\n".join([
+            f"seed {self.seed}: {len(self.log)} kills over {self.runs} runs of {STEPS} steps (checkpoint every "
+            f"{EVERY} steps; an uninterrupted run {self.span:.1f} s)", "", "| phase | kills |", "|---|---|",
+            *(f"| {where} | {kills[where]} |" for where in PHASES), "",
+            f"steps lost per kill (logged after the newest complete checkpoint): {dict(sorted(lost.items()))}",
+            f"runs recovered (finished, every loss the uninterrupted run's): {self.recovered} of {self.runs}",
+            f"contracts broken: {len(self.broken)}", *(" - " + x.splitlines()[0][:300] for x in self.broken)])
+
+
+def campaign(seed: int, kills: int, root: Path) -> Campaign:
+    """An uninterrupted reference run, then runs killed `kills` times in all, in `root`."""
+    rng = random.Random(seed)
+    cache = root / "cache"
+    began = time.monotonic()
+    ref = Start(root / "reference", cache)
+    if ref.wait() != 0:
+        raise RuntimeError("the uninterrupted run failed:\n" + "".join(ref.lines[-40:]))
+    c = Campaign(seed, time.monotonic() - began)
+    reference = read_scalars(root / "reference")["train/loss"]
+    shutil.rmtree(cache)  # the campaign's first start prepares it again
+    shm = shm_buffers()
+    while len(c.log) < kills:
+        c.runs += 1
+        problems = campaign_run(root / f"run{c.runs}", cache, reference, c.span, rng, kills - len(c.log), shm, c.log)
+        c.recovered += not problems
+        c.broken += [f"run {c.runs}: {x}" for x in problems]
+    return c
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kills", type=int, default=16)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        c = campaign(args.seed, args.kills, Path(d))
+    print(c.table())
+    return 1 if c.broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
