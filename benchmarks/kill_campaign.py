@@ -5,26 +5,28 @@ does; then started again with `--resume auto`, until it finishes.
 
     python benchmarks/kill_campaign.py --seed 0 --kills 16
 
-A kill lands at a uniformly drawn time in the first start's wall-clock span, or (one kill in
-three) the moment a checkpoint save is seen in progress: a tag directory newer than 'latest'.
-Before some restarts the data cache is removed, so that kills also land in data preparation.
-Where each kill landed is read from outside, as a user would see it: preparing data (the cache
-not yet written), starting (no step logged since the start: imports, engine build, resume),
-saving (a tag newer than 'latest'), growing (after a stacking boundary's step, before the next
-step), exporting (after the last step), or a training step.
+Each kill targets a phase, the targets drawn in turn from a seeded shuffle of every phase, and
+lands a seeded random moment after the phase is seen from outside, as a user would see it:
+data preparation (the cache removed first; after "data: building"), start-up (imports, engine
+build, resume: a random time before the first step), a training step (after a step's line, in
+the next one), a checkpoint save (a tag newer than 'latest' on disk), the in-run growth (the
+grown checkpoint's directory on disk) and the export of RUN/final (after the last step). The
+table counts where the kill was seen to land.
 
 After every kill: no process of the run is left; 'latest' names a tag that exists and holds
 every rank's files; no DeepSpeed /dev/shm buffer was left. Each restart takes over the killed
 run's lock and removes a half-written tag, each with a one-line warning; a kill loses at most one
-checkpoint interval of steps. At the end the
-run has finished and every step's loss equals an uninterrupted run's (float32 CPU, 1e-6). Prints
-the kills by phase and the steps lost; exits 1 if any contract broke.
+checkpoint interval of steps; a start never hangs. At the end the run has finished, nothing
+half-written is left (no partial tag, no grown checkpoint, no hidden temporary directory), and
+every step's loss equals an uninterrupted run's (float32 CPU, 1e-6). Prints the kills by phase
+and the steps lost; exits 1 if any contract broke.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import random
 import shutil
@@ -71,24 +73,51 @@ class Start:
             if line.startswith("step ") and line.split()[1].rstrip(":").isdigit():
                 self.last_step = int(line.split()[1].rstrip(":"))
 
-    def wait(self) -> int:
-        code = self.proc.wait()
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code; None when it ran past `timeout` (a hang), after which it is killed."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            code = None
         self.reader.join()
         return code
 
 
+def growing(run: Path) -> bool:
+    return any(RunDir(run).checkpoints.glob("grown-*"))  # launchers/train.py's in-run stacking
+
+
 def phase(start: Start, run: Path, cache: Path, prepared: bool) -> str:
+    """Where a kill at this moment lands, as seen from outside."""
     if not prepared and not any(cache.glob("*/tokenizer")):
         return "data"
     if partial_tags(RunDir(run).checkpoints):
         return "save"
+    if growing(run):
+        return "growth"
     if start.last_step == 0:
         return "start"
-    if start.last_step == STEPS:
-        return "export"
-    if start.last_step in BOUNDARIES:
-        return "growth"
-    return "step"
+    return "export" if start.last_step == STEPS else "step"
+
+
+def seen(target: str, start: Start, run: Path, startup: float, began: float) -> bool:
+    """Whether the target phase has begun in this start."""
+    if target == "data":
+        return any(line.startswith("data: building") for line in start.lines)
+    if target == "start":
+        return time.monotonic() - began > startup
+    if target == "step":
+        return start.last_step % EVERY != 0  # a step's line, mid-interval: the kill lands in a later step
+    if target == "save":
+        return bool(partial_tags(RunDir(run).checkpoints))
+    if target == "growth":
+        return growing(run)
+    return start.last_step == STEPS  # export
+
+
+DELAY = {"data": 1.0, "start": 0.0, "step": 0.2, "save": 0.01, "growth": 0.2, "export": 1.0}  # at most, seconds
 
 
 def run_processes(run: Path) -> list:
@@ -115,28 +144,51 @@ def complete(run: Path) -> str | None:
     return None if len(optim) == 2 and model else f"'latest' names {tag}, which holds {files}"
 
 
-def campaign_run(run: Path, cache: Path, reference: dict, span: float, rng: random.Random, budget: int,
-                 shm: set, log: list) -> list[str]:
-    """Kills (at most `budget`) and restarts of one run until it finishes: the contracts broken.
-    `log` gets (phase, steps lost) per kill."""
+def holder(run: Path) -> int | None:
+    """The pid in the run's lock (the killed start's, or an earlier one's if it died before taking it)."""
+    try:
+        return json.loads((run / "lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def possible(target: str, run: Path) -> bool:
+    """Whether a start from the run's newest complete checkpoint still passes through the phase."""
+    tag = latest_tag(RunDir(run).checkpoints) if RunDir(run).checkpoints.is_dir() else None
+    step = int(tag.removeprefix("step")) if tag else 0
+    return {"growth": step < max(BOUNDARIES), "step": step < STEPS - 1, "save": step < STEPS}.get(target, True)
+
+
+def campaign_run(run: Path, cache: Path, reference: dict, startup: float, targets: list[str], budget: int,
+                 rng: random.Random, shm: set, log: list) -> list[str]:
+    """Kills (at most `budget`, aimed at `targets` in turn) and restarts of one run until it
+    finishes: the contracts broken. `log` gets (phase, steps lost) per kill."""
     broken, kills, removed_partial, stale_lock = [], 0, False, None
+    hang = max(120.0, 10 * startup)
     for _ in range(budget + 20):
+        target = next((t for t in targets if possible(t, run)), None) if kills < budget else None
+        if target == "data":
+            shutil.rmtree(cache, ignore_errors=True)  # this start prepares the data again
         prepared = any(cache.glob("*/tokenizer"))
+        began = time.monotonic()
         start = Start(run, cache)
         killed = None
-        if kills < budget:
-            deadline = time.monotonic() + rng.uniform(0.2, span)
-            watch_save = rng.random() < 1 / 3
-            while start.proc.poll() is None and time.monotonic() < deadline:
-                if watch_save and partial_tags(RunDir(run).checkpoints):
-                    break
+        if target is not None:
+            moment = startup * rng.random() if target == "start" else 0.0
+            while start.proc.poll() is None and not seen(target, start, run, moment, began) and \
+                    time.monotonic() - began < hang:
                 time.sleep(0.002)
+            time.sleep(rng.uniform(0, DELAY[target]))
             if start.proc.poll() is None:
+                targets.remove(target)
                 killed = phase(start, run, cache, prepared)
                 checkpoint = latest_tag(RunDir(run).checkpoints)
                 os.killpg(start.proc.pid, signal.SIGKILL)
-        code = start.wait()
+        code = start.wait(timeout=hang)
         out = "".join(start.lines)
+        if code is None:
+            broken.append(f"a start hung (killed after {hang:.0f} s): {out[-1500:]}")
+            break
         if removed_partial and start.last_step > 0 and "a checkpoint whose save did not finish" not in out:
             broken.append(f"a start after a kill mid-save did not remove the partial tag: {out[-1500:]}")
         if stale_lock and start.last_step > 0 and f"took over the lock of process {stale_lock}" not in out:
@@ -159,15 +211,17 @@ def campaign_run(run: Path, cache: Path, reference: dict, span: float, rng: rand
         if shm_buffers() - shm:
             broken.append(f"kill {kills} ({killed}): /dev/shm buffers left: {shm_buffers() - shm}")
         removed_partial = bool(partial_tags(RunDir(run).checkpoints))
-        stale_lock = start.proc.pid if (run / "lock").is_file() else None
-        if rng.random() < 0.2:
-            shutil.rmtree(cache, ignore_errors=True)  # the next start prepares the data again
+        stale_lock = holder(run)
     loss = read_scalars(run)["train/loss"] if RunDir(run).tensorboard.is_dir() else {}
     differ = [s for s in range(1, STEPS + 1) if abs(reference[s] - loss.get(s, float("inf"))) > 1e-6 * reference[s]]
     if differ:
         broken.append(f"losses differ from the uninterrupted run's at steps {differ}")
     if not (RunDir(run).final / "config.json").is_file():
         broken.append("the run did not finish")
+    left = [p.name for p in [*run.glob(".*"), *RunDir(run).checkpoints.glob("grown-*")]] + partial_tags(
+        RunDir(run).checkpoints)
+    if left:
+        broken.append(f"half-written entries left at the end: {left}")
     return broken
 
 
@@ -198,15 +252,20 @@ def campaign(seed: int, kills: int, root: Path) -> Campaign:
     cache = root / "cache"
     began = time.monotonic()
     ref = Start(root / "reference", cache)
+    while ref.last_step == 0 and ref.proc.poll() is None:
+        time.sleep(0.01)
+    startup = time.monotonic() - began  # to the first step: data preparation, imports, engine build
     if ref.wait() != 0:
         raise RuntimeError("the uninterrupted run failed:\n" + "".join(ref.lines[-40:]))
     c = Campaign(seed, time.monotonic() - began)
     reference = read_scalars(root / "reference")["train/loss"]
-    shutil.rmtree(cache)  # the campaign's first start prepares it again
+    targets = [PHASES[i % len(PHASES)] for i in range(kills)]
+    rng.shuffle(targets)
     shm = shm_buffers()
-    while len(c.log) < kills:
+    while len(c.log) < kills and c.runs < kills + 5:  # a target that never fires ends the campaign
         c.runs += 1
-        problems = campaign_run(root / f"run{c.runs}", cache, reference, c.span, rng, kills - len(c.log), shm, c.log)
+        problems = campaign_run(root / f"run{c.runs}", cache, reference, startup, targets, kills - len(c.log), rng,
+                                shm, c.log)
         c.recovered += not problems
         c.broken += [f"run {c.runs}: {x}" for x in problems]
     return c

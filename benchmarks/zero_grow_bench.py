@@ -40,6 +40,9 @@ def phase_source_worker(out: str) -> dict:
     import deepspeed
     import torch
     from transformers import BertConfig, BertForMaskedLM
+
+    from launchers.train import without_shm_all_reduce
+    without_shm_all_reduce()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     config = BertConfig(**SOURCE)
