@@ -126,11 +126,13 @@ def pytest_sessionfinish(session):
 
 
 # The longest test files first (seconds summed over their tests, `pytest -n 2 --dist loadfile
-# --durations=0`, 2026-12-03): pytest-xdist's loadfile hands out files in collection order, so the
-# two workers finish together instead of one running the long files alone at the end.
-LONGEST_FIRST = ["test_train.py", "test_slurm.py", "test_data.py", "test_zero_growth.py", "test_first_hour.py",
-                 "test_two_stage.py", "test_run.py", "test_killed_writers.py", "test_sources.py",
-                 "test_gpu_check.py"]
+# --no-loadscope-reorder --durations=0`, 2026-12-04): pytest-xdist's loadfile hands out files in
+# this order, so the two workers finish together instead of one running a long file alone at the
+# end. The SLURM file comes third, so that the background install of its packages (below) is done
+# when its cluster starts.
+LONGEST_FIRST = ["test_train.py", "test_run.py", "test_slurm.py", "test_kill_campaign.py", "test_killed_writers.py",
+                 "test_zero_growth.py", "test_two_stage.py", "test_first_hour.py", "test_sources.py",
+                 "test_gpu_check.py", "test_runlock.py", "test_cli.py"]
 
 
 def pytest_configure(config):
