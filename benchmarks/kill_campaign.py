@@ -152,10 +152,15 @@ def holder(run: Path) -> int | None:
         return None
 
 
+def newest_step(run: Path) -> int:
+    """The step of the newest complete checkpoint (0: none yet)."""
+    tag = latest_tag(RunDir(run).checkpoints)
+    return int(tag.removeprefix("step")) if tag else 0
+
+
 def possible(target: str, run: Path) -> bool:
     """Whether a start from the run's newest complete checkpoint still passes through the phase."""
-    tag = latest_tag(RunDir(run).checkpoints) if RunDir(run).checkpoints.is_dir() else None
-    step = int(tag.removeprefix("step")) if tag else 0
+    step = newest_step(run)
     return {"growth": step < max(BOUNDARIES), "step": step < STEPS - 1, "save": step < STEPS}.get(target, True)
 
 
@@ -182,7 +187,7 @@ def campaign_run(run: Path, cache: Path, reference: dict, startup: float, target
             if start.proc.poll() is None:
                 targets.remove(target)
                 killed = phase(start, run, cache, prepared)
-                checkpoint = latest_tag(RunDir(run).checkpoints)
+                checkpoint = newest_step(run)
                 os.killpg(start.proc.pid, signal.SIGKILL)
         code = start.wait(timeout=hang)
         out = "".join(start.lines)
@@ -198,8 +203,7 @@ def campaign_run(run: Path, cache: Path, reference: dict, startup: float, target
                 broken.append(f"a start exited {code}: {out[-2000:]}")
             break
         kills += 1
-        step = int(checkpoint.removeprefix("step")) if checkpoint else 0
-        log.append((killed, max(0, start.last_step - step)))
+        log.append((killed, max(0, start.last_step - checkpoint)))
         for _ in range(50):
             if not run_processes(run):
                 break

@@ -41,9 +41,8 @@ def phase_source_worker(out: str) -> dict:
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from launchers.train import without_shm_all_reduce
-    without_shm_all_reduce()
-    deepspeed.init_distributed(dist_backend="gloo")
+    from launchers.workers import init_distributed
+    init_distributed(cpu=True)
     torch.manual_seed(0)
     config = BertConfig(**SOURCE)
     model = BertForMaskedLM(config)

@@ -65,7 +65,7 @@ from .model import (
     train_flops_per_token,
     unit_of,
 )
-from .workers import PARENT_ENV
+from .workers import PARENT_ENV, init_distributed
 
 NO_DECAY = ("bias", "LayerNorm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight",
             "norm.weight")  # the last: megatron-core's input_/pre_mlp_/final_layernorm, the Llama family's norms
@@ -172,28 +172,13 @@ class Monitor:
             self.bar.close()
 
 
-def without_shm_all_reduce() -> None:
-    """DeepSpeed's CPU backend loads its shared-memory all-reduce op in init_distributed: a JIT
-    build check (ninja, about a second) under a lock file in ~/.cache/torch_extensions, which a
-    process killed meanwhile leaves behind, and every later start on the machine then waits for
-    it forever (found by benchmarks/kill_campaign.py). Training never uses the op (it reduces
-    through gloo, and without LOCAL_SIZE the op has no buffers: launchers/workers.py), so it is
-    not loaded; DeepSpeed falls back to torch.distributed without it."""
-    import importlib
-    backend = importlib.import_module("deepspeed.comm.torch")  # (the package's `torch` attribute is torch itself)
-    backend.build_shm_op = lambda: None
-
-
 class Trainer:
     def __init__(self, recipe: config.Recipe, resume: str):
-        import deepspeed
         import torch.distributed as dist
         self.recipe, self.dist = recipe, dist
         self.cpu = not torch.cuda.is_available()
-        if self.cpu:
-            without_shm_all_reduce()
         with contextlib.redirect_stdout(io.StringIO()) if os.environ.get(config.VERBOSE) != "1" else nullcontext():
-            deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl")
+            init_distributed(self.cpu)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.megatron = recipe.megatron
         self.dp_rank, self.dp_world = self.rank, self.world  # data parallelism: over tensor-parallel groups

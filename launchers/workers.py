@@ -33,6 +33,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_distributed(cpu: bool) -> None:
+    """A worker joins the process group (deepspeed.init_distributed, from the variables above):
+    gloo on CPU, NCCL on GPUs. On CPU without DeepSpeed's shared-memory all-reduce op, which its
+    CPU backend would load here: a JIT build check (ninja, about a second) under a lock file in
+    ~/.cache/torch_extensions, which a process killed meanwhile leaves behind, and every later
+    start on the machine then waits for it forever (found by benchmarks/kill_campaign.py).
+    Training never uses the op (it reduces through gloo, and without LOCAL_SIZE the op has no
+    buffers), and DeepSpeed falls back to torch.distributed without it."""
+    import importlib
+
+    import deepspeed
+    if cpu:  # (the package's `torch` attribute is torch itself, so the module by its name)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+
+
 def world_env(procs: int) -> dict:
     """torch.distributed's variables for `procs` ranks on this node, but the rank's own (rank_env)."""
     return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config, LlamaConfig
 
-from launchers.train import without_shm_all_reduce
+from launchers.workers import init_distributed
 
 VOCAB = 101
 # name: (architecture, ZeRO stage, precision, optimizer, tied output)
@@ -139,7 +139,6 @@ def load(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    without_shm_all_reduce()  # as the trainer: no JIT build, no lock file a killed process would leave
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(cpu=True)  # as the trainer's workers
     {"save": save, "load": load}[sys.argv[1]](Path(sys.argv[2]))
     dist.destroy_process_group()
