@@ -165,7 +165,9 @@ def release(directory: Path, mine: dict | None) -> None:
 @contextlib.contextmanager
 def held(directory: Path) -> Iterator[dict | None]:
     """Hold RUN/lock for the block, refreshed every HEARTBEAT seconds by a thread; the processes
-    started inside inherit the token (TOKEN_ENV)."""
+    started inside inherit the token (TOKEN_ENV). A directory made for the lock alone is removed
+    with it when nothing else was written there (a run refused before its first write)."""
+    made = not directory.exists()
     mine = acquire(directory)
     before = os.environ.get(TOKEN_ENV)
     stop = threading.Event()
@@ -177,6 +179,9 @@ def held(directory: Path) -> Iterator[dict | None]:
     finally:
         stop.set()
         release(directory, mine)
+        if made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there
+                directory.rmdir()
         if mine is not None:
             if before is None:
                 os.environ.pop(TOKEN_ENV, None)

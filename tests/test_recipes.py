@@ -271,6 +271,16 @@ def test_bad_recipe_sets(tmp_path, capsys):
         assert code == 2 and message in err, (text, err)
 
 
+def test_a_set_whose_source_is_missing_is_one_line_and_leaves_no_directory(tmp_path, capsys):
+    path = tmp_path / "set.yaml"
+    out = tmp_path / "out"
+    path.write_text(f"target: {RECIPES[0].parent / 'demo-bert-target.yaml'}\nsource_model: {tmp_path / 'nothing'}\n"
+                    f"out_dir: {out}\nmethods: {{fpi: {{grow: fpi}}}}\n")
+    code, _, err = run(capsys, "run", path)
+    assert code == 2 and err.count("\n") == 1 and "no such model directory" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("kernel,cpu,params", [
     ("auto", True, {"torch_adam": True, "foreach": False}),  # torch.optim.AdamW's for-loop, as before perf
     ("auto", False, {"torch_adam": True, "fused": True}),
