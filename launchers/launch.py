@@ -172,8 +172,9 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
     if prepare_only:
         return 0
     env = dict(os.environ, **({"DS_ACCELERATOR": "cpu"} if cpu else {}), **({config.VERBOSE: "1"} if verbose else {}))
-    workers = start_workers(run_dir, procs, resume, env)
-    received = []
+    received, workers = [], []  # the handler is in place before the workers start: a signal that
+    # arrives while they start is neither lost (SIGINT ignored by the caller: the kernel drops it) nor
+    # a KeyboardInterrupt; it is sent on to them once they run (forward, every second)
 
     def on_signal(signum, frame):
         received.append(signum)
@@ -190,6 +191,7 @@ def start(recipe: config.Recipe, ds: dict, procs: int, cpu: bool, path: str, set
                 worker.send_signal(received[0])
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
+        workers += start_workers(run_dir, procs, resume, env)
         code = wait(workers, every_second=forward)  # again until they end: one still starting misses a signal
     finally:
         for sig, handler in previous.items():
