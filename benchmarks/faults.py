@@ -1,7 +1,9 @@
 """The fuzzing campaign of issue 20 (item 5), longer than the test suite's share: seeded mutations
 of recipes and `--set` strings, `--to` strings, and byte-level corruptions of an HF model's
-safetensors header and config and of a growth manifest (tests/fuzz.py's cases; the ZeRO
-checkpoint cases need DeepSpeed checkpoints and run in tests/test_zero_growth.py). Prints how
+safetensors header and config, of a megatron-core torch_dist checkpoint's files (.metadata, the
+chunk file, metadata.json, config.json; written by `b2b convert`) and of a growth manifest
+(tests/fuzz.py's cases; the ZeRO checkpoint cases need DeepSpeed checkpoints and run in
+tests/test_zero_growth.py). Prints how
 the cases ended, by kind; exits 1 if any ended in a traceback, a multi-line error or an output
 left behind.
 
@@ -37,6 +39,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         make_model("BertForMaskedLM", Shape(layers=2, hidden=32, heads=2, ffn=64)).save_pretrained(root / "src")
+        make_model("GPT2LMHeadModel", Shape(layers=2, hidden=32, heads=2, ffn=64)).save_pretrained(root / "gpt")
+        assert b2b(["convert", str(root / "gpt"), "--out", str(root / "dist")]) == 0
+        dist_files = sorted(p.name for p in (root / "dist").iterdir() if p.name != "common.pt")
         assert b2b(["grow", str(root / "src"), "--to", TARGET, "--width", "exact", "--out", str(root / "grown")]) == 0
         grow = lambda src, work: ["grow", str(src), "--to", TARGET, "--out", str(work / "out")]  # noqa: E731
         verify = lambda src, work: ["verify", str(root / "src"), str(src)]  # noqa: E731
@@ -46,6 +51,8 @@ def main() -> int:
         cases += [fuzz.file_case(rng, "safetensors header", root / "src", grow, "model.safetensors",
                                  head=fuzz.safetensors_header) for _ in range(n)]
         cases += [fuzz.file_case(rng, "config.json", root / "src", grow, "config.json") for _ in range(n)]
+        cases += [fuzz.file_case(rng, "torch_dist checkpoint", root / "dist", grow, dist_files[i % len(dist_files)])
+                  for i in range(n)]
         cases += [fuzz.file_case(rng, "growth.json", root / "grown", verify, "growth.json", verdicts=(0, 1))
                   for _ in range(n)]
         tally: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -17,6 +17,8 @@ import torch
 from .errors import GrowthError
 from .maps import (
     AxisMap,
+    fused_qkv,
+    glu,
     grouped_heads_map,
     interleaved_layers,
     layer_axis_maps,
@@ -34,15 +36,18 @@ DEPTH_METHODS = ("stack", "identity")
 # weights (HyperCloning). Both are exact at step 0 wherever 'none' is.
 SYMMETRY_METHODS = ("none", "split", "noise")
 FAN_IN = ("h_in", "a_in", "f_in")
-FAN_OUT_NEW_UNITS = ("a_out", "q_out", "kv_out", "qkv_out", "hqkv_out", "f_out")  # the axes AKI fills from layer l+1
+FAN_OUT_NEW_UNITS = ("a_out", "q_out", "kv_out", "qkv_out", "hqkv_out", "f_out", "glu_out")  # AKI fills from l+1
+# how many blocks of an axis one tensor-parallel rank holds in a megatron-core checkpoint: SwiGLU's
+# fc1 is [gate; up] there, rank r's shard the r-th block of each half (fragments r and T + r of 2T)
+FRAGMENTS = {"glu_out": 2}
 
 
 def axis_size(role: str | None, shape: Shape) -> int | None:
     return {None: None, "h_out": shape.hidden, "h_in": shape.hidden, "a_out": shape.hidden,
             "q_out": shape.hidden, "a_in": shape.hidden, "kv_out": shape.kv_heads * shape.head_dim,
             "qkv_out": 3 * shape.hidden,
-            "hqkv_out": 3 * shape.hidden,
-            "f_out": shape.ffn, "f_in": shape.ffn}[role]
+            "hqkv_out": (shape.heads + 2 * shape.kv_heads) * shape.head_dim,
+            "f_out": shape.ffn, "f_in": shape.ffn, "glu_out": 2 * shape.ffn}[role]
 
 
 def check_source(shapes: Mapping[str, tuple], schema: Schema, source: Shape) -> None:
@@ -235,7 +240,7 @@ class Grower:
         maps = self.layer_maps[layer if layer is not None else 0]  # non-layer params use h_* only
         role = param.axes[param.tp] if shard is not None and param.tp is not None else None
         if role is not None:  # `get` returns source shard `shard`; grow the target shard's rows from it
-            maps = {**maps, role: maps[role].shard(shard, self.shards, axis_size(role, self.source))}
+            maps = {**maps, role: maps[role].shard(shard, self.shard_count(param), axis_size(role, self.source))}
         w = get(name)
         if self.width == "direct":
             copy = widen(w, param.axes, maps, scaled=False)
@@ -276,13 +281,18 @@ class Grower:
             return w
         sharded = param.tp is not None and self.shards > 1
         if sharded and shard is None:
-            parts = w.chunk(self.shards, param.tp)
+            parts = w.chunk(self.shard_count(param), param.tp)
             eps = torch.cat([self._draw(name, r, p.shape) for r, p in enumerate(parts)], param.tp)
         else:
             eps = self._draw(name, shard if sharded else None, w.shape)
         m = maps[param.axes[dim]]
         eps = zero_sum_over_copies(eps, dim, m.index, m.share)
         return (w.double() * (1 + eps)).to(w.dtype)
+
+    def shard_count(self, param: Param) -> int:
+        """Into how many blocks a tensor-parallel checkpoint splits the parameter's sharded axis
+        (the shards, times FRAGMENTS), each grown from the same block of the source."""
+        return self.shards * FRAGMENTS.get(param.axes[param.tp], 1) if param.tp is not None else 1
 
     def _draw(self, name: str, shard: int | None, shape: tuple) -> torch.Tensor:
         key = hashlib.sha256(f"{self.seed}/{name}/{shard}".encode()).digest()
@@ -360,17 +370,11 @@ def _direct_maps(source: Shape, target: Shape) -> dict[str, AxisMap]:
     h, f = block(source.hidden, target.hidden), block(source.ffn, target.ffn)
     qkv = AxisMap(torch.cat([h.index + k * source.hidden for k in range(3)]), None, h.is_new.repeat(3),
                   h.share.repeat(3))
-    # megatron-core's head-major fused QKV, rows [head, (q, k, v), dim]: the same attention units as
-    # qkv_out's (unit a of q, k or v from the source's unit a), at their head-major rows
-    rows = torch.arange(3 * target.hidden)
-    kind, unit = rows % (3 * target.head_dim) // target.head_dim, \
-        rows // (3 * target.head_dim) * target.head_dim + rows % target.head_dim
-    small = h.index[unit]
-    hqkv = AxisMap(small // source.head_dim * 3 * source.head_dim + kind * source.head_dim + small % source.head_dim,
-                   None, h.is_new[unit], h.share[unit])
     kv = block(source.kv_heads * source.head_dim, target.kv_heads * target.head_dim)
     return {"h_out": h, "h_in": h, "a_out": h, "q_out": h, "a_in": h, "kv_out": kv, "qkv_out": qkv,
-            "hqkv_out": hqkv, "f_out": f, "f_in": f}
+            # megatron-core's fused rows: the same attention units as q_out's and kv_out's, at their rows
+            "hqkv_out": fused_qkv(h, kv, source.heads, source.kv_heads, source.head_dim, target.kv_heads),
+            "f_out": f, "f_in": f, "glu_out": glu(f, source.ffn)}
 
 
 def vars_of(shape: Shape) -> dict:

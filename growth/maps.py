@@ -174,7 +174,7 @@ def layer_axis_maps(hidden: IndexMap, heads: IndexMap, head_dim: IndexMap, ffn: 
     ones = torch.ones(attn.large, dtype=torch.float64)
     a_small = attn.small
     h_share, a_share, f_share = hidden.share, attn.share, ffn.share
-    return {
+    out = {
         "h_out": AxisMap(hidden.index, None, hidden.is_new, h_share),
         "h_in": AxisMap(hidden.index, h_share, hidden.is_new, h_share),
         "a_out": AxisMap(attn.index, None, new_head, a_share),
@@ -183,23 +183,37 @@ def layer_axis_maps(hidden: IndexMap, heads: IndexMap, head_dim: IndexMap, ffn: 
         "a_in": AxisMap(attn.index, a_share, new_head, a_share),
         "qkv_out": AxisMap(torch.cat([attn.index, attn.index + a_small, attn.index + 2 * a_small]),
                            torch.cat([q_scale, ones, ones]), new_head.repeat(3), a_share.repeat(3)),
-        "hqkv_out": _head_major_qkv(heads, head_dim, q_scale, new_head, a_share),
         "f_out": AxisMap(ffn.index, None, ffn.is_new, f_share),
         "f_in": AxisMap(ffn.index, f_share, ffn.is_new, f_share),
     }
+    return {**out, "hqkv_out": fused_qkv(out["q_out"], out["kv_out"], heads.small, kv.small, head_dim.small, kv.large),
+            "glu_out": glu(out["f_out"], ffn.small)}
 
 
-def _head_major_qkv(heads: IndexMap, head_dim: IndexMap, q_scale: torch.Tensor, new_head: torch.Tensor,
-                    share: torch.Tensor) -> AxisMap:
-    """megatron-core's fused QKV rows [head, (q, k, v), dim] (multi-head attention: one query
-    group per head): target row (j, p, d) takes source row (g_h(j), p, g_d(d)); the query part
-    gets the query scale."""
-    ht, dt, ds = heads.large, head_dim.large, head_dim.small
-    index = heads.index.view(ht, 1, 1) * 3 * ds + torch.arange(3).view(1, 3, 1) * ds + head_dim.index.view(1, 1, dt)
-    per_part = lambda t: t.view(ht, 1, dt).expand(ht, 3, dt)  # noqa: E731
-    scale = torch.stack([q_scale.view(ht, dt), torch.ones(ht, dt, dtype=torch.float64),
-                         torch.ones(ht, dt, dtype=torch.float64)], dim=1)
-    return AxisMap(index.reshape(-1), scale.reshape(-1), per_part(new_head).reshape(-1), per_part(share).reshape(-1))
+def fused_qkv(q: AxisMap, kv: AxisMap, source_heads: int, source_groups: int, source_head_dim: int,
+              target_groups: int) -> AxisMap:
+    """megatron-core's fused QKV rows [group, (the group's query heads, k, v), dim] from the maps of
+    the query units (q_out: heads x dim) and the key/value units (kv_out: groups x dim); multi-head
+    attention is a group a head. A target query unit takes the source row of the source query unit
+    it copies (that unit's group, its head's slot in the group, its dim); a key/value unit the
+    source's k and v rows of the unit it copies. Scales, new units and shares follow the unit maps."""
+    ds, rs, gt = source_head_dim, source_heads // source_groups, target_groups
+    head, dim = q.index // ds, q.index % ds
+    q_rows = ((head // rs) * (rs + 2) + head % rs) * ds + dim
+    k_rows = (kv.index // ds * (rs + 2) + rs) * ds + kv.index % ds
+
+    def arrange(queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([queries.reshape(gt, -1), k.reshape(gt, -1), v.reshape(gt, -1)], 1).reshape(-1)
+    ones_q, ones_kv = (torch.ones(m.index.numel(), dtype=torch.float64) for m in (q, kv))
+    q_scale = ones_q if q.scale is None else q.scale
+    return AxisMap(arrange(q_rows, k_rows, k_rows + ds), arrange(q_scale, ones_kv, ones_kv),
+                   arrange(q.is_new, kv.is_new, kv.is_new), arrange(q.share, kv.share, kv.share))
+
+
+def glu(f: AxisMap, source_ffn: int) -> AxisMap:
+    """SwiGLU's fused [gate; up] rows (megatron-core's linear_fc1): both halves by the FFN map."""
+    return AxisMap(torch.cat([f.index, f.index + source_ffn]), None if f.scale is None else f.scale.repeat(2),
+                   f.is_new.repeat(2), f.share.repeat(2))
 
 
 def layer_map(source_layers: int, target_layers: int) -> list[int]:

@@ -6,8 +6,10 @@ Axis roles (None: the axis is not grown, e.g. vocabulary or positions):
   q_out            query fan-out: like a_out, plus the head_dim score compensation
   kv_out           grouped-query attention's key/value fan-out (kv_heads x head_dim)
   qkv_out          GPT-2's fused [q; k; v] fan-out
-  hqkv_out         megatron-core's fused QKV fan-out, head-major: rows [head, (q, k, v), dim]
+  hqkv_out         megatron-core's fused QKV fan-out, group-major: rows [group, (the group's query
+                   heads, k, v), dim]; a group a head under multi-head attention
   f_out / f_in     FFN intermediate units, fan-out / fan-in
+  glu_out          megatron-core's fused SwiGLU fan-out [gate; up]: each half by the FFN map
 Tensor kinds: 'weight' (random init for new units under DirectCopy), 'bias' (zeros),
 'norm_w' / 'norm_b' (ones / zeros), 'head_norm_*' (the LayerNorm that feeds a tied output
 embedding: divided by the hidden counts, see docs/growth.md), 'proj_*' (a block's output
@@ -159,6 +161,23 @@ MCORE_GPT = Schema(
     },
 )
 
+# megatron-core's GPTModel built as a Llama-family model (launchers/megatron.py): RMSNorm weights,
+# grouped fused QKV (Qwen2's q/k/v bias optional), no other biases, SwiGLU's fc1 as [gate; up]
+MCORE_LLAMA = Schema(
+    model_type="mcore_llama", base_prefix="", layer_prefix="decoder.layers.", pre_ln=True, rope=True,
+    params={
+        "embedding.word_embeddings.weight": Param((None, "h_out"), "weight", tp=0),
+        f"{D}.input_layernorm.weight": Param(("h_out",), "norm_w"),
+        f"{D}.self_attention.linear_qkv.weight": Param(("hqkv_out", "h_in"), "weight", tp=0),
+        f"{D}.self_attention.linear_qkv.bias": Param(("hqkv_out",), "bias", tp=0, optional=True),
+        f"{D}.self_attention.linear_proj.weight": Param(("h_out", "a_in"), "proj_w", tp=1),
+        f"{D}.pre_mlp_layernorm.weight": Param(("h_out",), "norm_w"),
+        f"{D}.mlp.linear_fc1.weight": Param(("glu_out", "h_in"), "weight", tp=0),
+        f"{D}.mlp.linear_fc2.weight": Param(("h_out", "f_in"), "proj_w", tp=1),
+        "decoder.final_layernorm.weight": Param(("h_out",), "head_norm_w"),
+        "output_layer.weight": Param((None, "h_in"), "output", tp=0),
+    },
+)
 
 
 def _llama(model_type: str) -> Schema:
@@ -187,7 +206,7 @@ def _llama(model_type: str) -> Schema:
     )
 
 
-SCHEMAS = {s.model_type: s for s in (BERT, GPT2, MCORE_GPT, *map(_llama, LLAMA_FAMILY))}
+SCHEMAS = {s.model_type: s for s in (BERT, GPT2, MCORE_GPT, MCORE_LLAMA, *map(_llama, LLAMA_FAMILY))}
 
 
 def schema_for(model_type: str) -> Schema:

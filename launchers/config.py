@@ -139,10 +139,10 @@ class ProgressiveConfig:
 
 @dataclass
 class ParallelConfig:
-    """Model parallelism: with tensor > 1 a GPT-2 recipe trains megatron-core's GPTModel with its
+    """Model parallelism: with tensor > 1 a GPT-2 or Llama-family recipe trains megatron-core's GPTModel with its
     layers split over `tensor` processes (launchers/megatron.py); data parallelism and ZeRO stage
     0 or 1 run over the remaining factor (processes / tensor)."""
-    tensor: int = 1  # tensor-parallel degree; must divide model.heads and model.ffn
+    tensor: int = 1  # tensor-parallel degree; must divide model.heads, model.kv_heads and model.ffn
     megatron: bool = False  # megatron-core's GPTModel even at tensor 1 (e.g. to compare with a tensor 2 run)
 
 
@@ -433,9 +433,9 @@ def kept_step(grown: str) -> int | None:
 
 
 def check_parallel(recipe: Recipe) -> None:
-    """Tensor parallelism trains megatron-core's GPTModel: GPT-2 only, ZeRO 0-1, no stage 1 or
-    progressive stacking (they rebuild HF models), started fresh, from an HF GPT-2 directory or
-    from a megatron-core torch_dist checkpoint."""
+    """Tensor parallelism trains megatron-core's GPTModel: GPT-2 or the Llama family, ZeRO 0-1, no
+    stage 1 or progressive stacking (they rebuild HF models), started fresh, from an HF directory of
+    the recipe's family or from a megatron-core torch_dist checkpoint."""
     from growth.adapters.deepspeed import is_checkpoint, universal_tag
     from growth.adapters.dist_checkpoint import is_dist_checkpoint
     m, tp = recipe.model, recipe.parallel.tensor
@@ -448,10 +448,12 @@ def check_parallel(recipe: Recipe) -> None:
         return
     key, value, off = ("parallel.tensor", tp, 1) if tp > 1 else ("parallel.megatron", "true", "false")
     what = f"{key} {value}"
-    _require(m.arch == "gpt2", key, f"{value}: megatron-core's GPTModel is a GPT-2, but model.arch is {m.arch}: "
-             f"set {key} to {off} (BERT trains data-parallel only)")
-    _require(m.heads % tp == 0 and m.ffn % tp == 0, "parallel.tensor",
-             f"{tp} does not divide model.heads ({m.heads}) and model.ffn ({m.ffn}): use a divisor of both")
+    _require(m.arch != "bert", key, f"{value}: megatron-core's GPTModel is built as GPT-2 or the Llama family, but "
+             f"model.arch is {m.arch}: set {key} to {off} (BERT trains data-parallel only)")
+    groups = m.kv_heads or m.heads
+    _require(m.heads % tp == 0 and m.ffn % tp == 0 and groups % tp == 0, "parallel.tensor",
+             f"{tp} does not divide model.heads ({m.heads}), model.kv_heads ({groups}) and model.ffn ({m.ffn}): "
+             "use a divisor of all three (every rank holds whole query groups)")
     _require(recipe.zero.stage <= 1, "zero.stage",
              f"{recipe.zero.stage} with {what}: megatron-core's model trains with ZeRO stage 0 or 1 "
              "(data parallelism over the tensor-parallel groups): set zero.stage to 0 or 1")
@@ -461,10 +463,10 @@ def check_parallel(recipe: Recipe) -> None:
              f"progressive stacking grows HF models, not {what}: remove the progressive section")
     _require(not (m.grow_from and is_checkpoint(m.grow_from)), "model.grow_from",
              f"{m.grow_from} is a ZeRO checkpoint, grown into a DeepSpeed universal checkpoint, which loads into HF "
-             f"models only: with {what} grow from an HF GPT-2 directory (the source run's final)")
+             f"models only: with {what} grow from an HF directory (the source run's final)")
     _require(not (m.init_from and universal_tag(m.init_from)), "model.init_from",
              f"{m.init_from} is a grown DeepSpeed checkpoint, which loads into HF models only: with {what} "
-             "start from an HF GPT-2 directory or a torch_dist checkpoint (b2b grow, or RUN/checkpoints/TAG/dist)")
+             "start from an HF directory or a torch_dist checkpoint (b2b grow, or RUN/checkpoints/TAG/dist)")
 
 
 # What a starting model named on the command line brings with it: its architecture, its shape

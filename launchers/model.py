@@ -15,22 +15,42 @@ from growth import LLAMA_FAMILY, Shape
 
 from .config import PerfConfig, Recipe, RecipeError
 
+# model.arch -> the HF config and model classes of a fresh model
+CLASSES = {"bert": ("BertConfig", "BertForMaskedLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+           "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
+def dropout_options(arch: str, dropout: float) -> dict:
+    return {"bert": {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout},
+            "gpt2": {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}}.get(
+        arch, {"attention_dropout": dropout})  # the Llama family drops attention probabilities only
+
+
+def model_config(recipe: Recipe, tokenizer, layers: int | None = None):
+    """The HF config of the recipe's fresh model (`layers` blocks if given)."""
+    import transformers
+    m, vocab, eos = recipe.model, len(tokenizer), tokenizer.eos_token_id
+    shape = {"bert": dict(hidden_size=m.hidden, num_hidden_layers=layers or m.layers, num_attention_heads=m.heads,
+                          intermediate_size=m.ffn, max_position_embeddings=m.max_positions,
+                          pad_token_id=tokenizer.pad_token_id),
+             "gpt2": dict(n_embd=m.hidden, n_layer=layers or m.layers, n_head=m.heads, n_inner=m.ffn,
+                          n_positions=m.max_positions, bos_token_id=eos, eos_token_id=eos)}.get(m.arch) or dict(
+        hidden_size=m.hidden, num_hidden_layers=layers or m.layers, num_attention_heads=m.heads,
+        num_key_value_heads=m.kv_heads or m.heads, intermediate_size=m.ffn, max_position_embeddings=m.max_positions,
+        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True)  # the Llama family
+    config_class, model_class = CLASSES[m.arch]
+    return getattr(transformers, config_class)(vocab_size=vocab, architectures=[model_class], **shape,
+                                               **dropout_options(m.arch, m.dropout))
+
 
 def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
     """A fresh model of the recipe's shape (seeded; `layers` blocks if given), or the start model."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        BertConfig,
-        BertForMaskedLM,
-        GPT2Config,
-        GPT2LMHeadModel,
-    )
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
     m = recipe.model
     vocab = len(tokenizer)
-    dropout = {"bert": {"hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.dropout},
-               "gpt2": {"resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout}}.get(
-        m.arch, {"attention_dropout": m.dropout})  # the Llama family drops attention probabilities only
+    dropout = dropout_options(m.arch, m.dropout)
     torch.manual_seed(recipe.seed)  # also for what a start model lacks (a new MLM head): the same on every rank
     start = recipe.start_model
     if start is not None:
@@ -45,25 +65,9 @@ def build_model(recipe: Recipe, tokenizer, layers: int | None = None):
             raise RecipeError(f"model: {start} has a vocabulary of {model.config.vocab_size} rows but the "
                               f"tokenizer has {vocab} tokens: use the model's own tokenizer (leave data.tokenizer "
                               "unset) or transfer the vocabulary first (b2b vocab)")
-    elif m.arch == "bert":
-        model = BertForMaskedLM(BertConfig(
-            vocab_size=vocab, hidden_size=m.hidden, num_hidden_layers=layers or m.layers, num_attention_heads=m.heads,
-            intermediate_size=m.ffn, max_position_embeddings=m.max_positions, pad_token_id=tokenizer.pad_token_id,
-            **dropout))
-    elif m.arch in LLAMA_FAMILY:
-        import transformers
-        family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[m.arch]
-        config = getattr(transformers, f"{family}Config")(
-            vocab_size=vocab, hidden_size=m.hidden, num_hidden_layers=layers or m.layers, num_attention_heads=m.heads,
-            num_key_value_heads=m.kv_heads or m.heads, intermediate_size=m.ffn, max_position_embeddings=m.max_positions,
-            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-            **dropout)
-        model = getattr(transformers, f"{family}ForCausalLM")(config)
     else:
-        model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=vocab, n_embd=m.hidden, n_layer=layers or m.layers, n_head=m.heads, n_inner=m.ffn,
-            n_positions=m.max_positions, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-            **dropout))
+        config = model_config(recipe, tokenizer, layers)
+        model = getattr(transformers, config.architectures[0])(config)
     model.config.use_cache = False  # training: no key/value cache
     return model
 

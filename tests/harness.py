@@ -12,6 +12,7 @@ environment, session and output the direct start gives it (launchers/workers.py)
 - forked_start: what start_workers starts the processes with.
 - b2b(): a b2b command (`b2b run`, `b2b train`, ...) in the test's process, its workers forked.
 - torchrun(): a test's worker script on N ranks, as torchrun starts it.
+- killed_writer(): a b2b command that writes one output directory, SIGKILLed at seeded moments.
 
 The tests of the launcher itself (signals, Ctrl-C, its exit codes, the README's commands, SLURM)
 start `b2b train` as a user does."""
@@ -20,13 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import multiprocessing
 import os
+import random
 import runpy
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from multiprocessing import reduction
 from pathlib import Path
@@ -210,3 +216,58 @@ def run_workers(run_dir: Path, procs: int, resume: str) -> tuple[int, list[str]]
     """(exit code as workers.wait gives it, every rank's log)."""
     code = wait(start_run(run_dir, procs, resume), timeout=600)
     return code, [(run_dir / f"rank{rank}.log").read_text() for rank in range(procs)]
+
+
+def b2b_process(*argv, wait: bool = True) -> subprocess.Popen:
+    """`b2b ARGV...` as its own process in a session of its own, as a user starts it (imports
+    included); with `wait`, the test fails unless it exits 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "launchers.cli", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    return proc
+
+
+def digest(directory: Path, volatile: tuple = ()) -> dict:
+    """Every file under `directory` by its relative path: its sha256 (for a `volatile` file name,
+    whose content differs from save to save, only whether it is non-empty)."""
+    return {str(p.relative_to(directory)): p.stat().st_size > 0 if p.name in volatile else
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def killed_writer(argv: list, out: Path, seed: int, kills: int, previous: bool = False, rerun: list = (),
+                  volatile: tuple = ()) -> None:
+    """`b2b ARGV... --out OUT` SIGKILLed (its whole process group) `kills` times at seeded moments of
+    its run, from the imports to the write; after each kill, OUT is the previous output, whole, or
+    absent, and its directory holds nothing else but the killed writers' hidden siblings. Then a
+    rerun (with `rerun`'s extra arguments) writes the same output as an uninterrupted run (the
+    writers are deterministic, but for the `volatile` files: a torch_dist .metadata holds a save id)
+    and leaves no sibling. `previous`: OUT exists before the kills."""
+    fingerprint = functools.partial(digest, volatile=volatile)
+    rng = random.Random(seed)
+    reference = out.parent.parent / f"{out.name}.reference"
+    start = time.monotonic()
+    b2b_process(*argv, "--out", reference)
+    seconds, expected = time.monotonic() - start, fingerprint(reference)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if previous:
+        b2b_process(*argv, "--out", out)
+    for _ in range(kills):
+        proc = b2b_process(*argv, "--out", out, *rerun, wait=False)
+        try:
+            proc.wait(timeout=rng.uniform(0.2, 1.0) * seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+        if out.exists():
+            assert fingerprint(out) == expected  # a whole output, the reference's
+        others = [p.name for p in out.parent.iterdir() if p.name != out.name]
+        assert all(name.startswith(f".{out.name}.tmp-") for name in others), others  # a killed writer's
+        assert out.is_dir() or not previous  # an existing output is exchanged in one step, never removed first
+    if out.exists() and not rerun:
+        shutil.rmtree(out)  # finished, and a rerun without --overwrite would be refused
+    b2b_process(*argv, "--out", out, *rerun)
+    assert fingerprint(out) == expected
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # the killed writers' siblings removed

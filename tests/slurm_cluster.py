@@ -182,12 +182,13 @@ class Cluster:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
-    def wait_job(self, job_id: str, timeout: float = 300, until=("COMPLETED", "FAILED", "CANCELLED",
-                                                                  "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")) -> dict:
+    def wait_job(self, job_id: str, timeout: float = 300, restarts: int = 0) -> dict:
+        """The job's record once it has ended, after at least `restarts` requeues."""
+        until = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)
-            if info.get("JobState") in until:
+            if info.get("JobState") in until and int(info.get("Restarts", 0)) >= restarts:
                 return info
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout}s")

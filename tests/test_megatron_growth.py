@@ -8,6 +8,7 @@ model; no read spans more than one shard of a tensor-parallel tensor; bad input 
 import json
 import os
 import pickle
+import random
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from growth.adapters.megatron import sharded_key
 from growth.schema import MCORE_GPT
 from launchers.cli import main
 
+import fuzz
 import harness
 
 WORKER = Path(__file__).parent / "megatron_worker.py"
@@ -152,6 +154,13 @@ def test_dist_and_legacy_sources_grow_identically(run):
     assert manifest["exact"] and manifest["tensor_parallel_growth"] == 2
 
 
+def test_a_killed_grow_of_a_tp_checkpoint_leaves_no_output_and_a_rerun_succeeds(run, tmp_path):
+    """`b2b grow` of the TP=2 torch_dist source SIGKILLed at seeded moments: no output, or a whole one."""
+    d, _, _, _ = run
+    harness.killed_writer(["grow", d / "source", "--to", STACKED, "--width", "fpi"], tmp_path / "work" / "grown",
+                          seed=24, kills=3, volatile=(".metadata",))
+
+
 def test_hf_megatron_round_trip_is_bit_exact(run, tmp_path):
     d, _, _, _ = run
     assert b2b("convert", d / "hf", "--out", tmp_path / "mc") == 0
@@ -224,6 +233,24 @@ def test_bad_input_is_one_error_and_writes_nothing(run, tmp_path, capsys, kind, 
     assert message in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert not Path("/tmp/b2b-pwned").exists()
+
+
+def test_corrupted_torch_dist_files_end_cleanly(run, tmp_path):
+    """Seeded byte-level corruptions (tests/fuzz.py) of the torch_dist source's .metadata, shard
+    chunks and config: a grown checkpoint, or one error line with exit 2 and nothing written; never
+    a traceback."""
+    d, _, _, _ = run
+    rng = random.Random(1)
+    files = sorted(p.name for p in (d / "source").iterdir() if p.is_file())
+    grow = lambda src, work: ["grow", str(src), "--to", WIDER, "--out", str(work / "out")]  # noqa: E731
+    outcomes = []
+    for i in range(24):
+        case = fuzz.file_case(rng, "torch_dist checkpoint", d / "source", grow, files[i % len(files)])
+        (tmp_path / str(i)).mkdir()
+        outcomes.append(fuzz.run_case(case, tmp_path / str(i)))
+    bad = [f"{o.name}: {o.ended}\n{o.detail}" for o in outcomes if o.ended not in ("valid", "error")]
+    assert not bad, "\n".join(bad)
+    assert any(o.ended == "error" for o in outcomes)  # the corruptions reach the reader
 
 
 def test_the_writer_refuses_a_chunk_of_the_wrong_shape(tmp_path):

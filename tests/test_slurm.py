@@ -5,6 +5,7 @@ one; two SLURM nodes in their own network namespaces train one process each thro
 input fails before anything is queued. sacct needs slurmdbd, so job states come from
 `scontrol show job`."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launchers.events import read_scalars
@@ -105,15 +107,34 @@ def test_bad_input_fails_before_anything_is_queued(cluster, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_job_runs_to_the_end_and_a_preempted_one_resumes_exactly(cluster, cache, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    sets = ["train.steps=20", "checkpoint.every=10", "checkpoint.keep=2"]
+def worker(run: Path, rank: int, timeout: float = 300) -> psutil.Process:
+    """Rank `rank`'s training process of `run`'s job, once it has started."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                line = " ".join(proc.info["cmdline"] or [])
+                if "launchers.train" in line and str(run) in line and proc.environ().get("RANK") == str(rank):
+                    return proc
+        time.sleep(0.2)
+    raise TimeoutError(f"no rank {rank} worker of {run} after {timeout}s")
+
+
+def test_a_job_runs_to_the_end_and_a_preempted_or_killed_one_resumes_exactly(cluster, cache, tmp_path):
+    """Three jobs of one recipe: uninterrupted; preempted (USR1 to the batch shell), which
+    checkpoints and is requeued; and one whose rank-1 worker is SIGKILLed, which fails (no
+    requeue: a kill may be the OOM killer's, and would repeat) and, requeued by hand, resumes from
+    its newest complete checkpoint. All three end with the same 20 steps and losses."""
+    full, part, killed = tmp_path / "full", tmp_path / "part", tmp_path / "killed"
+    sets = ["train.steps=20", "checkpoint.every=5", "checkpoint.keep=2"]
     done = submit(cluster, str(TINY), "--partition", "debug", "--gpus-per-node", "2", *tiny_sets(full, cache, *sets))
     assert done.returncode == 0, done.stderr
     assert f"log {full}/slurm-%j.out, TensorBoard {full}/tensorboard" in done.stdout
-    preempted = submit(cluster, str(TINY), "--gpus-per-node", "2", *tiny_sets(part, cache, *sets))
-    assert preempted.returncode == 0, preempted.stderr
-    (full_id,), (part_id,) = job_ids(done.stdout), job_ids(preempted.stdout)
+    slow = ["train.eval_every=1", "train.eval_batches=8"]  # a validation each step: a window for the kill
+    ids = [done] + [submit(cluster, str(TINY), "--gpus-per-node", "2", *tiny_sets(run, cache, *sets, *more))
+                    for run, more in ((part, []), (killed, slow))]
+    assert all(out.returncode == 0 for out in ids), [out.stderr for out in ids]
+    (full_id,), (part_id,), (killed_id,) = (job_ids(out.stdout) for out in ids)
 
     info = cluster.wait_job(full_id)
     log = (full / f"slurm-{full_id}.out").read_text()
@@ -124,17 +145,37 @@ def test_a_job_runs_to_the_end_and_a_preempted_one_resumes_exactly(cluster, cach
     part_log = part / f"slurm-{part_id}.out"
     wait_for_line(part_log, "step 3:")  # mid-run: preempt it as SLURM does before a time limit
     cluster.run("scancel", "--signal=USR1", "--batch", part_id)
-    info = cluster.wait_job(part_id)
+
+    # the killed job runs while the preempted one waits to restart
+    killed_log = killed / f"slurm-{killed_id}.out"
+    rank1 = worker(killed, rank=1)  # found while it imports, so that the kill comes right after the first save
+    while not (killed / "checkpoints" / "latest").is_file():  # the step-5 checkpoint is complete
+        time.sleep(0.02)
+    rank1.kill()  # SIGKILL: no signal SLURM forwards, none a handler sees (the OOM killer's way)
+    info = cluster.wait_job(killed_id)
+    log = killed_log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
+    assert "b2b: the workers failed" in log and "requeueing" not in log
+    assert not (killed / "lock").exists() and not (killed / "status.json").exists()
+    cluster.run("scontrol", "requeue", killed_id)  # what the user does once the cause is known
+
+    info = cluster.wait_job(part_id, restarts=1)
     log = part_log.read_text()  # --open-mode=append: both runs of the job in one log
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     assert "stopped by signal SIGUSR1" in log and f"requeueing job {part_id}" in log
     assert "(restart 1)" in log and "resumed from" in log
+    info = cluster.wait_job(killed_id, restarts=1)
+    log = killed_log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "(restart 1)" in log and "resumed from" in log and "finished at step 20/20" in log
 
-    a, b = read_scalars(full), read_scalars(part)
-    assert sorted(a["train/loss"]) == sorted(b["train/loss"]) == list(range(1, 21))
-    for step in range(1, 21):
-        assert abs(a["train/loss"][step] - b["train/loss"][step]) <= 1e-6, step
-    for run in (full, part):
+    a = read_scalars(full)["train/loss"]
+    for run in (part, killed):
+        b = read_scalars(run)["train/loss"]
+        assert sorted(a) == sorted(b) == list(range(1, 21))
+        for step in range(1, 21):
+            assert abs(a[step] - b[step]) <= 1e-6, (run.name, step)
+    for run in (full, part, killed):
         assert not (run / "lock").exists()  # released by the batch shell, at the requeue too
         assert json.loads((run / "status.json").read_text())["state"] == "finished"
         assert (run / "checkpoints" / "latest").read_text() == "step00000020"

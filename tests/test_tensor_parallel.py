@@ -1,22 +1,26 @@
 """Tensor parallelism (recipe `parallel`): megatron-core's GPTModel trained by `b2b train` on CPU
-(gloo, two processes, real DeepSpeed and megatron-core). A TP 2 run (DP 1), stopped and resumed from
-its DeepSpeed checkpoint, and an uninterrupted TP 1 run (DP 2) of the same recipe, both initialised
-from one HF GPT-2 directory, compute the same losses step by step, and the first equals the HF
-model's own loss; the TP 2 run's torch_dist checkpoint loads at TP 1 with the logits of its HF
-export; bad parallel recipes fail before anything starts."""
+(gloo, two processes, real DeepSpeed and megatron-core), built as GPT-2 and as a Llama (RMSNorm,
+SwiGLU, RoPE, 8 query heads in 2 groups, an untied output layer). For each, a TP 2 run (DP 1),
+stopped and resumed from its DeepSpeed checkpoint, and an uninterrupted TP 1 run (DP 2) of the same
+recipe, both initialised from one HF directory, compute the same losses step by step, and the first
+equals the HF model's own loss; the TP 2 run's torch_dist checkpoint loads at TP 1 with the logits of
+its HF export. megatron-core's Llama computes HF's logits (Llama tied and untied, Qwen2 with its
+q/k/v biases), and `b2b convert` moves them both ways bit for bit. Bad parallel recipes fail before
+anything starts."""
 
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from launchers import config
 from launchers.cli import main
 from launchers.data import Batches, cache_path, prepare, train_tokenizer
 from launchers.events import read_scalars
-from launchers.megatron import build_model, initialize
+from launchers.megatron import GPT, build_model, initialize, load_dist
 from launchers.workers import free_port
 
 import harness
@@ -48,22 +52,33 @@ def one_process():
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    """An HF GPT-2 directory of the recipe's shape, every parameter randomised (biases and layer norms
+def hf_model(arch: str, vocab: int, eos: int, r: config.Recipe):
+    """A fresh HF model of the TP recipe's size: GPT-2 as the recipe says (2 heads, tied), or a Llama
+    with 8 query heads in 2 key/value groups and an untied LM head."""
+    m = r.model
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=m.hidden, n_layer=m.layers, n_head=m.heads,
+                                          n_inner=m.ffn, n_positions=m.max_positions, bos_token_id=eos,
+                                          eos_token_id=eos))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=m.hidden, num_hidden_layers=m.layers,
+                                        num_attention_heads=8, num_key_value_heads=2, intermediate_size=m.ffn,
+                                        max_position_embeddings=m.max_positions, tie_word_embeddings=False,
+                                        rope_theta=50000.0, bos_token_id=eos, eos_token_id=eos))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def start(request, tmp_path_factory):
+    """An HF directory of the recipe's size (hf_model), every parameter randomised (biases and norms
     too, so that a slicing bug cannot hide behind zeros and ones), with a BPE tokenizer trained on the
     corpus: this project's own launchers/*.py, one document a line (quicker to read than the default
     corpus, the standard library's docstrings)."""
-    root = tmp_path_factory.mktemp("tp")
+    root = tmp_path_factory.mktemp(f"tp-{request.param}")
     lines = [line for f in sorted(RECIPES.parent.joinpath("launchers").glob("*.py"))
              for line in f.read_text().splitlines() if line.strip()]
     (root / "corpus.txt").write_text("\n".join(lines) + "\n")
     tokenizer = train_tokenizer(iter(lines), "bpe", 512)
-    r = load()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=r.model.hidden, n_layer=r.model.layers,
-                                       n_head=r.model.heads, n_inner=r.model.ffn, n_positions=r.model.max_positions,
-                                       bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model = hf_model(request.param, len(tokenizer), tokenizer.eos_token_id, load())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.05)
@@ -118,7 +133,7 @@ def test_tp2_and_tp1_train_alike_and_the_checkpoint_loads_at_another_tp(start, c
     assert abs(a[STEPS] - a[1]) > 1e-3  # the runs did train
 
     recipe = config.load(tp2 / "recipe.yaml")
-    hf = GPT2LMHeadModel.from_pretrained(root / "hf").eval()
+    hf = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
     data = Batches(cache_path(recipe), recipe, rank=0, world=1)
     with torch.no_grad():  # step 1 ran at the start weights: the HF model's own loss on its batches
         first = sum(hf(**data.train_batch(1, m)).loss.item() for m in range(2)) / 2
@@ -129,13 +144,13 @@ def test_tp2_and_tp1_train_alike_and_the_checkpoint_loads_at_another_tp(start, c
         "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt",  # DeepSpeed's, for exact resume at TP 2
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
     assert len(list((tag / "dist").glob("*.distcp"))) == 2  # each tensor-parallel rank wrote its shards
-    cfg = GPT2Config.from_pretrained(tag / "dist")
+    cfg = AutoConfig.from_pretrained(tag / "dist")
     assert cfg.vocab_size == len(data.tokenizer) and cfg.padded_vocab_size % 128 == 0
 
     ids = data.train_batch(STEPS + 1, 0)["input_ids"]
     with torch.no_grad():
-        exported = GPT2LMHeadModel.from_pretrained(tp2 / "final").eval()(ids).logits
-        other = GPT2LMHeadModel.from_pretrained(tp1 / "final").eval()(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(tp2 / "final").eval()(ids).logits
+        other = AutoModelForCausalLM.from_pretrained(tp1 / "final").eval()(ids).logits
         with one_process():  # the TP 2 checkpoint at TP 1, through the trainer's init_from path
             at_tp1 = config.load(TP_RECIPE, [*COMMON, *sets[:1], f"model.init_from={tag / 'dist'}",
                                              "data.tokenizer=null", "parallel.tensor=1", "parallel.megatron=true"])
@@ -144,10 +159,49 @@ def test_tp2_and_tp1_train_alike_and_the_checkpoint_loads_at_another_tp(start, c
     assert (other - exported).abs().max() <= 1e-4 * exported.abs().max()  # TP 1's training ended alike (4e-7)
 
 
+@pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("qwen2", True)],
+                         ids=["llama-untied", "llama-tied", "qwen2"])
+def test_megatron_llama_computes_the_hf_models_logits_and_converts_both_ways_bit_for_bit(family, tied, tmp_path):
+    """An HF Llama-family model (GQA 8 heads / 2 groups, RoPE theta 5e4; Qwen2: q/k/v biases),
+    every parameter randomised, through `b2b convert` into torch_dist and back: bit-exact; the
+    torch_dist checkpoint loaded by megatron-core's dist_checkpointing into its GPTModel built as
+    that family gives the HF model's logits and loss."""
+    import transformers
+    name = {"llama": "Llama", "qwen2": "Qwen2"}[family]
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=96, max_position_embeddings=64, tie_word_embeddings=tied, rope_theta=50000.0)
+    torch.manual_seed(0)
+    hf = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "mc")]) == 0
+    assert main(["convert", str(tmp_path / "mc"), "--out", str(tmp_path / "back")]) == 0
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert AutoConfig.from_pretrained(tmp_path / "back").architectures == [f"{name}ForCausalLM"]
+    assert main(["grow", str(tmp_path / "mc"), "--to", "hidden=128", "--out", str(tmp_path / "grown")]) == 2
+    assert not (tmp_path / "grown").exists()  # shard-local growth of Llama checkpoints: not yet, in one line
+
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), one_process():
+        model = GPT(AutoConfig.from_pretrained(tmp_path / "mc")).eval()
+        load_dist(model, tmp_path / "mc")
+        logits, loss = model(ids).logits, model(ids, labels=ids).loss
+        expected = hf(ids, labels=ids)
+    assert (logits - expected.logits).abs().max() <= 1e-5 * expected.logits.abs().max()
+    assert abs(loss.item() - expected.loss.item()) <= 1e-5
+
+
 BAD = {
     "bert": (RECIPES / "bert-tiny-cpu.yaml", ["parallel.tensor=2"],
-             "parallel.tensor: 2: megatron-core's GPTModel is a GPT-2, but model.arch is bert"),
+             "parallel.tensor: 2: megatron-core's GPTModel is built as GPT-2 or the Llama family, but model.arch "
+             "is bert"),
     "heads": (TP_RECIPE, ["parallel.tensor=4"], "parallel.tensor: 4 does not divide model.heads (2)"),
+    "groups": (TP_RECIPE, ["model.arch=llama", "model.heads=4", "model.kv_heads=1"],
+               "parallel.tensor: 2 does not divide model.heads (4), model.kv_heads (1)"),
     "zero 3": (TP_RECIPE, ["zero.stage=3"], "zero.stage: 3 with parallel.tensor 2: megatron-core's model trains"),
     "stage 1": (TP_RECIPE, ["stage1.steps=10", "stage1.block=1"], "stage1.steps: bert2BERT's two-stage training"),
     "processes": (TP_RECIPE, [], "parallel.tensor: 2 does not divide the 3 processes"),

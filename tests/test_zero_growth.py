@@ -373,6 +373,13 @@ def test_corrupted_checkpoint_files_end_cleanly(sources, tmp_path):
     assert not bad, "\n".join(bad)
 
 
+def test_a_killed_grow_of_a_zero_checkpoint_leaves_the_previous_output_or_none(sources, tmp_path):
+    """`b2b grow` of a ZeRO-3 source with its moments, SIGKILLed at seeded moments (the writers of
+    every rank file are inside one atomic directory): the previous output, whole, or none."""
+    harness.killed_writer(["grow", sources / "bert-z3-fp32", "--to", TARGET, "--optimizer", "grow"],
+                          tmp_path / "work" / "grown", seed=23, kills=3, previous=True, rerun=["--overwrite"])
+
+
 def test_bad_options(sources, tmp_path, capsys):
     assert b2b("grow", sources / "bert-z3-fp32", "--to", "layers=1", "--out", tmp_path / "a") == 2
     assert "target is smaller" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def is_dist_checkpoint(path: str | Path) -> bool:
         return False
     try:
         return json.loads((path / "metadata.json").read_text()).get("sharded_backend") == "torch_dist"
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, AttributeError):  # not JSON, not UTF-8, not an object
         return False
 
 
@@ -77,9 +77,16 @@ class DistCheckpoint:
             raise GrowthError(f"{self.path / '.metadata'}: refusing to load: {err}") from None
         except (EOFError, ValueError, AttributeError, TypeError) as err:
             raise GrowthError(f"{self.path / '.metadata'}: corrupt ({err})") from None
-        self.tensors = {key: md for key, md in meta.state_dict_metadata.items() if hasattr(md, "chunks")}
-        self.storage = {(index.fqn, tuple(index.offset)): info for index, info in meta.storage_data.items()}
-        self.save_id = getattr(meta.storage_meta, "save_id", None)
+        try:  # a pickle of the right classes may still hold the wrong fields
+            self.tensors = {key: md for key, md in meta.state_dict_metadata.items() if hasattr(md, "chunks")}
+            self.storage = {(index.fqn, tuple(index.offset)): info for index, info in meta.storage_data.items()}
+            self.save_id = getattr(meta.storage_meta, "save_id", None)
+            for md in self.tensors.values():
+                tuple(md.size), md.properties.dtype, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+            for info in self.storage.values():
+                info.relative_path + "", info.offset + info.length
+        except (AttributeError, TypeError) as err:
+            raise GrowthError(f"{self.path / '.metadata'}: corrupt ({err})") from None
         for key, md in self.tensors.items():
             for chunk in md.chunks:
                 info = self.storage.get((key, tuple(chunk.offsets)))

@@ -1,23 +1,26 @@
-"""megatron-core GPT checkpoints: grow them tensor-parallel shard by shard, and convert to and
-from HF GPT-2.
+"""megatron-core GPT checkpoints (GPTModel built as GPT-2 or as the Llama family): grow them
+tensor-parallel shard by shard, and convert to and from HF (GPT2LMHeadModel, LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM).
 
 Sources: a `torch_dist` checkpoint (growth/adapters/dist_checkpoint.py; `b2b train` writes one in
 every checkpoint tag as TAG/dist, `b2b convert` and `b2b grow` write them) or Megatron-LM's legacy
 layout (iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt, one file per tensor-parallel rank, read with
-weights_only=True). Either needs the model's GPT-2 config.json beside it (a torch_dist directory
+weights_only=True). Either needs the model's HF config.json beside it (a torch_dist directory
 holds it; for the legacy layout: the checkpoint root), as `b2b train` and `b2b convert` write.
 
 Shard-local growth at tensor-parallel degree T (default: the degree the source was saved at):
-the heads and FFN units grow within each of the T shards (growth.maps.prefix_map(..., shards)),
-so target shard r is computed from source shard r alone: column-parallel weights (fused QKV,
-grown per head, and linear_fc1) copy units of their own shard, row-parallel ones (linear_proj,
-linear_fc2) divide by copy counts that the shard knows. The hidden size is not sharded and grows
-the same on every shard. Nothing gathers a full tensor-parallel tensor; memory follows one shard.
-The output is a torch_dist checkpoint whose chunks are the grown shards; megatron-core loads it
-at any TP degree that divides the heads, FFN and padded vocabulary.
+the query groups (heads, under multi-head attention) and FFN units grow within each of the T
+shards (growth.maps.prefix_map(..., shards)), so target shard r is computed from source shard r
+alone: column-parallel weights (fused QKV, grown per group, and linear_fc1) copy units of their own
+shard, row-parallel ones (linear_proj, linear_fc2) divide by copy counts that the shard knows. The
+hidden size is not sharded and grows the same on every shard. Nothing gathers a full
+tensor-parallel tensor; memory follows one shard. The output is a torch_dist checkpoint whose
+chunks are the grown shards; megatron-core loads it at any TP degree that divides the heads,
+query groups, FFN and padded vocabulary.
 
 Layout facts (docs/tensor-parallel.md): ColumnParallelLinear [out/T, in], RowParallelLinear
-[out, in/T], VocabParallelEmbedding [V_pad/T, h]; the fused QKV rows are [head, (q, k, v), dim];
+[out, in/T], VocabParallelEmbedding [V_pad/T, h]; the fused QKV rows are [group, (the group's
+query heads, k, v), dim]; SwiGLU's fc1 is [gate; up], rank r holding the r-th block of each half;
 torch_dist keys stack the layers on a leading axis and name the layer norms after the TE-fused
 linear they feed (input_layernorm -> self_attention.linear_qkv.layer_norm_weight).
 """
@@ -31,8 +34,8 @@ import torch
 
 from ..errors import GrowthError
 from ..grow import Grower, check_source
-from ..schema import MCORE_GPT
-from ..shape import shape_from_config
+from ..schema import MCORE_GPT, MCORE_LLAMA, schema_for
+from ..shape import LLAMA_FAMILY, shape_from_config
 from . import dist_checkpoint
 from .dist_checkpoint import Chunk, DistCheckpoint
 from .files import (
@@ -79,75 +82,129 @@ def module_name(key: str, layer: int | None) -> str:
     return f"{LAYERS}{layer}.{rest}"
 
 
-# -- HF GPT-2 <-> megatron-core GPT ------------------------------------------------------------
+# -- HF GPT-2 / Llama <-> megatron-core GPT -----------------------------------------------------
 
-# megatron module name -> HF GPT2LMHeadModel name ({L}: the layer); HF's Conv1D weights are [in, out]
-HF_NAMES = {
-    "embedding.word_embeddings.weight": "transformer.wte.weight",
-    "embedding.position_embeddings.weight": "transformer.wpe.weight",
-    "decoder.final_layernorm.weight": "transformer.ln_f.weight",
-    "decoder.final_layernorm.bias": "transformer.ln_f.bias",
-    "output_layer.weight": "lm_head.weight",
-    **{f"decoder.layers.{{L}}.{m}.{p}": f"transformer.h.{{L}}.{h}.{p}" for m, h in [
-        ("input_layernorm", "ln_1"), ("self_attention.linear_qkv", "attn.c_attn"),
-        ("self_attention.linear_proj", "attn.c_proj"), ("pre_mlp_layernorm", "ln_2"),
-        ("mlp.linear_fc1", "mlp.c_fc"), ("mlp.linear_fc2", "mlp.c_proj")] for p in ("weight", "bias")},
+def _layer_names(pairs: list[tuple[str, str]], params=("weight", "bias")) -> dict[str, tuple[str]]:
+    return {f"decoder.layers.{{L}}.{m}.{p}": (f"{hf}.{p}",) for m, hf in pairs for p in params}
+
+
+# megatron module name -> its HF names ({L}: the layer; several: fused in this order)
+H = "transformer.h.{L}"
+GPT2_NAMES = {
+    "embedding.word_embeddings.weight": ("transformer.wte.weight",),
+    "embedding.position_embeddings.weight": ("transformer.wpe.weight",),
+    "decoder.final_layernorm.weight": ("transformer.ln_f.weight",),
+    "decoder.final_layernorm.bias": ("transformer.ln_f.bias",),
+    "output_layer.weight": ("lm_head.weight",),
+    **_layer_names([("input_layernorm", f"{H}.ln_1"), ("self_attention.linear_qkv", f"{H}.attn.c_attn"),
+                    ("self_attention.linear_proj", f"{H}.attn.c_proj"), ("pre_mlp_layernorm", f"{H}.ln_2"),
+                    ("mlp.linear_fc1", f"{H}.mlp.c_fc"), ("mlp.linear_fc2", f"{H}.mlp.c_proj")]),
 }
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+LL = "model.layers.{L}"
+LLAMA_NAMES = {  # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases: Qwen2)
+    "embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
+    "decoder.final_layernorm.weight": ("model.norm.weight",),
+    "output_layer.weight": ("lm_head.weight",),
+    **_layer_names([("input_layernorm", f"{LL}.input_layernorm"),
+                    ("pre_mlp_layernorm", f"{LL}.post_attention_layernorm"),
+                    ("self_attention.linear_proj", f"{LL}.self_attn.o_proj"),
+                    ("mlp.linear_fc2", f"{LL}.mlp.down_proj")], ("weight",)),
+    **{f"decoder.layers.{{L}}.self_attention.linear_qkv.{p}": tuple(f"{LL}.self_attn.{x}_proj.{p}" for x in "qkv")
+       for p in ("weight", "bias")},
+    "decoder.layers.{L}.mlp.linear_fc1.weight": (f"{LL}.mlp.gate_proj.weight", f"{LL}.mlp.up_proj.weight"),
+}
+# megatron names of the tensors HF GPT-2 stores transposed (its Conv1D: [in, out])
+CONV1D_TARGETS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+IGNORED = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")  # buffers of older HF files
 
 
-def _template(name: str) -> tuple[str, str | None]:
-    m = re.search(r"\.(\d+)\.", name)
-    return (name[:m.start()] + ".{L}." + name[m.end():], m.group(1)) if m else (name, None)
+class Layout:
+    """How an HF model's tensors map onto megatron-core's GPTModel: its names, heads and query groups
+    (megatron's fused QKV rows are [group, (the group's queries, k, v), head_dim]; GPT-2: a group a
+    head), and linear_fc1 = [gate; up] for SwiGLU models."""
+
+    def __init__(self, cfg: dict):
+        from .files import has_tied_output
+        self.model_type = cfg.get("model_type")
+        if self.model_type != "gpt2" and self.model_type not in LLAMA_FAMILY:
+            raise GrowthError(f"model_type {self.model_type!r}: megatron-core's GPT is built here as GPT-2 or as "
+                              f"the Llama family ({', '.join(LLAMA_FAMILY)})")
+        shape = shape_from_config(cfg)
+        self.llama = self.model_type in LLAMA_FAMILY
+        self.names = LLAMA_NAMES if self.llama else GPT2_NAMES
+        self.layers, self.heads, self.groups = shape.layers, shape.heads, shape.kv_heads or shape.heads
+        self.vocab = cfg["vocab_size"]
+        self.tied = has_tied_output(cfg, (cfg.get("architectures") or ["?ForCausalLM"])[0])
+
+    def fuse(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """HF tensors -> megatron's `name` (full, unsharded)."""
+        if name.endswith(CONV1D_TARGETS) and not self.llama:
+            parts = [w.t() for w in parts]
+        if "linear_qkv" in name:
+            q, k, v = parts if self.llama else parts[0].chunk(3)
+            rest = q.shape[1:]
+            return torch.cat([w.reshape(self.groups, -1, *rest) for w in (q, k, v)], 1).reshape(-1, *rest)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def split(self, name: str, w: torch.Tensor) -> list[torch.Tensor]:
+        """megatron's `name` (full) -> its HF tensors."""
+        if "linear_qkv" in name:
+            rest, per = w.shape[1:], w.shape[0] // (self.heads + 2 * self.groups)
+            q, k, v = (t.reshape(-1, *rest) for t in w.reshape(self.groups, -1, *rest).split(
+                [self.heads // self.groups * per, per, per], 1))
+            parts = [q, k, v] if self.llama else [torch.cat([q, k, v])]
+        else:
+            parts = list(w.chunk(2)) if name.endswith("linear_fc1.weight") and self.llama else [w]
+        return [t.t() for t in parts] if name.endswith(CONV1D_TARGETS) and not self.llama else parts
+
+    def templates(self):
+        """(megatron name, its HF names) of every tensor, layers spelled out."""
+        for m, hf in self.names.items():
+            for layer in range(self.layers) if "{L}" in m else [None]:
+                yield m.replace("{L}", str(layer)), [h.replace("{L}", str(layer)) for h in hf]
 
 
-def _qkv_rows(w: torch.Tensor, heads: int, to_head_major: bool) -> torch.Tensor:
-    """[q; k; v] rows (HF, each head-major) <-> megatron's [head, (q, k, v), dim] rows."""
-    rest = w.shape[1:]
-    if to_head_major:
-        return w.reshape(3, heads, -1, *rest).transpose(0, 1).reshape(w.shape)
-    return w.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(w.shape)
-
-
-def hf_to_mcore(hf: dict[str, torch.Tensor], heads: int, vocab_rows: int, tied: bool = True) -> dict[str, torch.Tensor]:
-    """An HF GPT2LMHeadModel state dict -> megatron-core GPTModel's (full, unsharded tensors), the
-    vocabulary padded with zero rows to `vocab_rows` (padded_vocab); a tied lm_head is dropped."""
-    to_hf = {hf_name: m for m, hf_name in HF_NAMES.items()}
-    out = {}
-    for name, w in hf.items():
-        if tied and name == "lm_head.weight":
+def hf_to_mcore(hf: dict[str, torch.Tensor], cfg: dict, vocab_rows: int) -> dict[str, torch.Tensor]:
+    """An HF GPT2LMHeadModel / LlamaForCausalLM (Mistral, Qwen2) state dict -> megatron-core GPTModel's
+    (full, unsharded tensors), the vocabulary padded with zero rows to `vocab_rows` (padded_vocab); a
+    tied lm_head is dropped. `cfg`: the HF config."""
+    layout, out, used = Layout(cfg), {}, set()
+    for name, parts in layout.templates():
+        if name == "output_layer.weight" and layout.tied:
+            used.update(parts)
             continue
-        template, layer = _template(name)
-        if template not in to_hf:
-            if template.endswith(("attn.bias", "attn.masked_bias")):
-                continue  # old GPT-2 files' mask buffers
-            raise GrowthError(f"{name}: not a GPT2LMHeadModel parameter")
-        target = to_hf[template].replace("{L}", layer or "")
-        w = w.t() if template.endswith(CONV1D) else w
-        if target.endswith("linear_qkv.weight") or target.endswith("linear_qkv.bias"):
-            w = _qkv_rows(w, heads, to_head_major=True)
-        if target in VOCAB_ROWS:
+        present = [p in hf for p in parts]
+        if not any(present) and name.endswith(".bias") and layout.llama:
+            continue  # Llama and Mistral have no biases; Qwen2 has the q/k/v ones
+        if not all(present):
+            raise GrowthError(f"{parts[present.index(False)]}: missing from the {layout.model_type} state dict")
+        w = layout.fuse(name, [hf[p] for p in parts])
+        used.update(parts)
+        if name in VOCAB_ROWS:
+            if w.shape[0] > vocab_rows:
+                raise GrowthError(f"{parts[0]}: {w.shape[0]} rows, more than the padded vocabulary's {vocab_rows}")
             w = torch.cat([w, w.new_zeros(vocab_rows - w.shape[0], *w.shape[1:])])
-        out[target] = w.contiguous()
+        out[name] = w.contiguous()
+    odd = sorted(n for n in set(hf) - used if not n.endswith(IGNORED))
+    if odd:
+        raise GrowthError(f"{odd[0]}: not a parameter of {layout.model_type} as megatron-core's GPT builds it")
     return out
 
 
-def mcore_to_hf(state: dict[str, torch.Tensor], heads: int, vocab: int) -> dict[str, torch.Tensor]:
-    """megatron-core GPTModel's full state dict -> HF GPT2LMHeadModel's (padding rows dropped)."""
-    out = {}
+def mcore_to_hf(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """megatron-core GPTModel's full state dict -> the HF model's of `cfg` (padding rows dropped)."""
+    layout, out = Layout(cfg), {}
+    names = dict(layout.templates())
     for name, w in state.items():
-        template, layer = _template(name)
-        if template not in HF_NAMES:
+        if name not in names:
             if name.endswith("_extra_state"):
                 continue
             raise GrowthError(f"{name}: not a megatron-core GPT parameter this converter knows")
-        target = HF_NAMES[template].replace("{L}", layer or "")
         if name in VOCAB_ROWS:
-            w = w[:vocab]
-        if "linear_qkv" in name:
-            w = _qkv_rows(w, heads, to_head_major=False)
-        out[target] = (w.t() if target.endswith(CONV1D) else w).contiguous()
+            w = w[:layout.vocab]
+        for hf_name, part in zip(names[name], layout.split(name, w)):
+            out[hf_name] = part.contiguous()
     return out
 
 
@@ -183,8 +240,8 @@ class DistSource:
                 name = module_name(key, layer)
                 self.shapes[name] = tuple(md.size[1:] if layers is not None else md.size)
                 self.dtypes[name] = md.properties.dtype
-        fc1 = LAYERS + "mlp.linear_fc1.weight"
-        self.tp = len(self.ckpt.chunk_offsets(fc1, 1)) if fc1 in self.ckpt.tensors else 1
+        fc2 = LAYERS + "mlp.linear_fc2.weight"  # row-parallel: one chunk a rank (fc1 of SwiGLU has two)
+        self.tp = len(self.ckpt.chunk_offsets(fc2, 2)) if fc2 in self.ckpt.tensors else 1
         self.format = f"megatron-core torch_dist (saved at TP {self.tp})"
 
     def get(self, name: str, shard: int | None, shards: int) -> torch.Tensor:
@@ -216,6 +273,8 @@ class LegacySource:
             if not file.is_file():
                 raise GrowthError(f"{file} is missing: tensor-parallel rank {r} of {self.tp}")
         self.models = [self._load(file) for file in self.files]
+        config = self.config_dir / "config.json"
+        self.glu = config.is_file() and read_json(config, "config").get("model_type") in LLAMA_FAMILY  # SwiGLU
         iterations = {m.get("iteration") for m, _ in self.models}
         if len(iterations) > 1:
             raise GrowthError(f"{path}: the rank files come from different saves (iterations {sorted(iterations)})")
@@ -240,14 +299,23 @@ class LegacySource:
         return state, state["model"]
 
     def get(self, name: str, shard: int | None, shards: int) -> torch.Tensor:
+        """The full tensor (shard None), or block `shard` of `shards`: a rank's shard, or for
+        SwiGLU's fc1 (a rank's file holds [gate_r; up_r]) one half of one (megatron's torch_dist order:
+        every rank's gate, then every rank's up)."""
         param = MCORE_GPT.lookup(name)
         if param.tp is None:
             return self.models[0][1][name]
+        glu = self.glu and name.endswith("mlp.linear_fc1.weight")
+        parts = [m[name] for _, m in self.models]
+        if glu:
+            halves = [part.chunk(2, param.tp) for part in parts]
+            parts = [h[0] for h in halves] + [h[1] for h in halves]
         if shard is None:
-            return torch.cat([m[name] for _, m in self.models], dim=param.tp)
-        if shards != self.tp:
-            raise GrowthError(f"a legacy checkpoint grows at its saved TP degree ({self.tp}), not {shards}")
-        return self.models[shard][1][name]
+            return torch.cat(parts, dim=param.tp)
+        if shards != len(parts):
+            raise GrowthError(f"a legacy checkpoint grows at its saved TP degree ({self.tp}), "
+                              f"not {shards // (1 + glu)}")
+        return parts[shard]
 
 
 def open_source(path: str | Path):
@@ -265,14 +333,13 @@ def open_source(path: str | Path):
 
 
 def source_config(source) -> dict:
+    """The HF config.json beside a megatron source (GPT-2 or the Llama family)."""
     file = source.config_dir / "config.json"
     if not file.is_file():
-        raise GrowthError(f"{source.path}: no config.json beside the checkpoint: write the model's GPT-2 config "
+        raise GrowthError(f"{source.path}: no config.json beside the checkpoint: write the model's HF config "
                           "there (b2b train and b2b convert do) so that its heads and vocabulary are known")
     cfg = read_json(file, "config")
-    if cfg.get("model_type") != "gpt2":
-        raise GrowthError(f"{file}: model_type {cfg.get('model_type')!r}; megatron-core checkpoints are grown "
-                          "as GPT (model_type gpt2)")
+    Layout(cfg)  # a model megatron-core's GPT is built as here
     return cfg
 
 
@@ -287,18 +354,20 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, tp: int | None = 
     if source is None:
         raise GrowthError(f"{src}: not a megatron-core torch_dist or Megatron-LM legacy checkpoint")
     cfg = source_config(source)
+    schema = MCORE_LLAMA if Layout(cfg).llama else MCORE_GPT
     shape = shape_from_config(cfg)
     target = target_shape(to, shape)
     tp = tp or source.tp
     rows = source.shapes.get("embedding.word_embeddings.weight", (0,))[0]
     for what, n in [("source heads", shape.heads), ("target heads", target.heads), ("source FFN", shape.ffn),
-                    ("target FFN", target.ffn), ("padded vocabulary", rows)]:
+                    ("target FFN", target.ffn), ("padded vocabulary", rows), ("source query groups", shape.kv_heads),
+                    ("target query groups", target.kv_heads)]:
         if n % tp:
             raise GrowthError(f"tensor-parallel degree {tp} does not divide the {what} ({n}); "
                               f"choose --tp (or a target) so that every shard holds whole units")
-    check_source(source.shapes, MCORE_GPT, shape)
+    check_source(source.shapes, schema, shape)
     tied = "output_layer.weight" not in source.shapes
-    grower = Grower(MCORE_GPT, shape, target, tied=tied, init_std=float(cfg.get("initializer_range", 0.02)),
+    grower = Grower(schema, shape, target, tied=tied, init_std=float(cfg.get("initializer_range", 0.02)),
                     shards=tp, **options)
     manifest = {"source": str(source.path), "source_format": source.format, "tensor_parallel_growth": tp,
                 **grower.manifest(),
@@ -312,15 +381,16 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, tp: int | None = 
         copies.setdefault(name, []).append((target_name, tshape))
     chunks = []  # in an order where a source shard's stacked copies follow each other (Grower.grow reuses it)
     for name, targets in copies.items():
-        param = MCORE_GPT.lookup(name)
-        for shard in range(tp) if param.tp is not None else [None]:
+        param = schema.lookup(name)
+        blocks = grower.shard_count(param)  # tp, or 2 tp for SwiGLU's [gate; up]
+        for shard in range(blocks) if param.tp is not None else [None]:
             for target_name, tshape in targets:
                 key, layer = sharded_key(target_name)
                 gshape = tshape if layer is None else (target.layers, *tshape)
-                offsets, sizes = tensor_region(gshape, layer, param.tp, shard, tp)
+                offsets, sizes = tensor_region(gshape, layer, param.tp, shard, blocks)
 
-                def make(target_name=target_name, shard=shard, sizes=sizes):
-                    return grower.grow(target_name, lambda n: source.get(n, shard, tp), shard=shard).reshape(sizes)
+                def make(target_name=target_name, shard=shard, sizes=sizes, blocks=blocks):
+                    return grower.grow(target_name, lambda n: source.get(n, shard, blocks), shard=shard).reshape(sizes)
                 chunks.append(Chunk(key, gshape, offsets, sizes, source.dtypes[name], make))
 
     with atomic_directory(out) as tmp:
@@ -334,18 +404,19 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, tp: int | None = 
 # -- conversion ----------------------------------------------------------------------------------
 
 def hf_weights(source) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A megatron source as an HF GPT2LMHeadModel: its config and its full (gathered) state dict."""
+    """A megatron source as an HF model (GPT2LMHeadModel, LlamaForCausalLM, ...): its config and its
+    full (gathered) state dict."""
     cfg = source_config(source)
     full = {name: source.get(name, None, 1) for name in source.shapes if MCORE_GPT.lookup(name)}
     hf_cfg = {k: v for k, v in cfg.items() if k != "padded_vocab_size"}
-    hf_cfg["architectures"] = ["GPT2LMHeadModel"]
-    return hf_cfg, mcore_to_hf(full, cfg["n_head"], cfg["vocab_size"])
+    hf_cfg.setdefault("architectures", ["GPT2LMHeadModel"])
+    return hf_cfg, mcore_to_hf(full, cfg)
 
 
 def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print) -> str:
-    """`b2b convert`: HF GPT-2 directory -> megatron-core torch_dist checkpoint, or a megatron
-    checkpoint (torch_dist or legacy) -> HF GPT-2 directory. Returns the direction."""
-    from .files import open_weights, read_config, resolve, weight_files
+    """`b2b convert`: an HF GPT-2 or Llama-family directory -> megatron-core torch_dist checkpoint, or
+    a megatron checkpoint (torch_dist or legacy) -> HF directory. Returns the direction."""
+    from .files import model_class, open_weights, read_config, resolve, weight_files
     out = free_output(out, overwrite)
     source = open_source(src)
     with atomic_directory(out) as tmp:
@@ -354,18 +425,15 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
             from safetensors.torch import save_file
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             copy_side_files(source.config_dir, tmp, hf_cfg)
-            direction = f"{source.format} -> HF GPT2LMHeadModel"
+            direction = f"{source.format} -> HF {hf_cfg['architectures'][0]}"
         else:  # HF -> megatron
             path = resolve(src)
             cfg = read_config(path)
-            if cfg["model_type"] != "gpt2":
-                raise GrowthError(f"{path}: b2b convert handles GPT-2 (model_type gpt2), not {cfg['model_type']!r}")
             weights = open_weights(weight_files(path))
             shape = shape_from_config(cfg)
             rows = padded_vocab(cfg["vocab_size"])
-            state = hf_to_mcore({n: weights[n] for n in weights.shapes}, shape.heads, rows,
-                                tied=bool(cfg.get("tie_word_embeddings", True)))
-            check_source({n: tuple(w.shape) for n, w in state.items()}, MCORE_GPT, shape)
+            check_source(weights.shapes, schema_for(cfg["model_type"]), shape)
+            state = hf_to_mcore({n: weights[n] for n in weights.shapes}, cfg, rows)
             chunks = []
             for name, w in state.items():
                 key, layer = sharded_key(name)
@@ -374,6 +442,6 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
                 chunks.append(Chunk(key, gshape, offsets, sizes, w.dtype, lambda w=w, sizes=sizes: w.reshape(sizes)))
             dist_checkpoint.save(tmp, chunks)
             copy_side_files(path, tmp, {**cfg, "padded_vocab_size": rows})
-            direction = "HF GPT2LMHeadModel -> megatron-core torch_dist"
+            direction = f"HF {model_class(cfg, path)} -> megatron-core torch_dist"
     log(f"converted {src} ({direction}) into {out}")
     return direction

@@ -24,8 +24,8 @@ HEADED = ("logits", "prediction_logits", "seq_relationship_logits")
 
 
 def load_model(path: Path):
-    """The model at `path` (an HF directory, or a megatron-core checkpoint read as HF GPT-2), its
-    config, and the directory holding its tokenizer."""
+    """The model at `path` (an HF directory, or a megatron-core checkpoint read as the HF model of its
+    config.json), its config, and the directory holding its tokenizer."""
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -33,11 +33,12 @@ def load_model(path: Path):
     source = open_source(path)
     if source is not None:
         cfg, state = hf_weights(source)
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+        name = model_class(cfg, path)
+        model = getattr(transformers, name)(transformers.AutoConfig.for_model(**cfg))
         loaded = model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()  # the embedding itself
         if loaded.unexpected_keys or set(loaded.missing_keys) - tied:
-            raise GrowthError(f"{path}: the checkpoint does not make a GPT-2 of its config.json (missing "
+            raise GrowthError(f"{path}: the checkpoint does not make a {name} of its config.json (missing "
                               f"{sorted(set(loaded.missing_keys) - tied)}, unexpected {loaded.unexpected_keys})")
         return model.eval(), cfg, source.config_dir
     cfg = read_config(path)
