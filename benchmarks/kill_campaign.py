@@ -39,13 +39,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from growth import CheckpointError
 from launchers.checkpoint import RunDir, latest_tag, partial_tags
 from launchers.events import read_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import harness  # noqa: E402
+
 STEPS, EVERY, BOUNDARIES = 24, 4, (8, 16)
 SETS = [f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=2", "train.eval_every=8",
         "optim.warmup_steps=2", "zero.stage=2", "model.layers=4", "progressive.layers=[1, 2]",
@@ -118,10 +119,6 @@ def seen(target: str, start: Start, run: Path, startup: float, began: float) -> 
 
 
 DELAY = {"data": 1.0, "start": 0.0, "step": 0.2, "save": 0.01, "growth": 0.2, "export": 1.0}  # at most, seconds
-
-
-def run_processes(run: Path) -> list:
-    return [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
 
 
 def shm_buffers() -> set:
@@ -205,11 +202,11 @@ def campaign_run(run: Path, cache: Path, reference: dict, startup: float, target
         kills += 1
         log.append((killed, max(0, start.last_step - checkpoint)))
         for _ in range(50):
-            if not run_processes(run):
+            if not harness.run_processes(run):
                 break
             time.sleep(0.2)
-        if run_processes(run):
-            broken.append(f"kill {kills} ({killed}): processes left: {run_processes(run)}")
+        if harness.run_processes(run):
+            broken.append(f"kill {kills} ({killed}): processes left: {harness.run_processes(run)}")
         if (problem := complete(run)) is not None:
             broken.append(f"kill {kills} ({killed}): {problem}")
         if shm_buffers() - shm:

@@ -11,7 +11,12 @@ deeper target with the same code both ways, each in a fresh process so that its 
   gather:      every tensor gathered to its full, unsharded size in memory first (what converting
                to TP=1 does), then grown and written by the same code
 
-    .venv/bin/python benchmarks/tp_grow_bench.py [--workdir DIR] [--repeat N]
+    .venv/bin/python benchmarks/tp_grow_bench.py [--arch gpt2|llama] [--workdir DIR] [--repeat N]
+
+--arch llama: a SmolLM2-like Llama (30 x 576, FFN 1536, vocabulary 49152, tied; 12 query heads in 4
+key/value groups rather than SmolLM2's 9 in 3, so that TP 4 holds whole groups) grown to twice its
+width (hidden 1152, 24 heads in 8 groups, FFN 3072), FPI: the grouped fused QKV and SwiGLU's
+[gate; up] fc1, whose TP shard is two blocks.
 """
 
 from __future__ import annotations
@@ -30,38 +35,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from measure import rss_bytes, run_phase  # noqa: E402
 
-SOURCE = dict(n_layer=4, n_embd=2048, n_head=16, n_inner=8192, vocab_size=32768, n_positions=1024)
-TARGET = "layers=8,hidden=3072,heads=24,ffn=12288"
+# --arch -> (the source's HF config, the target, the depth method)
+ARCHS = {
+    "gpt2": (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_layer=4, n_embd=2048, n_head=16,
+                  n_inner=8192, vocab_size=32768, n_positions=1024),
+             "layers=8,hidden=3072,heads=24,ffn=12288", "stack"),
+    "llama": (dict(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=30, hidden_size=576,
+                   num_attention_heads=12, num_key_value_heads=4, intermediate_size=1536, vocab_size=49152,
+                   max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5),
+              "layers=30,hidden=1152,heads=24,kv_heads=8,ffn=3072", "stack"),
+}
 TP = 4
 
 
-
-
-def phase_source(out: str) -> dict:
+def phase_source(out: str, arch: str) -> dict:
     """Random weights for every megatron module name, written as TP=4 chunks, one at a time."""
     import torch
 
     from growth.adapters.dist_checkpoint import Chunk, save
     from growth.adapters.megatron import padded_vocab, sharded_key, tensor_region
-    from growth.grow import axis_size
-    from growth.schema import MCORE_GPT
+    from growth.grow import FRAGMENTS, axis_size
+    from growth.schema import MCORE_GPT, MCORE_LLAMA
     from growth.shape import shape_from_config
-    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **SOURCE,
-           "padded_vocab_size": padded_vocab(SOURCE["vocab_size"])}
+    source = ARCHS[arch][0]
+    cfg = {**source, "padded_vocab_size": padded_vocab(source["vocab_size"])}
     shape = shape_from_config(cfg)
     rows = {"embedding.word_embeddings.weight": cfg["padded_vocab_size"],
-            "embedding.position_embeddings.weight": SOURCE["n_positions"]}
+            "embedding.position_embeddings.weight": source.get("n_positions")}
     chunks = []
-    for template, param in MCORE_GPT.params.items():
-        if param.kind == "output":
-            continue  # tied
+    for template, param in (MCORE_LLAMA if arch == "llama" else MCORE_GPT).params.items():
+        if param.kind == "output" or param.optional:
+            continue  # tied; no q/k/v biases
         layered = "{L}" in template
         key, _ = sharded_key(template.replace("{L}", "0"))
         local = tuple(axis_size(r, shape) or rows[template] for r in param.axes)
         gshape = ((shape.layers,) if layered else ()) + local
+        blocks = TP * FRAGMENTS.get(param.axes[param.tp], 1) if param.tp is not None else 1
         for layer in range(shape.layers) if layered else [None]:
-            for shard in range(TP) if param.tp is not None else [None]:
-                offsets, sizes = tensor_region(gshape, layer, param.tp, shard, TP)
+            for shard in range(blocks) if param.tp is not None else [None]:
+                offsets, sizes = tensor_region(gshape, layer, param.tp, shard, blocks)
                 seed = zlib.crc32(repr((key, layer, shard)).encode())
                 chunks.append(Chunk(key, gshape, offsets, sizes, torch.float32,
                                     lambda s=sizes, seed=seed:
@@ -72,7 +84,7 @@ def phase_source(out: str) -> dict:
     return {}
 
 
-def phase_grow(src: str, out: str, mode: str) -> dict:
+def phase_grow(src: str, out: str, mode: str, arch: str) -> dict:
     from growth.adapters import megatron
     if mode == "gather":
         sharded = megatron.DistSource
@@ -94,7 +106,8 @@ def phase_grow(src: str, out: str, mode: str) -> dict:
         megatron.DistSource = Gathered
     base = rss_bytes(peak=False)
     start = time.perf_counter()
-    megatron.grow_checkpoint(src, out, TARGET, width="fpi", depth="stack", log=lambda *_: None)
+    _, target, depth = ARCHS[arch]
+    megatron.grow_checkpoint(src, out, target, width="fpi", depth=depth, log=lambda *_: None)
     seconds = time.perf_counter() - start
     from growth.adapters.dist_checkpoint import DistCheckpoint
     grown = DistCheckpoint(out)
@@ -105,10 +118,9 @@ def phase_grow(src: str, out: str, mode: str) -> dict:
             "written": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())}
 
 
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="gpt2")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each mode, in alternating order (medians reported)")
     ap.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
@@ -120,23 +132,25 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         src, out = os.path.join(work, "source"), os.path.join(work, "grown")
-        run_phase(__file__, "source", src)
+        run_phase(__file__, "source", src, args.arch)
         source_bytes = sum(f.stat().st_size for f in Path(src).rglob("*.distcp"))
         runs = {"shard-local": [], "gather": []}
         for i in range(args.repeat):  # alternating which goes first: the first write after the source's is slower
             for mode in ("shard-local", "gather")[::1 if i % 2 == 0 else -1]:
                 shutil.rmtree(out, ignore_errors=True)
-                runs[mode].append(run_phase(__file__, "grow", src, out, mode))
+                runs[mode].append(run_phase(__file__, "grow", src, out, mode, args.arch))
     gib, mib = 2 ** 30, 2 ** 20
     for mode, results in runs.items():
         print(f"{mode}: " + ", ".join(f"{r['seconds']:.1f} s" for r in results))
     local, gather = (sorted(runs[m], key=lambda r: r["seconds"])[(args.repeat - 1) // 2] for m in runs)  # medians
-    print(f"median of {args.repeat}, {os.cpu_count()} CPUs: megatron-core GPT {SOURCE['n_layer']}x{SOURCE['n_embd']} "
-          f"saved at TP {TP} "
-          f"(checkpoint {source_bytes / gib:.2f} GiB) -> {TARGET}, fpi + stack, shard-local at TP {TP} "
+    from growth.shape import shape_from_config
+    source, target, depth = ARCHS[args.arch]
+    shape = shape_from_config(source)
+    print(f"median of {args.repeat}, {os.cpu_count()} CPUs: megatron-core {args.arch} {shape} saved at TP {TP} "
+          f"(checkpoint {source_bytes / gib:.2f} GiB) -> {target}, fpi + {depth}, shard-local at TP {TP} "
           f"({local['written'] / gib:.2f} GiB written)")
     print(f"largest target parameter {local['largest_param'] / mib:.0f} MiB, its TP shard "
-          f"{local['largest_shard'] / mib:.0f} MiB (word embeddings, fp32)")
+          f"{local['largest_shard'] / mib:.0f} MiB (fp32)")
     for label, r in (("shard-local", local), ("gather-then-grow", gather)):
         over = r["peak_rss"] - r["base_rss"]
         print(f"{label}: {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / gib:.2f} GiB = fixed "

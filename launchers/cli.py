@@ -19,7 +19,11 @@ def cmd_grow(args) -> int:
                   overwrite=args.overwrite, **given)
     if args.tp is not None and args.tp < 1:
         raise GrowthError(f"--tp {args.tp}: must be a positive integer")
+    hf_only = [flag for flag, given in (("--no-check", args.no_check),) if given]
     if megatron.open_source(args.src) is not None:
+        if hf_only:
+            raise GrowthError(f"{args.src}: {hf_only[0]} applies to HF model directories (a megatron growth is not "
+                              "run as a model; b2b verify compares it)")
         if args.optimizer or args.schedule:
             raise GrowthError(f"{args.src}: --optimizer and --schedule apply to DeepSpeed checkpoints; a megatron "
                               "checkpoint is grown without optimizer state")
@@ -27,13 +31,16 @@ def cmd_grow(args) -> int:
     elif args.tp is not None:
         raise GrowthError(f"{args.src}: --tp applies to megatron-core (tensor-parallel) checkpoints")
     elif is_checkpoint(args.src):
+        if hf_only:
+            raise GrowthError(f"{args.src}: {hf_only[0]} applies to HF model directories (a ZeRO growth is not run "
+                              "as a model)")
         grow_checkpoint(args.src, args.out, args.to, optimizer=args.optimizer or "reset",
                         schedule=args.schedule or "restart", **common)
     elif args.optimizer or args.schedule:
         raise GrowthError(f"{args.src}: --optimizer and --schedule apply to DeepSpeed checkpoints; "
                           "an HF model directory has no optimizer state")
     else:
-        grow_directory(args.src, args.out, args.to, **common)
+        grow_directory(args.src, args.out, args.to, check=not args.no_check, **common)
     return 0
 
 
@@ -144,6 +151,10 @@ def parser() -> argparse.ArgumentParser:
                         "them (the default)")
     g.add_argument("--tp", type=int, help="megatron source: the tensor-parallel degree whose shards grow "
                                           "independently (default: the degree it was saved at)")
+    g.add_argument("--no-check", action="store_true",
+                   help="HF source: skip the forward pass that checks an exact growth before it is saved (it "
+                        "loads the source and the grown model, about 1.2x the target's size in memory); "
+                        "b2b verify runs it later")
     g.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=cmd_grow)

@@ -56,6 +56,9 @@ class ModelConfig:
     growth: GrowthConfig = field(default_factory=GrowthConfig)
 
 
+FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix -> datasets' loader
+
+
 @dataclass
 class DataConfig:
     files: list[str] | None = None  # local .txt/.jsonl/.json/.parquet files (else the offline corpus)
@@ -65,7 +68,8 @@ class DataConfig:
     tokenizer: str | None = None  # a tokenizer/model dir, an alias (minilm, smollm2), 'wordpiece' or 'bpe' (trained)
     vocab_size: int = 8192  # for a trained tokenizer
     seq_len: int = 128
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # of the corpus's documents, held out for validation (unless val_files)
+    val_files: list[str] | None = None  # held-out validation text (.txt/.jsonl/.json/.parquet): the whole corpus trains
     max_documents: int | None = None
     cache_dir: str = "runs/cache"
 
@@ -312,12 +316,15 @@ def validate(recipe: Recipe) -> Recipe:
     _require(2 <= d.seq_len <= m.max_positions, "data.seq_len",
              f"{d.seq_len}: must be between 2 and model.max_positions ({m.max_positions})")
     _require(d.files is None or d.hub is None, "data.hub", "set data.files or data.hub, not both")
-    for file in d.files or []:
-        _require(Path(file).is_file(), "data.files", f"{file}: no such file")
-        _require(Path(file).suffix in (".txt", ".jsonl", ".json", ".parquet"), "data.files",
-                 f"{file}: use .txt, .jsonl, .json or .parquet files")
+    for key, files in (("data.files", d.files), ("data.val_files", d.val_files)):
+        for file in files or []:
+            _require(Path(file).is_file(), key, f"{file}: no such file")
+            _require(Path(file).suffix in FILE_KINDS, key, f"{file}: use .txt, .jsonl, .json or .parquet files")
+        _require(len({FILE_KINDS[Path(f).suffix] for f in files or []}) <= 1, key,
+                 "files of one kind: .txt, .jsonl/.json or .parquet, not a mixture")
     _require(d.files != [], "data.files",
              "empty list: name files, or read the offline corpus with --set data.files=null")
+    _require(d.val_files != [], "data.val_files", "empty list: name files, or hold out data.val_fraction with null")
     if d.tokenizer not in (None, *TOKENIZER_KINDS, *ALIASES):
         _require(Path(d.tokenizer).is_dir(), "data.tokenizer",
                  f"{d.tokenizer}: not a directory; use a tokenizer or model directory, 'minilm', "

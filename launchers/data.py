@@ -26,7 +26,7 @@ import torch
 
 from growth.adapters.files import atomic_directory, sha256
 
-from .config import TOKENIZER_KINDS, Recipe, RecipeError
+from .config import FILE_KINDS, TOKENIZER_KINDS, Recipe, RecipeError
 
 SPLIT_SEED = 1234  # the train/validation split and validation masks do not depend on the run's seed
 STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "__pycache__"}
@@ -67,38 +67,55 @@ def python_docs() -> tuple[str, ...]:
     return tuple(docs)
 
 
-def load_corpus(recipe: Recipe):
-    """The documents as a `datasets.Dataset` with one text column named 'text'."""
+def load_corpus(recipe: Recipe, files: list[str] | None = None):
+    """The documents as a `datasets.Dataset` with one text column named 'text': the recipe's
+    corpus, or the text files `files` (data.val_files)."""
     import datasets
     d = recipe.data
-    if d.files:
-        kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[Path(d.files[0]).suffix]
-        ds = datasets.load_dataset(kind, data_files=list(d.files), split="train")
+    local = files or d.files
+    if local:
+        ds = datasets.load_dataset(FILE_KINDS[Path(local[0]).suffix], data_files=list(local), split="train")
     elif d.hub:
         ds = datasets.load_dataset(d.hub, d.hub_config, split="train")
     else:
         ds = datasets.Dataset.from_dict({"text": list(python_docs())})
-    field = "text" if not (d.files or d.hub) else d.text_field
+    field = "text" if not (local or d.hub) else d.text_field
+    what = "data.val_files" if files else "the corpus"
     if field not in ds.column_names:
-        raise RecipeError(f"data.text_field: {field!r} is not a column of the corpus ({ds.column_names})")
+        raise RecipeError(f"data.text_field: {field!r} is not a column of {what} ({ds.column_names})")
     ds = ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
-    if d.max_documents:
+    if d.max_documents and not files:
         ds = ds.select(range(min(d.max_documents, len(ds))))
-    if len(ds) < 2:
-        raise RecipeError("data: the corpus has fewer than 2 non-empty documents")
+    if len(ds) < (1 if files else 2):
+        raise RecipeError(f"data: {what} has too few non-empty documents ({len(ds)})")
     return ds
+
+
+def splits(recipe: Recipe):
+    """{'train': ..., 'test': ...} documents: data.val_files held out as the validation split, or
+    a fixed-seed data.val_fraction of the corpus's documents."""
+    import datasets
+    corpus = load_corpus(recipe)
+    if recipe.data.val_files:
+        return datasets.DatasetDict(train=corpus, test=load_corpus(recipe, recipe.data.val_files))
+    return corpus.train_test_split(test_size=recipe.data.val_fraction, seed=SPLIT_SEED)
+
+
+def _files_key(files: list[str]) -> list:
+    return [[str(Path(f).resolve()), sha256([Path(f)])] for f in files]
 
 
 def corpus_key(recipe: Recipe) -> dict:
     d = recipe.data
     if d.files:
-        source = {"files": [[str(Path(f).resolve()), sha256([Path(f)])] for f in d.files]}
+        source = {"files": _files_key(d.files)}
     elif d.hub:
         source = {"hub": d.hub, "config": d.hub_config}
     else:
         source = {"python-docs": sys.version}
-    return {**source, "text_field": d.text_field, "max_documents": d.max_documents}
+    val = {"val_files": _files_key(d.val_files)} if d.val_files else {}
+    return {**source, **val, "text_field": d.text_field, "max_documents": d.max_documents}
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -203,7 +220,7 @@ def prepare(recipe: Recipe, log=print) -> Path:
         return path
     d, arch = recipe.data, recipe.model.arch
     log(f"data: building {path} (tokenising and packing the corpus; done once)")
-    corpus = load_corpus(recipe).train_test_split(test_size=d.val_fraction, seed=SPLIT_SEED)
+    corpus = splits(recipe)
     source = tokenizer_source(recipe)
     tok = train_tokenizer(iter(corpus["train"]["text"]), source, d.vocab_size) if source in TOKENIZER_KINDS \
         else load_tokenizer(source)

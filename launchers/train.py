@@ -14,7 +14,7 @@ Tensor parallelism (recipe `parallel`): the model is megatron-core's GPTModel (l
 split over groups of parallel.tensor consecutive ranks; DeepSpeed runs data parallelism (and ZeRO 0-1)
 over the groups, so batches, dropout and the global batch follow the data-parallel rank and size.
 Each checkpoint tag also holds the weights as a megatron-core torch_dist checkpoint (TAG/dist, with
-its GPT-2 config.json and tokenizer), which loads at any tensor-parallel degree.
+its HF config.json and tokenizer), which loads at any tensor-parallel degree.
 """
 
 # ruff: noqa: E402 (the stop signals are caught before the imports below take their seconds)

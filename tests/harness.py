@@ -13,6 +13,7 @@ environment, session and output the direct start gives it (launchers/workers.py)
 - b2b(): a b2b command (`b2b run`, `b2b train`, ...) in the test's process, its workers forked.
 - torchrun(): a test's worker script on N ranks, as torchrun starts it.
 - killed_writer(): a b2b command that writes one output directory, SIGKILLed at seeded moments.
+- recorded_reads(): the regions read from torch_dist checkpoints (one shard at a time, or not).
 
 The tests of the launcher itself (signals, Ctrl-C, its exit codes, the README's commands, SLURM)
 start `b2b train` as a user does."""
@@ -216,6 +217,34 @@ def run_workers(run_dir: Path, procs: int, resume: str) -> tuple[int, list[str]]
     """(exit code as workers.wait gives it, every rank's log)."""
     code = wait(start_run(run_dir, procs, resume), timeout=600)
     return code, [(run_dir / f"rank{rank}.log").read_text() for rank in range(procs)]
+
+
+def rel(a, b) -> float:
+    """max |a - b| / max |b|: how far two tensors (logits) are apart, relative to b's scale."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@contextlib.contextmanager
+def recorded_reads():
+    """Every region read of a torch_dist checkpoint while in the block (DistCheckpoint.read): a
+    list of (checkpoint path, key, offsets, sizes)."""
+    from growth.adapters.dist_checkpoint import DistCheckpoint
+    reads, original = [], DistCheckpoint.read
+
+    def recording(self, key, offsets=None, sizes=None):
+        reads.append((str(self.path), key, tuple(offsets or ()), tuple(sizes or ())))
+        return original(self, key, offsets, sizes)
+    DistCheckpoint.read = recording
+    try:
+        yield reads
+    finally:
+        DistCheckpoint.read = original
+
+
+def run_processes(run: Path) -> list:
+    """The live processes whose command line names the run directory `run` (psutil.Process)."""
+    import psutil
+    return [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
 
 
 def b2b_process(*argv, wait: bool = True) -> subprocess.Popen:

@@ -87,6 +87,25 @@ def test_grow_refuses_to_save_a_broken_exact_growth(tiny_dir, tmp_path, capsys, 
     assert list(tmp_path.iterdir()) == [tiny_dir]
 
 
+def test_no_check_skips_the_pre_write_check_and_verify_runs_it_later(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--no-check: the same growth as checked (the check changes nothing written but the manifest),
+    saved without the forward pass that holds both models in memory; b2b verify runs it after."""
+    code, _, _ = run(capsys, "grow", tiny_dir, "--to", "hidden=32,heads=4,ffn=64", "--width", "exact",
+                     "--out", tmp_path / "checked")
+    assert code == 0
+    monkeypatch.setattr("growth.adapters.verify.compare", lambda *a: pytest.fail("--no-check ran the check"))
+    code, out, _ = run(capsys, "grow", tiny_dir, "--to", "hidden=32,heads=4,ffn=64", "--width", "exact",
+                       "--no-check", "--out", tmp_path / "unchecked")
+    assert code == 0 and "not checked (--no-check)" in out
+    manifest = json.loads((tmp_path / "unchecked" / "growth.json").read_text())
+    assert manifest["exact"] and manifest["check"].startswith("skipped")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("checked", "unchecked"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.undo()
+    code, out, _ = run(capsys, "verify", tiny_dir, tmp_path / "unchecked")
+    assert code == 0 and "growth.json says exact: OK" in out
+
+
 def _corrupt(path):
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])

@@ -20,7 +20,7 @@ from transformers import (
 from growth import Shape
 from launchers import config
 from launchers.cli import main
-from launchers.data import BERT_SPECIALS, Batches, mask_tokens, prepare, python_docs, train_tokenizer
+from launchers.data import BERT_SPECIALS, Batches, cache_path, mask_tokens, prepare, python_docs, train_tokenizer
 from launchers.model import forward_flops_per_token
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -165,3 +165,28 @@ def test_local_corpus_files(suffix, tmp_path):
     bad = config.load(RECIPES / "gpt-tiny-cpu.yaml", sets[:2] + ["data.text_field=nope"])
     with pytest.raises(config.RecipeError, match="data.text_field: 'nope' is not a column"):
         prepare(bad)
+
+
+def test_held_out_validation_files_are_the_validation_split(tmp_path, capsys):
+    """data.val_files: the whole corpus trains, and validation reads those files only (the same
+    held-out text for runs trained on different corpora); the cache entry follows their content."""
+    docs = python_docs()
+    corpus, held_out = tmp_path / "corpus.txt", tmp_path / "val.txt"
+    corpus.write_text("\n".join(d.replace("\n", " ") for d in docs[:400]))
+    held_out.write_text("\n".join(f"zebra quokka {i} " * 40 for i in range(30)))  # words the corpus lacks
+    sets = [f"data.files=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300",
+            "data.seq_len=32"]
+    recipe = config.load(RECIPES / "gpt-tiny-cpu.yaml", [*sets, f"data.val_files=[{held_out}]"])
+    path = prepare(recipe, log=lambda *_: None)
+    plain = prepare(config.load(RECIPES / "gpt-tiny-cpu.yaml", sets), log=lambda *_: None)
+    meta, plain_meta = (json.loads((p / "meta.json").read_text()) for p in (path, plain))
+    assert meta["sequences"]["train"] > plain_meta["sequences"]["train"]  # nothing of the corpus held out
+    data = Batches(path, recipe, rank=0, world=1)
+    text = "".join(data.tokenizer.decode(b["input_ids"].flatten()) for b in data.val_batches(4))
+    assert text.count("zebra quokka") > 10 and "Return" not in text
+    assert "zebra" not in data.tokenizer.decode(data.train[:200]["input_ids"].flatten())
+    held_out.write_text(held_out.read_text() + "\nzebra quokka again\n")
+    assert cache_path(recipe) != path  # new content, new entry
+    missing = ["train", str(RECIPES / "gpt-tiny-cpu.yaml"), "--dry-run", "--set", f"data.val_files=[{tmp_path}/no.txt]"]
+    assert main(missing) == 2
+    assert f"data.val_files: {tmp_path}/no.txt: no such file" in capsys.readouterr().err

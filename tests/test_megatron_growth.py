@@ -37,25 +37,12 @@ def b2b(*argv) -> int:
     return main([str(a) for a in argv])
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("megatron")
     harness.torchrun(WORKER, "save", d)
-    reads = []
-    original = DistCheckpoint.read
-
-    def recording(self, key, offsets=None, sizes=None):
-        reads.append((str(self.path), key, tuple(offsets or ()), tuple(sizes or ())))
-        return original(self, key, offsets, sizes)
-    DistCheckpoint.read = recording
-    try:
+    with harness.recorded_reads() as reads:
         assert b2b("grow", d / "source", "--to", WIDER, "--width", "exact", "--out", d / "exact") == 0
-    finally:
-        DistCheckpoint.read = original
     assert b2b("grow", d / "source", "--to", STACKED, "--width", "exact", "--out", d / "stacked") == 0
     assert b2b("grow", d / "legacy", "--to", WIDER, "--width", "exact", "--out", d / "legacy-exact") == 0
     assert b2b("grow", d / "source", "--to", WIDER, "--width", "fpi", "--tp", "1", "--out", d / "fpi-tp1") == 0
@@ -72,14 +59,14 @@ def run(tmp_path_factory):
 
 def test_a_tp2_checkpoint_loads_at_tp1(run):
     _, logits, _, _ = run
-    assert rel(logits["source", 1], logits["source", 2]) < TOLERANCE
+    assert harness.rel(logits["source", 1], logits["source", 2]) < TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["exact", "legacy-exact", "fpi-tp1", "split", "noise"])
 def test_function_preserving_growth_keeps_the_logits_at_tp2_and_tp1(run, name):
     _, logits, _, _ = run
     for tp in (2, 1):
-        assert rel(logits[name, tp], logits["source", 2]) < TOLERANCE, (name, tp)
+        assert harness.rel(logits[name, tp], logits["source", 2]) < TOLERANCE, (name, tp)
 
 
 def test_stacked_growth_equals_the_in_memory_growth_of_the_converted_hf_model(run):
@@ -88,10 +75,10 @@ def test_stacked_growth_equals_the_in_memory_growth_of_the_converted_hf_model(ru
     with torch.no_grad():
         source = GPT2LMHeadModel.from_pretrained(d / "hf").eval()(ids).logits
         expected = GPT2LMHeadModel.from_pretrained(d / "hf-stacked").eval()(ids).logits
-    assert rel(source, logits["source", 2]) < TOLERANCE  # the converter preserves the function
-    assert rel(expected, source) > 0.01  # stacking changes the function, so the comparison means something
+    assert harness.rel(source, logits["source", 2]) < TOLERANCE  # the converter preserves the function
+    assert harness.rel(expected, source) > 0.01  # stacking changes the function, so the comparison means something
     for tp in (2, 1):
-        assert rel(logits["stacked", tp], expected) < TOLERANCE
+        assert harness.rel(logits["stacked", tp], expected) < TOLERANCE
 
 
 def test_b2b_verify_reads_megatron_checkpoints(run, tmp_path, capsys):

@@ -33,6 +33,9 @@ GROWN = {
     "legacy-exact": ["--to", WIDER, "--width", "exact"],
     "split": ["--to", WIDER, "--width", "fpi", "--break-symmetry", "split"],
     "aki": ["--to", WIDER, "--width", "aki"],
+    "in-groups": ["--to", "layers=2,hidden=128,heads=16,kv_heads=4,ffn=192", "--width", "exact"],  # 4 heads a group
+    "stacked": ["--to", DEEPER, "--width", "fpi"],
+    "direct-tp1": ["--to", WIDER, "--width", "direct", "--tp", "1"],
 }
 
 
@@ -40,43 +43,34 @@ def b2b(*argv) -> int:
     return main([str(a) for a in argv])
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("megatron-llama")
     harness.torchrun(WORKER, "save", d, "llama")
-    reads = []
-    original = DistCheckpoint.read
-
-    def recording(self, key, offsets=None, sizes=None):
-        reads.append((str(self.path), key, tuple(offsets or ()), tuple(sizes or ())))
-        return original(self, key, offsets, sizes)
     for name, args in GROWN.items():
-        DistCheckpoint.read = recording if name == "exact" else original
-        try:
+        with harness.recorded_reads() as recorded:
             assert b2b("grow", d / ("legacy" if name.startswith("legacy") else "source"), *args,
                        "--out", d / name) == 0, name
-        finally:
-            DistCheckpoint.read = original
+        if name == "exact":
+            reads = recorded
     names = ["source", *GROWN]
     harness.torchrun(WORKER, "logits", d, *(d / n for n in names))
     logits = {(Path(k[0]).name, k[1]): v for k, v in torch.load(d / "logits.pt").items() if k != "ids"}
     return d, logits, reads
 
 
-@pytest.mark.parametrize("name", ["exact", "fpi-tp1", "fpi-tp4", "identity", "legacy-exact", "split"])
+@pytest.mark.parametrize("name", ["exact", "fpi-tp1", "fpi-tp4", "identity", "legacy-exact", "split", "in-groups"])
 def test_function_preserving_growth_keeps_the_logits_at_tp2_and_tp1(run, name):
     _, logits, _ = run
-    assert rel(logits["source", 1], logits["source", 2]) < TOLERANCE
+    assert harness.rel(logits["source", 1], logits["source", 2]) < TOLERANCE
     for tp in (2, 1):
-        assert rel(logits[name, tp], logits["source", 2]) < TOLERANCE, (name, tp)
-    assert rel(logits["aki", 2], logits["source", 2]) > 1e-3  # AKI's new units change the function
+        assert harness.rel(logits[name, tp], logits["source", 2]) < TOLERANCE, (name, tp)
+    for other in ("aki", "stacked", "direct-tp1"):  # new units from layer l+1, stacked layers, random new units
+        assert harness.rel(logits[other, 2], logits["source", 2]) > 1e-3, other
+        assert harness.rel(logits[other, 1], logits[other, 2]) < TOLERANCE, other  # but the same function at TP 1
 
 
-@pytest.mark.parametrize("name", ["fpi-tp1", "fpi-tp4", "identity", "aki", "split"])
+@pytest.mark.parametrize("name", ["fpi-tp1", "fpi-tp4", "identity", "aki", "split", "in-groups", "stacked"])
 def test_shard_local_growth_equals_growing_the_converted_hf_model(run, name):
     """Growing the torch_dist checkpoint shard by shard = converting it to HF, growing the HF
     Llama (its q/k/v, gate/up/down by the same maps, drawn per shard) and converting back: bit for

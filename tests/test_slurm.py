@@ -19,6 +19,7 @@ import pytest
 from launchers.events import read_scalars
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 from slurm_cluster import Cluster  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -111,10 +112,9 @@ def worker(run: Path, rank: int, timeout: float = 300) -> psutil.Process:
     """Rank `rank`'s training process of `run`'s job, once it has started."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for proc in psutil.process_iter(["cmdline"]):
+        for proc in harness.run_processes(run):
             with contextlib.suppress(psutil.Error):
-                line = " ".join(proc.info["cmdline"] or [])
-                if "launchers.train" in line and str(run) in line and proc.environ().get("RANK") == str(rank):
+                if "launchers.train" in proc.info["cmdline"] and proc.environ().get("RANK") == str(rank):
                     return proc
         time.sleep(0.2)
     raise TimeoutError(f"no rank {rank} worker of {run} after {timeout}s")

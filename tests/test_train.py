@@ -108,11 +108,6 @@ def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
         assert a["train/flops"][1] == pytest.approx(tokens * flops, rel=1e-6)
 
 
-def run_processes(run: Path) -> list:
-    import psutil
-    return [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
-
-
 def test_ctrl_c_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):
     """Ctrl-C as a terminal sends it, SIGINT to b2b's whole process group: one line, a checkpoint at
     the end of the step, exit 75, the signal named in status.json, no process of the run left."""
@@ -133,7 +128,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, cache):
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert text.count("b2b train: SIGINT: saving a checkpoint") == 1
     assert f"continue with: b2b train {TINY['bert']} --resume auto" in text
-    assert not run_processes(run)
+    assert not harness.run_processes(run)
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "stopped" and status["reason"] == "stopped by signal SIGINT"
     assert 3 <= status["step"] < 40
@@ -153,7 +148,7 @@ def test_ctrl_c_while_the_workers_start_is_kept_not_lost(tmp_path, cache):
     sets = ["train.steps=40", "train.eval_every=0", "checkpoint.every=0", "optim.warmup_steps=2"]
     proc = subprocess.Popen(train_cmd(TINY["bert"], run, cache, *sets), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    while not any("launchers.train" in " ".join(p.info["cmdline"]) for p in run_processes(run)):
+    while not any("launchers.train" in " ".join(p.info["cmdline"]) for p in harness.run_processes(run)):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=300)[0]

@@ -385,4 +385,6 @@ def test_bad_options(sources, tmp_path, capsys):
     assert "target is smaller" in capsys.readouterr().err
     assert b2b("grow", "minilm", "--to", "layers=7", "--optimizer", "grow", "--out", tmp_path / "b") == 2
     assert "apply to DeepSpeed checkpoints" in capsys.readouterr().err
+    assert b2b("grow", sources / "bert-z3-fp32", "--to", TARGET, "--no-check", "--out", tmp_path / "c") == 2
+    assert "--no-check applies to HF model directories" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -32,9 +32,10 @@ from .safetensors_io import write_streaming
 
 
 def grow_directory(src: str | Path, out: str | Path, to: str, overwrite: bool = False, log=print,
-                   **options) -> dict:
+                   check: bool = True, **options) -> dict:
     """`b2b grow`: grow an HF model directory into `out` (`options`: the Grower's width, depth,
-    seed, symmetry, noise_db, insert); returns the manifest."""
+    seed, symmetry, noise_db, insert); returns the manifest. An exact growth is run against the
+    source before it is saved (`check`), which holds both models in memory."""
     out = free_output(out, overwrite)
     src = resolve(src)
     cfg, grower = grower_for(src, to, **options)
@@ -50,7 +51,10 @@ def grow_directory(src: str | Path, out: str | Path, to: str, overwrite: bool = 
         plan = [(t, shape, weights.dtypes[s]) for t, s, shape in grower.plan(shapes)]
         write_streaming(tmp / "model.safetensors", plan, grower.items(list(shapes), weights.__getitem__))
         copy_side_files(src, tmp, target_config(cfg, target))
-        if manifest["exact"]:
+        if manifest["exact"] and not check:
+            manifest["check"] = "skipped (--no-check): b2b verify SOURCE OUT runs it"
+            log("exact by construction; not checked (--no-check)")
+        elif manifest["exact"]:
             from .verify import compare
             report = compare(src, tmp)
             worst = max(r["max_rel"] for r in report.values())
