@@ -74,14 +74,28 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
-def rope_theta(cfg: dict) -> float:
-    """The RoPE base of an HF Llama-family config; other RoPE types are refused."""
-    rope = cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10000.0),
+def _rope(cfg: dict) -> dict:
+    """An HF config's RoPE parameters (transformers 5's rope_parameters, or the older keys)."""
+    return cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10000.0),
                                           **(cfg.get("rope_scaling") or {})}
-    kind = rope.get("rope_type", rope.get("type", "default"))
+
+
+def refusal(cfg: dict) -> str | None:
+    """Why megatron-core's GPT cannot be built here with the function of the HF model of `cfg`
+    (None: it can): RoPE other than the default, Llama's o_proj or MLP biases, sliding-window
+    attention shorter than the positions. `b2b train` checks it before any process starts."""
+    if cfg.get("model_type") == "gpt2":
+        return None
+    kind = _rope(cfg).get("rope_type", _rope(cfg).get("type", "default"))
     if kind != "default":
-        raise RecipeError(f"model: RoPE type {kind!r}: megatron-core's GPT is built here with plain RoPE only")
-    return float(rope["rope_theta"])
+        return f"RoPE type {kind!r}: megatron-core's GPT is built here with plain RoPE only"
+    for key, why in [("attention_bias", "o_proj bias"), ("mlp_bias", "MLP biases")]:
+        if cfg.get(key):
+            return f"{key} (an {why}): megatron-core's GPT is built here with q/k/v biases only"
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    if window and window < cfg["max_position_embeddings"]:
+        return f"sliding-window attention ({window} < {cfg['max_position_embeddings']} positions) is not built here"
+    return None
 
 
 def build_gpt(cfg: dict, tp: int, seed: int = 0):
@@ -100,20 +114,15 @@ def build_gpt(cfg: dict, tp: int, seed: int = 0):
         tensor_model_parallel_size=tp, use_cpu_initialization=True, init_method_std=cfg.get("initializer_range", 0.02),
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, apply_rope_fusion=False)
+    if refusal(cfg):
+        raise RecipeError(f"model: {refusal(cfg)}")
     if layout.llama:
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        for key, why in [("attention_bias", "o_proj bias"), ("mlp_bias", "MLP biases")]:
-            if cfg.get(key):
-                raise RecipeError(f"model: {key} (an {why}): megatron-core's GPT is built with q/k/v biases only")
-        if window and window < cfg["max_position_embeddings"]:
-            raise RecipeError(f"model: sliding-window attention ({window} < {cfg['max_position_embeddings']} "
-                              "positions) is not built here")
         config = TransformerConfig(
             **common, num_query_groups=shape.kv_heads, normalization="RMSNorm",
             layernorm_epsilon=cfg.get("rms_norm_eps", 1e-6), add_bias_linear=False,
             add_qkv_bias=cfg["model_type"] == "qwen2", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
             hidden_dropout=0.0, attention_dropout=cfg.get("attention_dropout", 0.0))
-        position = dict(position_embedding_type="rope", rotary_base=rope_theta(cfg))
+        position = dict(position_embedding_type="rope", rotary_base=float(_rope(cfg)["rope_theta"]))
     else:
         config = TransformerConfig(
             **common, add_bias_linear=True, layernorm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),

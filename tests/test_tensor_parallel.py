@@ -195,6 +195,23 @@ def test_megatron_llama_computes_the_hf_models_logits_and_converts_both_ways_bit
     assert abs(loss.item() - expected.loss.item()) <= 1e-5
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "RoPE type 'linear'"),
+    ({"attention_bias": True}, "attention_bias (an o_proj bias)"),
+], ids=["rope scaling", "o_proj bias"])
+def test_a_llama_megatron_cannot_build_alike_is_refused_before_anything_starts(change, message, tmp_path, capsys):
+    import json
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=96)).save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, **change}))
+    code = main(["train", str(RECIPES / "llama-tiny-tp.yaml"), "--dry-run", "--procs", "2", "--set",
+                 f"model.init_from={tmp_path / 'm'}", "--set", "data.tokenizer=bpe"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("b2b train: error: model.init_from: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 BAD = {
     "bert": (RECIPES / "bert-tiny-cpu.yaml", ["parallel.tensor=2"],
              "parallel.tensor: 2: megatron-core's GPTModel is built as GPT-2 or the Llama family, but model.arch "
