@@ -19,10 +19,9 @@ def cmd_grow(args) -> int:
                   overwrite=args.overwrite, **given)
     if args.tp is not None and args.tp < 1:
         raise GrowthError(f"--tp {args.tp}: must be a positive integer")
-    hf_only = [flag for flag, given in (("--no-check", args.no_check),) if given]
     if megatron.open_source(args.src) is not None:
-        if hf_only:
-            raise GrowthError(f"{args.src}: {hf_only[0]} applies to HF model directories (a megatron growth is not "
+        if args.no_check:
+            raise GrowthError(f"{args.src}: --no-check applies to HF model directories (a megatron growth is not "
                               "run as a model; b2b verify compares it)")
         if args.optimizer or args.schedule:
             raise GrowthError(f"{args.src}: --optimizer and --schedule apply to DeepSpeed checkpoints; a megatron "
@@ -31,8 +30,8 @@ def cmd_grow(args) -> int:
     elif args.tp is not None:
         raise GrowthError(f"{args.src}: --tp applies to megatron-core (tensor-parallel) checkpoints")
     elif is_checkpoint(args.src):
-        if hf_only:
-            raise GrowthError(f"{args.src}: {hf_only[0]} applies to HF model directories (a ZeRO growth is not run "
+        if args.no_check:
+            raise GrowthError(f"{args.src}: --no-check applies to HF model directories (a ZeRO growth is not run "
                               "as a model)")
         grow_checkpoint(args.src, args.out, args.to, optimizer=args.optimizer or "reset",
                         schedule=args.schedule or "restart", **common)

@@ -86,7 +86,8 @@ def refusal(cfg: dict) -> str | None:
     attention shorter than the positions. `b2b train` checks it before any process starts."""
     if cfg.get("model_type") == "gpt2":
         return None
-    kind = _rope(cfg).get("rope_type", _rope(cfg).get("type", "default"))
+    rope = _rope(cfg)
+    kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
         return f"RoPE type {kind!r}: megatron-core's GPT is built here with plain RoPE only"
     for key, why in [("attention_bias", "o_proj bias"), ("mlp_bias", "MLP biases")]:
@@ -106,6 +107,9 @@ def build_gpt(cfg: dict, tp: int, seed: int = 0):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
+    why = refusal(cfg)
+    if why:
+        raise RecipeError(f"model: {why}")
     layout, shape = Layout(cfg), shape_from_config(cfg)
     spec = get_gpt_layer_local_spec(normalization="RMSNorm" if layout.llama else None)
     spec.submodules.self_attention.submodules.core_attention = _attention_class()
@@ -114,8 +118,6 @@ def build_gpt(cfg: dict, tp: int, seed: int = 0):
         tensor_model_parallel_size=tp, use_cpu_initialization=True, init_method_std=cfg.get("initializer_range", 0.02),
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, apply_rope_fusion=False)
-    if refusal(cfg):
-        raise RecipeError(f"model: {refusal(cfg)}")
     if layout.llama:
         config = TransformerConfig(
             **common, num_query_groups=shape.kv_heads, normalization="RMSNorm",
@@ -281,8 +283,12 @@ def build_model(recipe: Recipe, tokenizer) -> GPT:
     """The recipe's model on this rank's tensor-parallel shard: fresh (seeded: the same full weights
     at every TP degree), or loaded from model.init_from / grow_from: an HF directory of the recipe's
     family or a megatron-core torch_dist checkpoint (b2b grow, b2b convert, or RUN/checkpoints/TAG/dist)."""
+    from transformers import AutoConfig
+
     from growth.adapters.dist_checkpoint import is_dist_checkpoint
     from growth.adapters.files import read_config
+
+    from .model import dropout_options
     start = recipe.start_model
     if start is None:
         return GPT(hf_config(recipe, tokenizer), seed=recipe.seed)
@@ -294,10 +300,6 @@ def build_model(recipe: Recipe, tokenizer) -> GPT:
     if cfg.get("padded_vocab_size", padded_vocab(vocab)) != padded_vocab(vocab):
         raise RecipeError(f"model.init_from: {start} pads the vocabulary to {cfg['padded_vocab_size']} rows, this "
                           f"trainer to {padded_vocab(vocab)} (growth.adapters.megatron.padded_vocab)")
-    Layout(cfg)  # a model megatron-core's GPT is built as here
-    from transformers import AutoConfig
-
-    from .model import dropout_options
     # the start model's own config (its RoPE theta, norm epsilon, tying, ...), the recipe's dropout
     config = AutoConfig.from_pretrained(str(start), **dropout_options(cfg["model_type"], recipe.model.dropout))
     config.use_cache, config.padded_vocab_size = False, padded_vocab(vocab)

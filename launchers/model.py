@@ -30,15 +30,19 @@ def dropout_options(arch: str, dropout: float) -> dict:
 def model_config(recipe: Recipe, tokenizer, layers: int | None = None):
     """The HF config of the recipe's fresh model (`layers` blocks if given)."""
     import transformers
-    m, vocab, eos = recipe.model, len(tokenizer), tokenizer.eos_token_id
-    shape = {"bert": dict(hidden_size=m.hidden, num_hidden_layers=layers or m.layers, num_attention_heads=m.heads,
-                          intermediate_size=m.ffn, max_position_embeddings=m.max_positions,
-                          pad_token_id=tokenizer.pad_token_id),
-             "gpt2": dict(n_embd=m.hidden, n_layer=layers or m.layers, n_head=m.heads, n_inner=m.ffn,
-                          n_positions=m.max_positions, bos_token_id=eos, eos_token_id=eos)}.get(m.arch) or dict(
-        hidden_size=m.hidden, num_hidden_layers=layers or m.layers, num_attention_heads=m.heads,
-        num_key_value_heads=m.kv_heads or m.heads, intermediate_size=m.ffn, max_position_embeddings=m.max_positions,
-        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True)  # the Llama family
+    m, vocab, eos, depth = recipe.model, len(tokenizer), tokenizer.eos_token_id, layers or recipe.model.layers
+    if m.arch == "bert":
+        shape = dict(hidden_size=m.hidden, num_hidden_layers=depth, num_attention_heads=m.heads,
+                     intermediate_size=m.ffn, max_position_embeddings=m.max_positions,
+                     pad_token_id=tokenizer.pad_token_id)
+    elif m.arch == "gpt2":
+        shape = dict(n_embd=m.hidden, n_layer=depth, n_head=m.heads, n_inner=m.ffn, n_positions=m.max_positions,
+                     bos_token_id=eos, eos_token_id=eos)
+    else:  # the Llama family
+        shape = dict(hidden_size=m.hidden, num_hidden_layers=depth, num_attention_heads=m.heads,
+                     num_key_value_heads=m.kv_heads or m.heads, intermediate_size=m.ffn,
+                     max_position_embeddings=m.max_positions, bos_token_id=eos, eos_token_id=eos,
+                     tie_word_embeddings=True)
     config_class, model_class = CLASSES[m.arch]
     return getattr(transformers, config_class)(vocab_size=vocab, architectures=[model_class], **shape,
                                                **dropout_options(m.arch, m.dropout))

@@ -354,7 +354,7 @@ def grow_checkpoint(src: str | Path, out: str | Path, to: str, tp: int | None = 
     if source is None:
         raise GrowthError(f"{src}: not a megatron-core torch_dist or Megatron-LM legacy checkpoint")
     cfg = source_config(source)
-    schema = MCORE_LLAMA if Layout(cfg).llama else MCORE_GPT
+    schema = MCORE_LLAMA if cfg["model_type"] in LLAMA_FAMILY else MCORE_GPT  # source_config checked the family
     shape = shape_from_config(cfg)
     target = target_shape(to, shape)
     tp = tp or source.tp
