@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,6 @@ from pathlib import Path
 
 PARENT_ENV = "B2B_PARENT_PID"  # the pid of the process that started the worker
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # checkpoint at the end of the step, and exit
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(cpu: bool) -> None:
@@ -49,10 +42,21 @@ def init_distributed(cpu: bool) -> None:
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
 
 
-def world_env(procs: int) -> dict:
-    """torch.distributed's variables for `procs` ranks on this node, but the rank's own (rank_env)."""
-    return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(procs),
-                LOCAL_WORLD_SIZE=str(procs))
+def rendezvous_store():
+    """The workers' rendezvous store, hosted by the process that starts them, as torchrun's agent
+    hosts it: on a port the kernel picks and holds while it lives. A port probed free and handed to
+    rank 0 to bind could be taken in between (another run's store, or a connection's ephemeral
+    port: EADDRINUSE, seen in CI). Keep it alive until the workers end (start_workers gives each
+    worker a reference)."""
+    from torch.distributed import TCPStore
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+def world_env(procs: int, store) -> dict:
+    """torch.distributed's variables for `procs` ranks on this node, but the rank's own (rank_env):
+    every rank a client of `store` (rendezvous_store)."""
+    return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
+                WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs))
 
 
 def rank_env(env: dict, world: dict, rank: int) -> dict:
@@ -73,16 +77,20 @@ def start_workers(run_dir: Path, procs: int, resume: str, env: dict,
     """The `procs` training processes of this node, each in a session of its own; `logs`: one open
     file per rank for its output (default: this process's). `start`: what starts them (the tests'
     harness forks them from a server that has imported their modules)."""
-    variables = dict(world_env(procs), **{PARENT_ENV: str(os.getpid())})
+    store = rendezvous_store()
+    variables = dict(world_env(procs, store), **{PARENT_ENV: str(os.getpid())})
     # the stop signals are blocked while the workers start (they inherit the mask), not ignored:
     # one that arrives meanwhile waits, for b2b's handler once they have started (it sends it on
     # to them every second until they end) and for each worker's first line, which catches and
     # unblocks them; so it is neither lost nor a KeyboardInterrupt traceback
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return start(run_dir, procs, resume, env, variables, logs)
+        workers = start(run_dir, procs, resume, env, variables, logs)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    for worker in workers:
+        worker.rendezvous = store  # the store lives as long as a worker that may use it
+    return workers
 
 
 def wait(workers: list[subprocess.Popen], timeout: float | None = None, every_second=None) -> int:

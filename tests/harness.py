@@ -41,7 +41,7 @@ from pathlib import Path
 from launchers import launch
 from launchers.checkpoint import EXIT_STOPPED, RunDir
 from launchers.cli import main
-from launchers.workers import PARENT_ENV, rank_env, start_workers, wait, world_env
+from launchers.workers import PARENT_ENV, rank_env, rendezvous_store, start_workers, wait, world_env
 
 # what a worker imports before its first step (the fork server imports them once)
 PRELOAD = ["launchers.train", "launchers.megatron", "deepspeed.runtime.zero.muon.muon_optimizer",
@@ -155,7 +155,8 @@ def torchrun(script: Path, *args, procs: int = 2, logs: Path | None = None, time
     with contextlib.nullcontext(logs) if logs else tempfile.TemporaryDirectory(prefix="torchrun-") as where:
         paths = [Path(where) / f"rank{rank}.log" for rank in range(procs)]
         paths[0].parent.mkdir(parents=True, exist_ok=True)
-        env, variables, workers = dict(os.environ, DS_ACCELERATOR="cpu"), world_env(procs), []
+        store = rendezvous_store()  # alive until they end
+        env, variables, workers = dict(os.environ, DS_ACCELERATOR="cpu"), world_env(procs, store), []
         for rank, path in enumerate(paths):
             with open(path, "w") as out:
                 workers.append(Worker(str(script), [str(a) for a in args], rank_env(env, variables, rank), out))
@@ -191,10 +192,7 @@ def train(recipe: str | Path, out_dir: Path, sets: list[str], procs: int = 2, re
     run = RunDir(Path(out_dir))
     if code != 0 or (run.status.is_file() and json.loads(run.status.read_text())["state"] == "finished"):
         return Done(code, out.getvalue(), err.getvalue())  # refused, or already finished
-    for _ in range(2):  # a port taken between free_port() and rank 0's bind (another test's run): again
-        code, logs = run_workers(run.root, procs, resume)
-        if not code or "EADDRINUSE" not in "".join(logs) and "address already in use" not in "".join(logs):
-            break
+    code, logs = run_workers(run.root, procs, resume)
     if code:
         return Done(code, out.getvalue() + logs[0], "".join(logs))
     state = json.loads(run.status.read_text())["state"]

@@ -21,7 +21,6 @@ from launchers.cli import main
 from launchers.data import Batches, cache_path, prepare, train_tokenizer
 from launchers.events import read_scalars
 from launchers.megatron import GPT, build_model, initialize, load_dist
-from launchers.workers import free_port
 
 import harness
 
@@ -43,7 +42,7 @@ def one_process():
     """torch.distributed (gloo) and megatron-core's groups for this test process alone (TP 1)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         initialize(1)
         yield

@@ -239,3 +239,20 @@ def test_a_compiled_model_trains_as_the_eager_one_and_resumes(tmp_path, cache):
     a, b = read_scalars(tmp_path / "eager"), read_scalars(tmp_path / "compiled")
     for step in range(1, 7):
         assert abs(a["train/loss"][step] - b["train/loss"][step]) <= 1e-4, step
+
+
+def test_the_rendezvous_port_is_held_from_before_the_workers_start_until_they_end(tmp_path):
+    """b2b train hosts the workers' rendezvous store (workers.rendezvous_store), as torchrun's agent
+    does: its port cannot be taken by another process between being chosen and rank 0's start (a
+    free-port probe's race: EADDRINUSE, seen in CI), nor while the workers run."""
+    import socket
+
+    from launchers.workers import rendezvous_store, world_env
+    store = rendezvous_store()
+    port = int(world_env(2, store)["MASTER_PORT"])
+    with socket.socket() as other, pytest.raises(OSError, match="in use"):
+        other.bind(("127.0.0.1", port))
+    del store
+    with socket.socket() as other:  # given back once no worker holds it
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", port))
