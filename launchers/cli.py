@@ -67,6 +67,14 @@ def cmd_train(args) -> int:
                  prepare_only=args.prepare_only, verbose=args.verbose)
 
 
+def cmd_data_prepare(args) -> int:
+    from . import config
+    from .data import prepare, quiet_libraries
+    quiet_libraries()
+    print(prepare(config.load(args.recipe, args.set)))
+    return 0
+
+
 def cmd_tokenizer(args) -> int:
     from .launch import train_tokenizer_command
     return train_tokenizer_command(args.kind, args.vocab_size, args.files, args.out)
@@ -201,6 +209,14 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--files", nargs="+", help="local .txt/.jsonl/.parquet files (default: the offline corpus)")
     k.add_argument("--out", required=True)
     k.set_defaults(func=cmd_tokenizer)
+
+    a = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    r = a.add_parser("prepare", help="tokenise a recipe's corpus into its cache entry (megatron-core's indexed "
+                     "format), with every core; b2b train uses it; resumes a killed preparation")
+    r.add_argument("recipe", help="a recipe YAML")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (e.g. data.num_proc=8); repeatable")
+    r.set_defaults(func=cmd_data_prepare)
 
     w = sub.add_parser("vocab", help="vocabulary tools").add_subparsers(dest="vocab_command", required=True)
     x = w.add_parser("transfer", help="give a model another tokenizer (VIPI: shared tokens keep their rows)")

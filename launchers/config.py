@@ -72,6 +72,8 @@ class DataConfig:
     val_files: list[str] | None = None  # held-out validation text (.txt/.jsonl/.json/.parquet): the whole corpus trains
     max_documents: int | None = None
     cache_dir: str = "runs/cache"
+    num_proc: int | None = None  # preparation processes (default: every core this process may use)
+    shard_documents: int = 50_000  # documents per prepared shard (a multiple of 2000): the unit of work and resume
 
 
 @dataclass
@@ -332,6 +334,9 @@ def validate(recipe: Recipe) -> Recipe:
     _require(d.vocab_size >= 64, "data.vocab_size", f"{d.vocab_size}: too small (>= 64)")
     _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"{d.val_fraction}: must be in (0, 0.5)")
     _require(d.max_documents is None or d.max_documents > 0, "data.max_documents", "must be positive")
+    _require(d.num_proc is None or d.num_proc > 0, "data.num_proc", "must be positive")
+    _require(d.shard_documents > 0 and d.shard_documents % 2000 == 0, "data.shard_documents",
+             f"{d.shard_documents}: must be a positive multiple of 2000 (the documents sequences are cut within)")
     _require(0.0 < recipe.objective.mask_prob < 1.0 or m.arch != "bert", "objective.mask_prob",
              f"{recipe.objective.mask_prob}: must be in (0, 1)")
     _require(o.lr > 0, "optim.lr", f"{o.lr}: must be positive")

@@ -5,10 +5,12 @@ The corpus is local text files (.txt, .jsonl/.json, .parquet), a hub dataset (do
 run time), or by default the offline corpus: the docstrings of this Python's standard library,
 which exist wherever the project is installed and are fixed for a given Python version.
 
-`prepare(recipe)` builds the cache entry once (train/, val/ as Arrow datasets, tokenizer/);
-it is keyed by everything that changes its contents, so a second run does not re-tokenise.
-Batches are a pure function of (seed, step, rank, micro step): resuming at step N reads
-exactly what the uninterrupted run read, and masks exactly the same tokens.
+`prepare(recipe)` builds the cache entry once, with every core (`b2b data prepare RECIPE`; `b2b
+train` calls it): the train and validation splits as shards in megatron-core's indexed format
+(.bin/.idx, launchers/indexed.py), read memory-mapped, and tokenizer/. It is keyed by everything
+that changes its contents, so a second run does not re-tokenise, and a killed preparation resumes
+from its finished shards. Batches are a pure function of (seed, step, rank, micro step): resuming
+at step N reads exactly what the uninterrupted run read, and masks exactly the same tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ast
 import functools
 import hashlib
 import json
+import os
 import sys
 import sysconfig
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch
 
 from growth.adapters.files import atomic_directory, sha256
 
+from . import indexed
 from .config import FILE_KINDS, TOKENIZER_KINDS, Recipe, RecipeError
 
 SPLIT_SEED = 1234  # the train/validation split and validation masks do not depend on the run's seed
@@ -187,18 +191,13 @@ def check_tokenizer(tok, arch: str, where: str) -> None:
                           f"{'masked' if arch == 'bert' else 'causal'} LM objective needs")
 
 
-# ---------------------------------------------------------------- packing and the cache
+# ---------------------------------------------------------------- preparation and the cache
 
 
-def pack(token_lists, arch: str, seq_len: int, tok) -> list[list[int]]:
-    """Documents joined by a separator and cut into full blocks (the remainder is dropped).
-    BERT blocks are [CLS] + (seq_len - 2) tokens + [SEP]; GPT-2 blocks are seq_len tokens."""
-    sep = tok.sep_token_id if arch == "bert" else tok.eos_token_id
-    stream = [t for ids in token_lists for t in ids + [sep]]
-    if arch == "bert":
-        body = seq_len - 2
-        return [[tok.cls_token_id] + stream[i:i + body] + [sep] for i in range(0, len(stream) - body + 1, body)]
-    return [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+PACK_DOCS = 2000  # sequences are cut within each group of this many documents, its remainder dropped:
+# the earlier Arrow cache packed each 2000-document map batch alone, and keeping its blocks keeps
+# every run's data, and the figures in docs/ from them, as they were (<= 1 block lost per group)
+_PREPARING: dict = {}  # what the forked preparation workers read: the splits' documents, the tokenizer
 
 
 def cache_path(recipe: Recipe) -> Path:
@@ -208,45 +207,121 @@ def cache_path(recipe: Recipe) -> Path:
         {"dir": tok, "sha256": sha256([Path(tok) / "tokenizer.json"]) if (Path(tok) / "tokenizer.json").is_file()
          else None}
     key = json.dumps({"corpus": corpus_key(recipe), "tokenizer": tok_key, "arch": recipe.model.arch,
-                      "seq_len": d.seq_len, "val_fraction": d.val_fraction, "format": 1}, sort_keys=True)
+                      "seq_len": d.seq_len, "val_fraction": d.val_fraction, "format": 2}, sort_keys=True)
     return Path(d.cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def preparation_processes(recipe: Recipe) -> int:
+    """data.num_proc, or every core this process may run on (under SLURM, its allocation's)."""
+    return recipe.data.num_proc or len(os.sched_getaffinity(0))
+
+
+def _tokenize_shard(task: tuple[str, int, int, str]) -> tuple[str, int]:
+    """Documents [begin, end) of a split, tokenised, each followed by the separator, into the
+    shard's indexed pair (PREFIX.bin/.idx); (its name, its tokens)."""
+    split, begin, end, prefix = task
+    docs, tok, sep = _PREPARING["corpus"][split], _PREPARING["tokenizer"], _PREPARING["sep"]
+
+    def documents():
+        for first in range(begin, end, 1000):
+            for ids in tok(docs[first:min(first + 1000, end)]["text"], add_special_tokens=False)["input_ids"]:
+                ids.append(sep)
+                yield ids
+    return Path(prefix).name, indexed.write(Path(prefix), documents(), indexed.token_dtype(len(tok)))
+
+
+def _tokenizer(recipe: Recipe, corpus, where: Path, log):
+    """The run's tokenizer, saved in `where` first (a resumed preparation reuses the one its
+    shards were tokenised with: a trained one can differ between trainings on tied counts)."""
+    source = tokenizer_source(recipe)
+    if not (where / "tokenizer_config.json").is_file():
+        tok = train_tokenizer(iter(corpus["train"]["text"]), source, recipe.data.vocab_size) \
+            if source in TOKENIZER_KINDS else load_tokenizer(source)
+        check_tokenizer(tok, recipe.model.arch, source)
+        with atomic_directory(where, replace=False) as tmp:
+            tok.save_pretrained(str(tmp))
+    else:
+        log(f"data: resuming the preparation in {where.parent}")
+    return load_tokenizer(where)
+
+
 def prepare(recipe: Recipe, log=print) -> Path:
-    """Build the cache entry if it is not there; return its path. Written to a temporary sibling
-    and renamed into place, so a crash leaves no half-built entry."""
+    """Build the cache entry if it is not there; return its path. The splits' documents are
+    tokenised by preparation_processes() forked workers, data.shard_documents at a time, into shards in
+    megatron-core's indexed format (launchers.indexed), each written whole or not at all in a
+    hidden PATH.partial directory, renamed to PATH when every shard is there: a killed preparation
+    resumes with the shards it had finished, and no reader sees a partial entry. The data do not
+    depend on the number of shards or processes: a split is its documents' one token stream."""
     path = cache_path(recipe)
     if (path / "meta.json").is_file():
         return path
     d, arch = recipe.data, recipe.model.arch
+    work = path.parent / f".{path.name}.partial"
+    work.mkdir(parents=True, exist_ok=True)
     log(f"data: building {path} (tokenising and packing the corpus; done once)")
     corpus = splits(recipe)
-    source = tokenizer_source(recipe)
-    tok = train_tokenizer(iter(corpus["train"]["text"]), source, d.vocab_size) if source in TOKENIZER_KINDS \
-        else load_tokenizer(source)
-    check_tokenizer(tok, arch, source)
-
-    def tokenize_and_pack(batch):
-        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": pack(ids, arch, d.seq_len, tok)}
-
-    with atomic_directory(path, replace=False) as tmp:  # a concurrent run's complete entry is as good
-        sizes = {}
-        for split in ("train", "test"):
-            packed = corpus[split].map(tokenize_and_pack, batched=True, batch_size=2000,
-                                       remove_columns=corpus[split].column_names)
-            name = "val" if split == "test" else "train"
-            if len(packed) == 0:
-                raise RecipeError(f"data: the {name} split holds no full sequence of {d.seq_len} tokens: "
-                                  "use more documents, a smaller data.seq_len or a larger data.val_fraction")
-            packed.save_to_disk(str(tmp / name))
-            sizes[name] = len(packed)
-        tok.save_pretrained(str(tmp / "tokenizer"))
-        meta = {"sequences": sizes, "seq_len": d.seq_len, "vocab_size": len(tok), "tokenizer": source}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    log(f"data: {sizes['train']} train and {sizes['val']} validation sequences of {d.seq_len} tokens, "
+    tok = _tokenizer(recipe, corpus, work / "tokenizer", log)
+    sep = tok.sep_token_id if arch == "bert" else tok.eos_token_id
+    names, size = {"train": "train", "test": "val"}, d.shard_documents  # a multiple of PACK_DOCS (config)
+    bounds = [(split, b, min(b + size, len(corpus[split])))
+              for split in names for b in range(0, len(corpus[split]), size)]
+    tasks = [(split, b, e, str(work / f"{names[split]}-{b:09d}-{e:09d}")) for split, b, e in bounds]
+    todo = [t for t in tasks if not Path(t[3] + ".idx").is_file()]
+    processes = min(preparation_processes(recipe), len(todo))
+    _PREPARING.update(corpus=corpus, tokenizer=tok, sep=sep)
+    try:
+        done = len(tasks) - len(todo)
+        for name, tokens in _map(_tokenize_shard, todo, processes):
+            done += 1
+            log(f"data: {name}: {tokens} tokens ({done}/{len(tasks)} shards)")
+    finally:
+        _PREPARING.clear()
+    planned = {Path(t[3]).name + suffix for t in tasks for suffix in (".bin", ".idx")}
+    for stale in work.glob("*-*-*.[bi][id][nx]"):  # another shard size's, from a preparation killed before
+        if stale.name not in planned:
+            stale.unlink()
+    shards = {name: [Path(t[3]).name for t in tasks if t[0] == split] for split, name in names.items()}
+    blocks = {name: len(open_split(work, shards[name], d.seq_len, tok if arch == "bert" else None)) for name in shards}
+    for name, count in blocks.items():
+        if count == 0:
+            raise RecipeError(f"data: the {name} split holds no full sequence of {d.seq_len} tokens: "
+                              "use more documents, a smaller data.seq_len or a larger data.val_fraction")
+    meta = {"sequences": blocks, "seq_len": d.seq_len, "vocab_size": len(tok), "tokenizer": tokenizer_source(recipe),
+            "shards": shards, "cls": tok.cls_token_id if arch == "bert" else None, "sep": sep}
+    (work / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        os.rename(work, path)
+    except OSError:  # another process preparing the same entry renamed it first
+        if not (path / "meta.json").is_file():
+            raise
+    log(f"data: {blocks['train']} train and {blocks['val']} validation sequences of {d.seq_len} tokens, "
         f"vocabulary {len(tok)}")
     return path
+
+
+def _map(function, tasks: list, processes: int):
+    """function(task) for every task, in `processes` forked workers (here when one), as they end.
+    The workers tokenise one document at a time: the tokenizer's own threads off in them."""
+    if processes <= 1:
+        yield from map(function, tasks)
+        return
+    import multiprocessing
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the forked workers (and no fork warning)
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            yield from pool.imap_unordered(function, tasks)
+    finally:
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
+def open_split(root: Path, shards: list[str], seq_len: int, bert_tok=None) -> indexed.Blocks:
+    """A prepared split's sequences, memory-mapped (launchers.indexed.Blocks)."""
+    ends = () if bert_tok is None else (bert_tok.cls_token_id, bert_tok.sep_token_id)
+    return indexed.Blocks([root / name for name in shards], PACK_DOCS, seq_len, *ends)
 
 
 # ---------------------------------------------------------------- batches
@@ -263,11 +338,11 @@ class Batches:
     rank r's micro step m takes the chunk (m*world + r)."""
 
     def __init__(self, path: Path, recipe: Recipe, rank: int, world: int):
-        import datasets
         from transformers import AutoTokenizer
-        self.train = datasets.load_from_disk(str(path / "train")).with_format("numpy")
-        self.val = datasets.load_from_disk(str(path / "val")).with_format("numpy")
+        meta = json.loads((path / "meta.json").read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+        bert = self.tokenizer if recipe.model.arch == "bert" else None
+        self.train, self.val = (open_split(path, meta["shards"][s], meta["seq_len"], bert) for s in ("train", "val"))
         self.recipe, self.rank, self.world = recipe, rank, world
         self.micro, self.accum = recipe.batch.micro, recipe.batch.accum
         self.mlm = recipe.model.arch == "bert"
@@ -286,7 +361,7 @@ class Batches:
         n = len(self.train)
         first = (step - 1) * self.micro * self.accum * self.world + (micro_step * self.world + self.rank) * self.micro
         rows = [int(self._order(k // n)[k % n]) for k in range(first, first + self.micro)]
-        ids = torch.from_numpy(self.train[rows]["input_ids"].astype(np.int64))
+        ids = torch.from_numpy(self.train[rows])
         gen = torch.Generator().manual_seed(seed_for(self.recipe.seed, step, self.rank, micro_step))
         return self.objective(ids, gen)
 
@@ -296,7 +371,7 @@ class Batches:
         for b in range(count):
             first = (b * self.world + self.rank) * self.micro
             rows = [k % n for k in range(first, first + self.micro)]
-            ids = torch.from_numpy(self.val[rows]["input_ids"].astype(np.int64))
+            ids = torch.from_numpy(self.val[rows])
             yield self.objective(ids, torch.Generator().manual_seed(seed_for(SPLIT_SEED, b, self.rank)))
 
     def objective(self, ids: torch.Tensor, gen: torch.Generator) -> dict:

@@ -2,6 +2,9 @@
 MLM masking) and the analytic FLOPs, checked against torch's own FLOP counter."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,7 +58,7 @@ def test_prepare_packs_and_caches(arch, cache):
     assert prepare(recipe, log=again.append) == path and again == []  # cached: nothing rebuilt
     assert prepare(tiny(arch, cache, "data.seq_len=32"), log=again.append) != path and again  # new key
     data = Batches(path, recipe, rank=0, world=1)
-    rows = data.train[:50]["input_ids"]
+    rows = data.train[:50]
     assert rows.shape == (50, recipe.data.seq_len)
     tok = data.tokenizer
     if arch == "bert":
@@ -85,7 +88,7 @@ def test_dynamic_masking_80_10_10(cache):
     recipe = tiny("bert", cache)
     data = Batches(prepare(recipe), recipe, rank=0, world=1)
     tok = data.tokenizer
-    ids = torch.from_numpy(data.train[:400]["input_ids"]).long()
+    ids = torch.from_numpy(data.train[:400]).long()
     def gen():
         return torch.Generator().manual_seed(5)
     out = mask_tokens(ids, gen(), 0.15, data.special, tok.mask_token_id, len(tok))
@@ -184,9 +187,102 @@ def test_held_out_validation_files_are_the_validation_split(tmp_path, capsys):
     data = Batches(path, recipe, rank=0, world=1)
     text = "".join(data.tokenizer.decode(b["input_ids"].flatten()) for b in data.val_batches(4))
     assert text.count("zebra quokka") > 10 and "Return" not in text
-    assert "zebra" not in data.tokenizer.decode(data.train[:200]["input_ids"].flatten())
+    assert "zebra" not in data.tokenizer.decode(data.train[:200].flatten())
     held_out.write_text(held_out.read_text() + "\nzebra quokka again\n")
     assert cache_path(recipe) != path  # new content, new entry
     missing = ["train", str(RECIPES / "gpt-tiny-cpu.yaml"), "--dry-run", "--set", f"data.val_files=[{tmp_path}/no.txt]"]
     assert main(missing) == 2
     assert f"data.val_files: {tmp_path}/no.txt: no such file" in capsys.readouterr().err
+
+
+def test_megatron_core_reads_the_prepared_shards_and_we_read_what_its_builder_writes(cache, tmp_path):
+    """Prepared splits are megatron-core indexed datasets, one sequence per document (its tokens and
+    the separator), as Megatron-LM's preprocess_data.py writes them with --append-eod; and a corpus
+    megatron-core's IndexedDatasetBuilder wrote is read here as the same token stream."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from launchers import indexed
+    from launchers.data import PACK_DOCS, splits
+    recipe = tiny("gpt2", cache)
+    path = prepare(recipe)
+    meta, tok = json.loads((path / "meta.json").read_text()), AutoTokenizer.from_pretrained(path / "tokenizer")
+    texts = splits(recipe)["train"]["text"]
+    theirs = [IndexedDataset(str(path / name)) for name in meta["shards"]["train"]]
+    assert sum(len(d) for d in theirs) == len(texts)
+    assert all(np.array_equal(d.document_indices, np.arange(len(d) + 1)) for d in theirs)
+    for i in (0, 1, len(texts) - 1):
+        expected = tok(texts[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert theirs[0][i].tolist() == expected
+
+    docs = [np.array([5, 6, 7]), np.array([8, 9]), np.arange(10, 40)]
+    builder = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for doc in docs:
+        builder.add_item(torch.from_numpy(doc))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    tokens, lengths = indexed.read(tmp_path / "theirs")
+    assert tokens.dtype == np.uint16 and lengths.tolist() == [3, 2, 30]
+    assert tokens.tolist() == np.concatenate(docs).tolist()
+    blocks = indexed.Blocks([tmp_path / "theirs"] * 2, PACK_DOCS, 8)  # two shards: cut within each
+    assert len(blocks) == 2 * (35 // 8)
+    assert blocks[[3, 4]].tolist() == [list(range(29, 37)), [5, 6, 7, 8, 9, 10, 11, 12]]
+    mine = indexed.write(tmp_path / "mine", docs, np.uint16)
+    assert mine == 35 and (tmp_path / "mine.bin").read_bytes() == (tmp_path / "theirs.bin").read_bytes()
+    assert (tmp_path / "mine.idx").read_bytes() == (tmp_path / "theirs.idx").read_bytes()
+
+
+def test_a_partial_shard_is_refused_in_one_line(tmp_path, capsys):
+    import numpy as np
+
+    from launchers import indexed
+    indexed.write(tmp_path / "s", [np.arange(100)], np.uint16)
+    with open(tmp_path / "s.bin", "r+b") as f:
+        f.truncate(150)
+    with pytest.raises(indexed.IndexedError, match="partial or not its pair"):
+        indexed.read(tmp_path / "s")
+    (tmp_path / "s.idx").write_bytes(b"not an index")
+    with pytest.raises(indexed.IndexedError, match="no MMIDIDX header"):
+        indexed.read(tmp_path / "s")
+
+
+def test_a_killed_preparation_resumes_from_its_finished_shards(tmp_path):
+    """`b2b data prepare` SIGKILLed while it writes a shard: no cache entry and no visible partial
+    shard; run again, it tokenises only the shards it had not finished, and the data are those of
+    one uninterrupted preparation with another shard size and number of processes."""
+    import signal
+    import time
+
+    from launchers.data import Batches
+
+    from harness import b2b_process
+    sets = ["data.tokenizer=minilm", "data.max_documents=12000", "logging.progress=false"]
+    argv = ["data", "prepare", RECIPES / "bert-tiny-cpu.yaml", *sum((["--set", s] for s in sets), [])]
+    killed = ["--set", f"data.cache_dir={tmp_path / 'a'}", "--set", "data.shard_documents=2000",
+              "--set", "data.num_proc=1"]
+    proc = b2b_process(*argv, *killed, wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # the second shard is being written
+        work = list((tmp_path / "a").glob(".*.partial"))
+        if work and list(work[0].glob("*.idx")) and list(work[0].glob(".train-*.bin.tmp-*")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in work[0].glob("*.idx"))
+    assert finished and not [p for p in (tmp_path / "a").iterdir() if not p.name.startswith(".")]
+    assert all((work[0] / name).with_suffix(".bin").is_file() for name in finished)  # none visible half-written
+    again = subprocess.run([sys.executable, "-m", "launchers.cli", *map(str, argv + killed)], capture_output=True,
+                           text=True, timeout=600)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "resuming the preparation" in out and f"({len(finished) + 1}/" in out
+    assert not any(f"{name.removesuffix('.idx')}:" in out for name in finished)  # not tokenised again
+    b2b_process(*argv, "--set", f"data.cache_dir={tmp_path / 'b'}", "--set", "data.num_proc=2")
+    recipe = config.load(RECIPES / "bert-tiny-cpu.yaml", sets + [f"data.cache_dir={tmp_path / 'a'}"])
+    resumed = Batches(cache_path(recipe), recipe, 0, 1)
+    recipe = config.load(RECIPES / "bert-tiny-cpu.yaml", sets + [f"data.cache_dir={tmp_path / 'b'}"])
+    whole = Batches(cache_path(recipe), recipe, 0, 1)
+    assert len(resumed.train) == len(whole.train) > 0 and len(resumed.val) == len(whole.val)
+    assert (resumed.train[:] == whole.train[:]).all() and (resumed.val[:] == whole.val[:]).all()
