@@ -101,7 +101,8 @@ def cmd_run(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import Resources, submit
     res = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
-                    account=args.account, signal_seconds=args.signal_seconds, cpus_per_node=args.cpus_per_node)
+                    account=args.account, signal_seconds=args.signal_seconds, cpus_per_node=args.cpus_per_node,
+                    prepare_partition=args.prepare_partition, prepare_cpus=args.prepare_cpus)
     return submit(args.recipe, args.set, res, dry_run=args.dry_run)
 
 
@@ -246,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cpus-per-node", type=int, help="CPUs per node, shared by its processes (default: the "
                                                       "partition's smallest node)")
     b.add_argument("--partition", help="default: the cluster's default partition")
+    b.add_argument("--prepare-partition", metavar="P", help="the data preparation job's partition, CPU nodes "
+                   "(default: --partition)")
+    b.add_argument("--prepare-cpus", type=int, metavar="N", help="its cores (default: the partition's smallest node's)")
     b.add_argument("--time", default="1:00:00", help="time limit, e.g. 2-00:00:00 (default 1:00:00)")
     b.add_argument("--account")
     b.add_argument("--signal-seconds", type=int, default=120, metavar="S",

@@ -60,8 +60,19 @@ FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "pa
 
 
 @dataclass
+class SourceConfig:
+    """One corpus of a weighted mixture (data.sources)."""
+    files: list[str] | None = None  # local .txt/.jsonl/.json/.parquet files
+    hub: str | None = None  # or a hub dataset (downloads at run time)
+    hub_config: str | None = None
+    text_field: str = "text"
+    weight: float = 1.0  # the share of training samples drawn from it: weight / the sum of the weights
+
+
+@dataclass
 class DataConfig:
     files: list[str] | None = None  # local .txt/.jsonl/.json/.parquet files (else the offline corpus)
+    sources: list[SourceConfig] | None = None  # a weighted mixture of corpora, instead of files or hub
     hub: str | None = None  # a hub dataset name (downloads at run time)
     hub_config: str | None = None  # its configuration, e.g. wikitext-103-raw-v1
     text_field: str = "text"
@@ -73,7 +84,8 @@ class DataConfig:
     max_documents: int | None = None
     cache_dir: str = "runs/cache"
     num_proc: int | None = None  # preparation processes (default: every core this process may use)
-    shard_documents: int = 50_000  # documents per prepared shard (a multiple of 2000): the unit of work and resume
+    streaming: bool = False  # read the corpora as streams (no Arrow copy of a hub corpus); needs a given tokenizer
+    shard_documents: int = 10_000  # documents per prepared shard (a multiple of 2000): the unit of work and resume
 
 
 @dataclass
@@ -318,7 +330,17 @@ def validate(recipe: Recipe) -> Recipe:
     _require(2 <= d.seq_len <= m.max_positions, "data.seq_len",
              f"{d.seq_len}: must be between 2 and model.max_positions ({m.max_positions})")
     _require(d.files is None or d.hub is None, "data.hub", "set data.files or data.hub, not both")
-    for key, files in (("data.files", d.files), ("data.val_files", d.val_files)):
+    _require(d.sources is None or d.files is None and d.hub is None, "data.sources",
+             "a mixture replaces data.files and data.hub: set one of them")
+    _require(d.sources != [], "data.sources", "empty list: name corpora, or drop the key")
+    named = [("data.files", d.files), ("data.val_files", d.val_files)]
+    for i, source in enumerate(d.sources or []):
+        key = f"data.sources[{i}]"
+        _require((source.files is None) != (source.hub is None), key, "give it files or a hub dataset (one of them)")
+        _require(source.files != [], f"{key}.files", "empty list: name files")
+        _require(source.weight > 0, f"{key}.weight", f"{source.weight}: must be positive")
+        named.append((f"{key}.files", source.files))
+    for key, files in named:
         for file in files or []:
             _require(Path(file).is_file(), key, f"{file}: no such file")
             _require(Path(file).suffix in FILE_KINDS, key, f"{file}: use .txt, .jsonl, .json or .parquet files")
@@ -335,6 +357,10 @@ def validate(recipe: Recipe) -> Recipe:
     _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"{d.val_fraction}: must be in (0, 0.5)")
     _require(d.max_documents is None or d.max_documents > 0, "data.max_documents", "must be positive")
     _require(d.num_proc is None or d.num_proc > 0, "data.num_proc", "must be positive")
+    trains = d.tokenizer in TOKENIZER_KINDS or d.tokenizer is None and not (m.init_from or m.grow_from)
+    _require(not (d.streaming and trains), "data.streaming",
+             "a streamed corpus is read once, so the tokenizer is not trained on it: name one (data.tokenizer: a "
+             "directory, or train one first with b2b tokenizer --files ...)")
     _require(d.shard_documents > 0 and d.shard_documents % 2000 == 0, "data.shard_documents",
              f"{d.shard_documents}: must be a positive multiple of 2000 (the documents sequences are cut within)")
     _require(0.0 < recipe.objective.mask_prob < 1.0 or m.arch != "bert", "objective.mask_prob",

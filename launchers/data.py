@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from growth.adapters.files import atomic_directory, sha256
 
 from . import indexed
-from .config import FILE_KINDS, TOKENIZER_KINDS, Recipe, RecipeError
+from .config import FILE_KINDS, TOKENIZER_KINDS, Recipe, RecipeError, SourceConfig
 
 SPLIT_SEED = 1234  # the train/validation split and validation masks do not depend on the run's seed
 STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "__pycache__"}
@@ -71,55 +72,75 @@ def python_docs() -> tuple[str, ...]:
     return tuple(docs)
 
 
-def load_corpus(recipe: Recipe, files: list[str] | None = None):
-    """The documents as a `datasets.Dataset` with one text column named 'text': the recipe's
-    corpus, or the text files `files` (data.val_files)."""
+def load_corpus(source, what: str = "the corpus", max_documents: int | None = None, streaming: bool = False):
+    """The documents of `source` (recipe.data, or one of data.sources: its files, its hub dataset,
+    or neither: the offline corpus) as a `datasets.Dataset` with one text column named 'text'
+    (streaming: an IterableDataset, read as it is iterated, never copied to an Arrow cache)."""
     import datasets
-    d = recipe.data
-    local = files or d.files
-    if local:
-        ds = datasets.load_dataset(FILE_KINDS[Path(local[0]).suffix], data_files=list(local), split="train")
-    elif d.hub:
-        ds = datasets.load_dataset(d.hub, d.hub_config, split="train")
+    if source.files:
+        ds = datasets.load_dataset(FILE_KINDS[Path(source.files[0]).suffix], data_files=list(source.files),
+                                   split="train", streaming=streaming)
+    elif source.hub:
+        ds = datasets.load_dataset(source.hub, source.hub_config, split="train", streaming=streaming)
     else:
         ds = datasets.Dataset.from_dict({"text": list(python_docs())})
-    field = "text" if not (local or d.hub) else d.text_field
-    what = "data.val_files" if files else "the corpus"
+        ds = ds.to_iterable_dataset() if streaming else ds
+    if streaming:
+        ds = ds.select_columns([source.text_field if source.files or source.hub else "text"])
+        ds = ds.rename_column(ds.column_names[0], "text") if ds.column_names[0] != "text" else ds
+        ds = ds.filter(lambda doc: bool(doc["text"] and doc["text"].strip()))
+        return ds.take(max_documents) if max_documents else ds
+    field = source.text_field if source.files or source.hub else "text"
     if field not in ds.column_names:
         raise RecipeError(f"data.text_field: {field!r} is not a column of {what} ({ds.column_names})")
     ds = ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
-    if d.max_documents and not files:
-        ds = ds.select(range(min(d.max_documents, len(ds))))
-    if len(ds) < (1 if files else 2):
+    if max_documents:
+        ds = ds.select(range(min(max_documents, len(ds))))
+    if len(ds) < (1 if what == "data.val_files" else 2):
         raise RecipeError(f"data: {what} has too few non-empty documents ({len(ds)})")
     return ds
 
 
-def splits(recipe: Recipe):
-    """{'train': ..., 'test': ...} documents: data.val_files held out as the validation split, or
-    a fixed-seed data.val_fraction of the corpus's documents."""
+def parts(recipe: Recipe) -> dict:
+    """The documents to prepare, by part: 'train' (for a mixture, 'train.0', 'train.1', ...: each
+    of data.sources in order) and 'val': data.val_files, held out whole, or else a fixed-seed
+    data.val_fraction of each corpus's documents."""
     import datasets
-    corpus = load_corpus(recipe)
-    if recipe.data.val_files:
-        return datasets.DatasetDict(train=corpus, test=load_corpus(recipe, recipe.data.val_files))
-    return corpus.train_test_split(test_size=recipe.data.val_fraction, seed=SPLIT_SEED)
+    d = recipe.data
+    sources = d.sources or [d]
+    out, held = {}, []
+    for i, source in enumerate(sources):
+        what = f"data.sources[{i}]" if d.sources else "the corpus"
+        corpus = load_corpus(source, what, d.max_documents)
+        name = f"train.{i}" if d.sources else "train"
+        if d.val_files:
+            out[name] = corpus
+        else:
+            split = corpus.train_test_split(test_size=d.val_fraction, seed=SPLIT_SEED)
+            out[name] = split["train"]
+            held.append(split["test"])
+    val = SourceConfig(files=d.val_files, text_field=d.text_field)
+    out["val"] = load_corpus(val, "data.val_files") if d.val_files else datasets.concatenate_datasets(held)
+    return out
 
 
-def _files_key(files: list[str]) -> list:
-    return [[str(Path(f).resolve()), sha256([Path(f)])] for f in files]
+def _source_key(source) -> dict:
+    if source.files:
+        key = {"files": [[str(Path(f).resolve()), sha256([Path(f)])] for f in source.files]}
+    elif source.hub:
+        key = {"hub": source.hub, "config": source.hub_config}
+    else:
+        key = {"python-docs": sys.version}
+    return {**key, "text_field": source.text_field}
 
 
 def corpus_key(recipe: Recipe) -> dict:
+    """What the prepared documents depend on (a mixture's weights are not: they act when read)."""
     d = recipe.data
-    if d.files:
-        source = {"files": _files_key(d.files)}
-    elif d.hub:
-        source = {"hub": d.hub, "config": d.hub_config}
-    else:
-        source = {"python-docs": sys.version}
-    val = {"val_files": _files_key(d.val_files)} if d.val_files else {}
-    return {**source, **val, "text_field": d.text_field, "max_documents": d.max_documents}
+    val = {"val_files": _source_key(SourceConfig(files=d.val_files))["files"]} if d.val_files else {}
+    streamed = {"streaming": d.shard_documents} if d.streaming else {}  # streamed, the shards define the split
+    return {"sources": [_source_key(s) for s in d.sources or [d]], **val, "max_documents": d.max_documents, **streamed}
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -216,18 +237,70 @@ def preparation_processes(recipe: Recipe) -> int:
     return recipe.data.num_proc or len(os.sched_getaffinity(0))
 
 
-def _tokenize_shard(task: tuple[str, int, int, str]) -> tuple[str, int]:
-    """Documents [begin, end) of a split, tokenised, each followed by the separator, into the
-    shard's indexed pair (PREFIX.bin/.idx); (its name, its tokens)."""
-    split, begin, end, prefix = task
-    docs, tok, sep = _PREPARING["corpus"][split], _PREPARING["tokenizer"], _PREPARING["sep"]
+def _tokenize_shard(task: tuple) -> tuple[str, int]:
+    """A shard's documents, tokenised, each followed by the separator, into its indexed pair
+    (PREFIX.bin/.idx); (its name, its tokens). task: ((part, begin, end) of the prepared parts,
+    or the documents' texts), PREFIX."""
+    what, prefix = task
+    tok, sep = _PREPARING["tokenizer"], _PREPARING["sep"]
+    if isinstance(what, list):
+        batches = (what[first:first + 1000] for first in range(0, len(what), 1000))
+    else:
+        part, begin, end = what
+        docs = _PREPARING["corpus"][part]
+        batches = (docs[first:min(first + 1000, end)]["text"] for first in range(begin, end, 1000))
 
     def documents():
-        for first in range(begin, end, 1000):
-            for ids in tok(docs[first:min(first + 1000, end)]["text"], add_special_tokens=False)["input_ids"]:
+        for texts in batches:
+            for ids in encode(tok, texts):
                 ids.append(sep)
                 yield ids
     return Path(prefix).name, indexed.write(Path(prefix), documents(), indexed.token_dtype(len(tok)))
+
+
+def encode(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens: for a fast tokenizer its Rust encode_batch_fast
+    (the same ids as tok(texts), without offsets or attention masks: 18% more tokens/s per core,
+    docs/benchmarks.md), with the truncation or padding a tokenizer.json may carry turned off, as
+    tok(texts) turns them off."""
+    backend = tok.backend_tokenizer if tok.is_fast else None
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return tok(texts, add_special_tokens=False)["input_ids"]
+    if backend.truncation is not None or backend.padding is not None:  # all-MiniLM's truncates at 128
+        backend.no_truncation()
+        backend.no_padding()
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _streamed(recipe: Recipe, work: Path, shards: dict):
+    """data.streaming: each corpus read once, in order, data.shard_documents documents at a time,
+    each chunk written as a train shard and a validation shard (a document is held out when a
+    hash of its corpus and place falls under data.val_fraction; data.val_files, when given, are
+    streamed the same way, whole). Yields the (texts, prefix) tasks of the shards not written yet,
+    and records every shard's name in `shards` (by part) as it goes."""
+    import itertools
+    d, size = recipe.data, recipe.data.shard_documents
+    corpora = [(f"train.{i}" if d.sources else "train", s) for i, s in enumerate(d.sources or [d])]
+    if d.val_files:
+        corpora.append(("val", SourceConfig(files=d.val_files, text_field=d.text_field)))
+    cut = int(d.val_fraction * 2**63)  # seed_for's 63 bits
+    for number, (part, source) in enumerate(corpora):
+        docs = iter(load_corpus(source, part, None if part == "val" else d.max_documents, streaming=True))
+        for first in itertools.count(0, size):
+            chunk = [doc["text"] for doc in itertools.islice(docs, size)]
+            if not chunk:
+                break
+            if part == "val" or d.val_files:
+                out = [(part, chunk)]
+            else:
+                held = [seed_for(SPLIT_SEED, number, first + i) < cut for i in range(len(chunk))]
+                out = [(part, [t for t, h in zip(chunk, held) if not h]),
+                       ("val" + part.removeprefix("train"), [t for t, h in zip(chunk, held) if h])]
+            for name, texts in out:
+                prefix = work / f"{name}-{first:09d}-{first + len(chunk):09d}"
+                shards.setdefault("val" if name.startswith("val") else name, []).append(prefix.name)
+                if not Path(f"{prefix}.idx").is_file():
+                    yield texts, str(prefix)
 
 
 def _tokenizer(recipe: Recipe, corpus, where: Path, log):
@@ -235,8 +308,11 @@ def _tokenizer(recipe: Recipe, corpus, where: Path, log):
     shards were tokenised with: a trained one can differ between trainings on tied counts)."""
     source = tokenizer_source(recipe)
     if not (where / "tokenizer_config.json").is_file():
-        tok = train_tokenizer(iter(corpus["train"]["text"]), source, recipe.data.vocab_size) \
-            if source in TOKENIZER_KINDS else load_tokenizer(source)
+        if source in TOKENIZER_KINDS:  # (not for a stream: config refuses it)
+            texts = (t for part, docs in corpus.items() if part != "val" for t in docs["text"])
+            tok = train_tokenizer(texts, source, recipe.data.vocab_size)
+        else:
+            tok = load_tokenizer(source)
         check_tokenizer(tok, recipe.model.arch, source)
         with atomic_directory(where, replace=False) as tmp:
             tok.save_pretrained(str(tmp))
@@ -255,48 +331,58 @@ def prepare(recipe: Recipe, log=print) -> Path:
     path = cache_path(recipe)
     if (path / "meta.json").is_file():
         return path
-    d, arch = recipe.data, recipe.model.arch
     work = path.parent / f".{path.name}.partial"
+    try:
+        _build(recipe, work, path, log)
+    except (OSError, indexed.IndexedError):
+        if (path / "meta.json").is_file():  # another process preparing the same entry finished it meanwhile
+            shutil.rmtree(work, ignore_errors=True)
+            return path
+        raise
+    return path
+
+
+def _build(recipe: Recipe, work: Path, path: Path, log) -> None:
+    """prepare's work, in `work`, renamed to `path` at the end."""
+    d, arch = recipe.data, recipe.model.arch
     work.mkdir(parents=True, exist_ok=True)
     log(f"data: building {path} (tokenising and packing the corpus; done once)")
-    corpus = splits(recipe)
+    corpus = None if d.streaming else parts(recipe)
     tok = _tokenizer(recipe, corpus, work / "tokenizer", log)
     sep = tok.sep_token_id if arch == "bert" else tok.eos_token_id
-    names, size = {"train": "train", "test": "val"}, d.shard_documents  # a multiple of PACK_DOCS (config)
-    bounds = [(split, b, min(b + size, len(corpus[split])))
-              for split in names for b in range(0, len(corpus[split]), size)]
-    tasks = [(split, b, e, str(work / f"{names[split]}-{b:09d}-{e:09d}")) for split, b, e in bounds]
-    todo = [t for t in tasks if not Path(t[3] + ".idx").is_file()]
-    processes = min(preparation_processes(recipe), len(todo))
+    if d.streaming:
+        shards: dict[str, list[str]] = {}
+        tasks, todo, processes = None, _streamed(recipe, work, shards), preparation_processes(recipe)
+    else:
+        size = d.shard_documents  # a multiple of PACK_DOCS (config)
+        bounds = [(part, b, min(b + size, len(docs))) for part, docs in corpus.items()
+                  for b in range(0, len(docs), size)]
+        tasks = [((part, b, e), str(work / f"{part}-{b:09d}-{e:09d}")) for part, b, e in bounds]
+        shards = {part: [Path(t[1]).name for t in tasks if t[0][0] == part] for part in corpus}
+        todo = [t for t in tasks if not Path(t[1] + ".idx").is_file()]
+        processes = min(preparation_processes(recipe), len(todo))
+        log(f"data: {len(tasks) - len(todo)} of {len(tasks)} shards already written")
     _PREPARING.update(corpus=corpus, tokenizer=tok, sep=sep)
     try:
-        done = len(tasks) - len(todo)
         for name, tokens in _map(_tokenize_shard, todo, processes):
-            done += 1
-            log(f"data: {name}: {tokens} tokens ({done}/{len(tasks)} shards)")
+            log(f"data: {name}: {tokens} tokens" + (f" ({len(tasks)} shards in all)" if tasks else ""))
     finally:
         _PREPARING.clear()
-    planned = {Path(t[3]).name + suffix for t in tasks for suffix in (".bin", ".idx")}
+    planned = {name + suffix for names in shards.values() for name in names for suffix in (".bin", ".idx")}
     for stale in work.glob("*-*-*.[bi][id][nx]"):  # another shard size's, from a preparation killed before
         if stale.name not in planned:
             stale.unlink()
-    shards = {name: [Path(t[3]).name for t in tasks if t[0] == split] for split, name in names.items()}
-    blocks = {name: len(open_split(work, shards[name], d.seq_len, tok if arch == "bert" else None)) for name in shards}
-    for name, count in blocks.items():
+    blocks = {part: len(open_split(work, shards[part], d.seq_len, tok if arch == "bert" else None)) for part in shards}
+    for part, count in blocks.items():
         if count == 0:
-            raise RecipeError(f"data: the {name} split holds no full sequence of {d.seq_len} tokens: "
+            raise RecipeError(f"data: the {part} split holds no full sequence of {d.seq_len} tokens: "
                               "use more documents, a smaller data.seq_len or a larger data.val_fraction")
     meta = {"sequences": blocks, "seq_len": d.seq_len, "vocab_size": len(tok), "tokenizer": tokenizer_source(recipe),
             "shards": shards, "cls": tok.cls_token_id if arch == "bert" else None, "sep": sep}
     (work / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        os.rename(work, path)
-    except OSError:  # another process preparing the same entry renamed it first
-        if not (path / "meta.json").is_file():
-            raise
-    log(f"data: {blocks['train']} train and {blocks['val']} validation sequences of {d.seq_len} tokens, "
-        f"vocabulary {len(tok)}")
-    return path
+    os.rename(work, path)
+    train = " + ".join(str(n) for part, n in blocks.items() if part != "val")
+    log(f"data: {train} train and {blocks['val']} validation sequences of {d.seq_len} tokens, vocabulary {len(tok)}")
 
 
 def _map(function, tasks: list, processes: int):
@@ -305,12 +391,15 @@ def _map(function, tasks: list, processes: int):
     if processes <= 1:
         yield from map(function, tasks)
         return
+    import itertools
     import multiprocessing
     parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the forked workers (and no fork warning)
     try:
         with multiprocessing.get_context("fork").Pool(processes) as pool:
-            yield from pool.imap_unordered(function, tasks)
+            tasks = iter(tasks)  # a window at a time: a stream's tasks carry their documents
+            while window := list(itertools.islice(tasks, 2 * processes)):
+                yield from pool.imap_unordered(function, window)
     finally:
         if parallelism is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -332,36 +421,121 @@ def seed_for(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
+MIX_BLOCK = 4096  # global samples per block of a mixture's draws
+PERMUTATION_MAX = 1 << 24  # sequences up to which an epoch's order is numpy's permutation (8 bytes each, 128 MiB)
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a 64-bit integer hash."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+class Shuffle:
+    """A seeded permutation of range(n) computed per index, holding nothing per element: a
+    4-round Feistel network on the smallest even number of bits that covers n, walking the
+    cycle until the result falls below n (fewer than 4 steps on average). Used for an epoch of
+    more than PERMUTATION_MAX sequences, whose numpy permutation would cost every rank 8 bytes
+    per sequence (and about 6 s per 10^8, docs/benchmarks.md)."""
+
+    def __init__(self, n: int, seed: list[int]):
+        self.n, self.half = n, max(1, ((n - 1).bit_length() + 1) // 2)
+        self.mask, self.keys = (1 << self.half) - 1, [seed_for(*seed, r) for r in range(4)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"{i} of {self.n}")
+        while True:
+            left, right = i >> self.half, i & self.mask
+            for key in self.keys:
+                left, right = right, left ^ (_mix(key ^ right) & self.mask)
+            i = left << self.half | right
+            if i < self.n:
+                return i
+
+
+class Mixture:
+    """Which corpus global sample k of a weighted mixture comes from, and which of that corpus's
+    samples it is. In each block of MIX_BLOCK samples every sample's corpus is drawn by weight
+    (seeded by the seed and the block), so the counts follow the weights within binomial error,
+    and each corpus's samples are taken in its own order: a pure function of (seed, k). Holds
+    each corpus's count before every block seen so far: numbers per block, not per sample.
+
+    Not megatron-core's BlendedDataset: it builds two arrays over every sample of the run
+    (10 bytes each) through its C++ helpers, and importing megatron-core costs every rank 4.5 s."""
+
+    def __init__(self, weights: list[float], seed: int):
+        self.p, self.seed = np.asarray(weights, np.float64) / sum(weights), seed
+        self.before = [np.zeros(len(weights), np.int64)]  # each corpus's samples before block b
+        self._drawn = (-1, None)
+
+    def _labels(self, block: int) -> np.ndarray:
+        if self._drawn[0] != block:
+            rng = np.random.default_rng(seed_for(self.seed, block, -1))
+            self._drawn = (block, rng.choice(len(self.p), MIX_BLOCK, p=self.p))
+        return self._drawn[1]
+
+    def locate(self, k: int) -> tuple[int, int]:
+        block, r = divmod(k, MIX_BLOCK)
+        while len(self.before) <= block:
+            self.before.append(self.before[-1] + np.bincount(self._labels(len(self.before) - 1), minlength=len(self.p)))
+        labels = self._labels(block)
+        source = int(labels[r])
+        return source, int(self.before[block][source]) + int(np.count_nonzero(labels[:r] == source))
+
+
 class Batches:
     """Deterministic batches: global sample k of the run is position k mod N of epoch k // N's
     permutation; step s takes samples [s*G, (s+1)*G) with G = micro x accum x world, and
-    rank r's micro step m takes the chunk (m*world + r)."""
+    rank r's micro step m takes the chunk (m*world + r). A mixture (data.sources) first maps k to
+    a corpus and that corpus's own sample index (Mixture), then reads it from the corpus's epochs."""
 
     def __init__(self, path: Path, recipe: Recipe, rank: int, world: int):
         from transformers import AutoTokenizer
         meta = json.loads((path / "meta.json").read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
         bert = self.tokenizer if recipe.model.arch == "bert" else None
-        self.train, self.val = (open_split(path, meta["shards"][s], meta["seq_len"], bert) for s in ("train", "val"))
+        self.sources = [open_split(path, meta["shards"][part], meta["seq_len"], bert)
+                        for part in meta["shards"] if part != "val"]
+        self.val = open_split(path, meta["shards"]["val"], meta["seq_len"], bert)
+        sources = recipe.data.sources
+        self.mixture = Mixture([s.weight for s in sources], recipe.seed) if sources else None
         self.recipe, self.rank, self.world = recipe, rank, world
         self.micro, self.accum = recipe.batch.micro, recipe.batch.accum
         self.mlm = recipe.model.arch == "bert"
-        self._perms: dict[int, np.ndarray] = {}
+        self._perms: dict[tuple[int, int], np.ndarray | Shuffle] = {}
         if self.mlm:
             tok = self.tokenizer
             self.special = torch.tensor(sorted({tok.cls_token_id, tok.sep_token_id, tok.pad_token_id}))
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.recipe.seed, epoch]).permutation(len(self.train))}
-        return self._perms[epoch]
+    @property
+    def train(self):
+        """The training sequences of a single corpus."""
+        (train,) = self.sources
+        return train
+
+    def _order(self, source: int, epoch: int) -> np.ndarray | Shuffle:
+        if (source, epoch) not in self._perms:  # one epoch's kept per corpus
+            self._perms = {key: v for key, v in self._perms.items() if key[0] != source}
+            seed, n = [self.recipe.seed, epoch] + ([source] if self.mixture else []), len(self.sources[source])
+            self._perms[source, epoch] = np.random.default_rng(seed).permutation(n) if n <= PERMUTATION_MAX \
+                else Shuffle(n, seed)
+        return self._perms[source, epoch]
+
+    def _sample(self, k: int) -> np.ndarray:
+        source, j = self.mixture.locate(k) if self.mixture else (0, k)
+        n = len(self.sources[source])
+        return self.sources[source][[int(self._order(source, j // n)[j % n])]]
 
     def train_batch(self, step: int, micro_step: int) -> dict:
         """The batch of (1-based) optimizer step `step`, micro step `micro_step`, on this rank."""
-        n = len(self.train)
         first = (step - 1) * self.micro * self.accum * self.world + (micro_step * self.world + self.rank) * self.micro
-        rows = [int(self._order(k // n)[k % n]) for k in range(first, first + self.micro)]
-        ids = torch.from_numpy(self.train[rows])
+        ids = torch.from_numpy(np.concatenate([self._sample(k) for k in range(first, first + self.micro)]))
         gen = torch.Generator().manual_seed(seed_for(self.recipe.seed, step, self.rank, micro_step))
         return self.objective(ids, gen)
 

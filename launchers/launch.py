@@ -235,7 +235,7 @@ def train_tokenizer_command(kind: str, vocab_size: int, files: list[str] | None,
     for file in files or []:
         if not Path(file).is_file():
             raise RecipeError(f"{file}: no such file")
-    tok = train_tokenizer(iter(load_corpus(recipe)["text"]), kind, vocab_size)
+    tok = train_tokenizer(iter(load_corpus(recipe.data)["text"]), kind, vocab_size)
     from growth.adapters.files import atomic_directory
     with atomic_directory(out_dir) as tmp:
         tok.save_pretrained(str(tmp))

@@ -5,7 +5,10 @@ its run directory and the resources, nothing else. Everything that can be wrong 
 the login node, before anything is queued: the recipe, `sbatch` on PATH, the partition, and
 whether it has the nodes and the GPUs (or, on CPU nodes, the cores) asked for.
 
-- An ordinary recipe: one job. A two-stage recipe (stage1.steps > 0): two jobs, stage 1 stops
+- Every training job waits (--dependency=afterok) for a CPU job that prepares its data (`b2b data
+  prepare`, slurm/prepare.sbatch; --prepare-partition, --prepare-cpus), so that GPUs never wait
+  on tokenisation; the training job then finds the cache entry built.
+- An ordinary recipe: one training job. A two-stage recipe (stage1.steps > 0): two jobs, stage 1 stops
   at stage1.steps (train.stop_at) and stage 2 resumes from its checkpoint after it succeeded
   (--dependency=afterok).
 - A recipe set (recipes/sets/*.yaml, see launchers/run.py): the source's job, a job array with
@@ -43,6 +46,8 @@ class Resources:
     account: str | None = None
     signal_seconds: int = 120  # USR1 this long before the time limit: time to save a checkpoint
     cpus_per_node: int | None = None  # default: the partition's (the smallest node's)
+    prepare_partition: str | None = None  # the data preparation job's (default: the training partition)
+    prepare_cpus: int | None = None  # its cores (default: that partition's smallest node's)
 
 
 @dataclass
@@ -112,12 +117,20 @@ def check_resources(res: Resources) -> Partition:
     if res.cpus_per_node is not None and res.cpus_per_node > part.cpus:
         raise ClusterError(f"--cpus-per-node {res.cpus_per_node}: the nodes of partition {name} have {part.cpus}")
     res.partition = name
+    prep = res.prepare_partition or name
+    if prep not in partitions:
+        raise ClusterError(f"--prepare-partition {prep}: no such partition; this cluster has {', '.join(partitions)}")
+    cores = partitions[prep][0].cpus
+    if res.prepare_cpus is not None and res.prepare_cpus > cores:
+        raise ClusterError(f"--prepare-cpus {res.prepare_cpus}: the nodes of partition {prep} have {cores}")
+    res.prepare_partition, res.prepare_cpus = prep, res.prepare_cpus or cores
     return part
 
 
 def assumed_partition(res: Resources) -> Partition:
     """What a dry run without a controller renders: the partition the flags describe."""
     procs = res.gpus_per_node or 1
+    res.prepare_cpus = res.prepare_cpus or res.cpus_per_node or procs
     return Partition(res.partition or "(default)", res.nodes, res.cpus_per_node or procs, res.gpus_per_node or 0)
 
 
@@ -130,8 +143,10 @@ def render(template: str, **values: str) -> str:
     return re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], text)
 
 
-def header_values(name: str, log: Path, res: Resources, part: Partition, extra: list[str]) -> dict:
-    extra = [*extra, *([f"--partition={res.partition}"] if res.partition else []),
+def header_values(name: str, log: Path, res: Resources, part: Partition, extra: list[str],
+                  partition: str | None = None) -> dict:
+    partition = partition or res.partition
+    extra = [*extra, *([f"--partition={partition}"] if partition else []),
              *([f"--account={res.account}"] if res.account else [])]
     return dict(JOB_NAME=name, TIME=res.time, WORKDIR=shlex.quote(str(Path.cwd())),
                 LOG=str(log), PYTHON=shlex.quote(sys.executable),
@@ -162,18 +177,31 @@ def train_job(name: str, runs: list[tuple[str, Path, list[str]]], log: Path, res
     return Job(name, script, str(log), list(after), str(tensorboard), [run_dir for _, run_dir, _ in runs])
 
 
+def prepare_job(name: str, runs: list[tuple[str, Path, list[str]]], log: Path, res: Resources, part: Partition,
+                after: list[int] = ()) -> Job:
+    """The CPU job that prepares the data of `runs` (each a cache hit once its entry is built)."""
+    def command(recipe: str, sets: list[str]) -> str:
+        args = " ".join(shlex.quote(f"--set={s}") for s in sets)
+        return f"{shlex.quote(sys.executable)} -m launchers.cli data prepare {shlex.quote(recipe)} {args}".rstrip()
+    commands = "\n".join(dict.fromkeys(command(recipe, sets) for recipe, _, sets in runs))
+    script = render("prepare.sbatch", **header_values(name, log, res, part, [], partition=res.prepare_partition),
+                    CPUS=str(res.prepare_cpus), COMMANDS=commands)
+    return Job(name, script, str(log), list(after))
+
+
 def recipe_jobs(path: str, sets: list[str], res: Resources, part: Partition) -> list[Job]:
-    """One job, or two for a two-stage recipe (stage 2 resumes stage 1's checkpoint)."""
+    """The data's job, then one training job, or two for a two-stage recipe (stage 2 resumes
+    stage 1's checkpoint)."""
     recipe = config.load(path, sets)
     run_dir = recipe.run_dir.resolve()
     path, sets = str(Path(path).resolve()), [*sets, f"out_dir={run_dir}"]  # the job may start elsewhere
-    s1 = recipe.stage1.steps
+    log, s1 = run_dir / "slurm-%j.out", recipe.stage1.steps
+    jobs = [prepare_job(f"{recipe.name}-data", [(path, run_dir, sets)], log, res, part)]
     if 0 < s1 < recipe.train.steps and recipe.train.stop_at is None:
-        return [train_job(f"{recipe.name}-stage1", [(path, run_dir, [*sets, f"train.stop_at={s1}"])],
-                          run_dir / "slurm-%j.out", res, part),
-                train_job(f"{recipe.name}-stage2", [(path, run_dir, sets)], run_dir / "slurm-%j.out", res, part,
-                          after=[0])]
-    return [train_job(recipe.name, [(path, run_dir, sets)], run_dir / "slurm-%j.out", res, part)]
+        return jobs + [train_job(f"{recipe.name}-stage1", [(path, run_dir, [*sets, f"train.stop_at={s1}"])],
+                                 log, res, part, after=[0]),
+                       train_job(f"{recipe.name}-stage2", [(path, run_dir, sets)], log, res, part, after=[1])]
+    return jobs + [train_job(recipe.name, [(path, run_dir, sets)], log, res, part, after=[0])]
 
 
 def set_jobs(path: str, sets: list[str], res: Resources, part: Partition) -> list[Job]:
@@ -186,12 +214,15 @@ def set_jobs(path: str, sets: list[str], res: Resources, part: Partition) -> lis
     if s.source:
         source_sets = [*sets, *e.source_sets]
         config.load(s.source, source_sets)
-        jobs.append(train_job(f"{s.name}-source", [(s.source, e.source_dir, source_sets)],
-                              e.source_dir / "slurm-%j.out", res, part))
+        source = [(s.source, e.source_dir, source_sets)]
+        jobs.append(prepare_job(f"{s.name}-source-data", source, e.source_dir / "slurm-%j.out", res, part))
+        jobs.append(train_job(f"{s.name}-source", source, e.source_dir / "slurm-%j.out", res, part, after=[0]))
     # a sweep's first phase (every setting at the sweep seeds); its best settings' other seeds
-    # need these results: `b2b run SET` runs them afterwards, skipping what finished here
+    # need these results: `b2b run SET` runs them afterwards, skipping what finished here. Their
+    # data's job waits for the source, whose tokenizer a grown model's data may use
     runs = [(s.target, run_dir, [*sets, *run_sets]) for run_dir, run_sets in e.first]
-    jobs.append(train_job(f"{s.name}-methods", runs, out / "slurm-%A_%a.out", res, part, after=list(range(len(jobs)))))
+    jobs.append(prepare_job(f"{s.name}-data", runs, out / "slurm-%j.out", res, part, after=[1] if s.source else []))
+    jobs.append(train_job(f"{s.name}-methods", runs, out / "slurm-%A_%a.out", res, part, after=[len(jobs) - 1]))
     r = s.report
     args = [*(str(d) for _, d, _ in runs), "--smooth", str(r.smooth), "--baseline", r.baseline,
             "--out", str(out / "report"), *(["--target", str(r.target)] if r.target is not None else [])]

@@ -140,7 +140,8 @@ def _convert(value, tp, key: str):
         if not isinstance(value, list):
             raise RecipeError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [build(item, v, f"{key}[{i}].") if dataclasses.is_dataclass(item) else _convert(v, item, f"{key}[{i}]")
+                for i, v in enumerate(value)]
     if tp is typing.Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

@@ -203,11 +203,11 @@ def test_megatron_core_reads_the_prepared_shards_and_we_read_what_its_builder_wr
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
     from launchers import indexed
-    from launchers.data import PACK_DOCS, splits
+    from launchers.data import PACK_DOCS, parts
     recipe = tiny("gpt2", cache)
     path = prepare(recipe)
     meta, tok = json.loads((path / "meta.json").read_text()), AutoTokenizer.from_pretrained(path / "tokenizer")
-    texts = splits(recipe)["train"]["text"]
+    texts = parts(recipe)["train"]["text"]
     theirs = [IndexedDataset(str(path / name)) for name in meta["shards"]["train"]]
     assert sum(len(d) for d in theirs) == len(texts)
     assert all(np.array_equal(d.document_indices, np.arange(len(d) + 1)) for d in theirs)
@@ -277,7 +277,7 @@ def test_a_killed_preparation_resumes_from_its_finished_shards(tmp_path):
                            text=True, timeout=600)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:]
-    assert "resuming the preparation" in out and f"({len(finished) + 1}/" in out
+    assert "resuming the preparation" in out and f"data: {len(finished)} of " in out
     assert not any(f"{name.removesuffix('.idx')}:" in out for name in finished)  # not tokenised again
     b2b_process(*argv, "--set", f"data.cache_dir={tmp_path / 'b'}", "--set", "data.num_proc=2")
     recipe = config.load(RECIPES / "bert-tiny-cpu.yaml", sets + [f"data.cache_dir={tmp_path / 'a'}"])
@@ -286,3 +286,115 @@ def test_a_killed_preparation_resumes_from_its_finished_shards(tmp_path):
     whole = Batches(cache_path(recipe), recipe, 0, 1)
     assert len(resumed.train) == len(whole.train) > 0 and len(resumed.val) == len(whole.val)
     assert (resumed.train[:] == whole.train[:]).all() and (resumed.val[:] == whole.val[:]).all()
+    from launchers import indexed
+    from launchers.data import parts
+    first = json.loads((cache_path(recipe) / "meta.json").read_text())["shards"]["train"][0]
+    tokens, lengths = indexed.read(cache_path(recipe) / first)
+    tok, texts = whole.tokenizer, parts(recipe)["train"][:100]["text"]
+    expected = [tok(t, add_special_tokens=False)["input_ids"] + [tok.sep_token_id] for t in texts]
+    assert max(map(len, expected)) > 128  # all-MiniLM's tokenizer.json truncates at 128: not here
+    assert tokens[:sum(map(len, expected))].tolist() == sum(expected, []) and lengths[:100].tolist() == [
+        len(e) for e in expected]
+
+
+def test_a_mixture_draws_its_corpora_by_weight_each_in_its_own_order_and_resumes_exactly(tmp_path):
+    """data.sources: two corpora weighted 3:1. Over 4,800 samples (past the first block of
+    draws) the share of each is 3/4 and 1/4 within binomial error; the small corpus cycles its
+    epochs, no sample repeated within one; a fresh reader (a resumed run) reads what the first
+    one read; validation holds both corpora's held-out documents."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(f"alpha apple avocado almond {i}\n" for i in range(3000)))
+    b.write_text("".join(f"beta banana berry blueberry {i}\n" for i in range(600)))
+    recipe = config.load(RECIPES / "gpt-tiny-cpu.yaml", [
+        f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300", "data.seq_len=32", "batch.micro=8",
+        f"data.sources=[{{files: [{a}], weight: 3}}, {{files: [{b}], weight: 1.0}}]"])
+    data = Batches(prepare(recipe), recipe, rank=0, world=1)
+    tok = data.tokenizer
+    assert len(data.sources) == 2 and len(data.sources[1]) < 200
+
+    def corpus_of(rows):
+        texts = [tok.decode(row) for row in rows]
+        assert all(("alpha" in t) != ("beta" in t) for t in texts)  # a block is one corpus's
+        return ["a" if "alpha" in t else "b" for t in texts]
+    steps = 600
+    batches = [data.train_batch(step, 0)["input_ids"] for step in range(1, steps + 1)]
+    drawn = corpus_of(torch.cat(batches).numpy())
+    n, share = len(drawn), drawn.count("a") / len(drawn)
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / n) ** 0.5, share
+    b_rows = [tuple(r.tolist()) for r, c in zip(torch.cat(batches), drawn) if c == "b"]
+    epoch = len(data.sources[1])
+    assert len(b_rows) > 3 * epoch and len(set(b_rows[:epoch])) == epoch == len(set(b_rows))  # every one, each epoch
+    fresh = Batches(cache_path(recipe), recipe, rank=0, world=1)
+    for step in (steps, 517, 3):
+        assert torch.equal(fresh.train_batch(step, 0)["input_ids"], batches[step - 1])
+    assert set(corpus_of(data.val[:])) == {"a", "b"}
+    with pytest.raises(ValueError):
+        data.train  # noqa: B018 (a mixture has no single training split)
+
+
+def test_an_epoch_too_large_for_a_permutation_array_is_shuffled_per_index(cache, monkeypatch):
+    """Shuffle, the order of an epoch of more than PERMUTATION_MAX sequences, is a permutation
+    (seeded, nothing held per element); with it, batches still read every sample once per epoch
+    and a fresh reader reads what the first one read."""
+    from launchers import data as data_module
+    from launchers.data import Shuffle
+    for n in (1, 2, 1000, 4097):
+        order = Shuffle(n, [0, 0])
+        assert sorted(order[i] for i in range(n)) == list(range(n))
+    assert [Shuffle(1000, [0, 0])[i] for i in range(20)] != [Shuffle(1000, [0, 1])[i] for i in range(20)]
+    monkeypatch.setattr(data_module, "PERMUTATION_MAX", 10)
+    recipe = tiny("gpt2", cache, "batch.micro=1")
+    data = Batches(prepare(recipe), recipe, rank=0, world=1)
+    n = len(data.train)
+    epoch = [tuple(data.train_batch(step, 0)["input_ids"][0].tolist()) for step in range(1, n + 1)]
+    assert isinstance(data._order(0, 0), Shuffle)
+    assert sorted(epoch) == sorted(tuple(r.tolist()) for r in data.train[:])  # each sequence once
+    assert epoch[:50] != [tuple(r.tolist()) for r in data.train[:50]]  # in a shuffled order
+    fresh = Batches(cache_path(recipe), recipe, rank=0, world=1)
+    assert torch.equal(fresh.train_batch(n + 3, 0)["input_ids"], data.train_batch(n + 3, 0)["input_ids"])
+
+
+def test_a_streamed_corpus_is_prepared_shard_by_shard_without_an_arrow_copy(tmp_path):
+    """data.streaming: the corpus is read once as a stream, data.shard_documents documents per
+    train and validation shard, and nothing of it is copied into datasets' Arrow cache (which the
+    ordinary path fills); a preparation stopped with shards missing writes only those again; a
+    streamed corpus with a tokenizer to train is refused in one line."""
+    from launchers import indexed
+    corpus = tmp_path / "corpus.jsonl"
+    docs = list(python_docs())[:2500] * 2
+    corpus.write_text("".join(json.dumps({"body": f"{i}: {t}"}) + "\n" for i, t in enumerate(docs)))
+    sets = [f"data.files=[{corpus}]", "data.text_field=body", "data.tokenizer=minilm", "data.shard_documents=2000",
+            "data.num_proc=2", f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=null"]
+
+    def prepare_apart(*more, hf=tmp_path / "hf"):
+        argv = ["data", "prepare", RECIPES / "bert-tiny-cpu.yaml", *sum((["--set", s] for s in (*sets, *more)), [])]
+        out = subprocess.run([sys.executable, "-m", "launchers.cli", *map(str, argv)], capture_output=True, text=True,
+                             timeout=600, env=dict(os.environ, HF_DATASETS_CACHE=str(hf)))
+        return out.returncode, out.stdout + out.stderr
+    code, out = prepare_apart("data.streaming=true")
+    assert code == 0, out[-3000:]
+    assert not list((tmp_path / "hf").rglob("*.arrow"))  # streamed: no copy of the corpus
+    path = Path(out.strip().splitlines()[-1])
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["shards"]["train"] == ["train-000000000-000002000", "train-000002000-000004000",
+                                       "train-000004000-000005000"]
+    counts = {part: sum(len(indexed.read(path / name)[1]) for name in names) for part, names in meta["shards"].items()}
+    assert counts["train"] + counts["val"] == 5000 and 0.03 < counts["val"] / 5000 < 0.07
+    recipe = config.load(RECIPES / "bert-tiny-cpu.yaml", [*sets, "data.streaming=true"])
+    data = Batches(path, recipe, rank=0, world=1)
+    before = data.train_batch(7, 0)["input_ids"]
+
+    work = path.parent / f".{path.name}.partial"  # as a preparation stopped after some shards left it
+    path.rename(work)
+    (work / "meta.json").unlink()
+    for suffix in (".bin", ".idx"):
+        (work / f"train-000002000-000004000{suffix}").unlink()
+    code, out = prepare_apart("data.streaming=true")
+    assert code == 0 and "resuming the preparation" in out, out[-3000:]
+    assert "train-000002000-000004000:" in out and "train-000000000-000002000:" not in out
+    assert torch.equal(Batches(path, recipe, rank=0, world=1).train_batch(7, 0)["input_ids"], before)
+
+    code, out = prepare_apart(hf=tmp_path / "hf-arrow")  # the ordinary path, for contrast
+    assert code == 0 and list((tmp_path / "hf-arrow").rglob("*.arrow")), out[-3000:]
+    code, out = prepare_apart("data.streaming=true", "data.tokenizer=wordpiece")
+    assert code == 2 and "data.streaming: a streamed corpus is read once" in out, out[-3000:]

@@ -77,8 +77,12 @@ def dry_run(*args):
 def test_dry_run_renders_chained_stages_and_a_job_array(tmp_path):
     two_stage = dry_run(str(TINY), "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--account", "lab",
                         "--set", f"out_dir={tmp_path}", "--set", "stage1.steps=40", "--set", "stage1.block=1")
-    first, second = two_stage.split("# ---- job 2 of 2: sbatch --dependency=afterok:<job 1>\n")
-    assert first.startswith("# ---- job 1 of 2: sbatch\n#!/bin/bash")
+    data, rest = two_stage.split("# ---- job 2 of 3: sbatch --dependency=afterok:<job 1>\n")
+    first, second = rest.split("# ---- job 3 of 3: sbatch --dependency=afterok:<job 2>\n")
+    assert data.startswith("# ---- job 1 of 3: sbatch\n#!/bin/bash") and "launchers.cli data prepare" in data
+    for line in ("--nodes=1", "--ntasks=1", "--cpus-per-task=4", "--partition=gpu", "--requeue"):  # 4: the flags'
+        assert f"#SBATCH {line}\n" in data
+    assert "--gres" not in data and "launchers.cli data prepare" not in first + second
     for script in (first, second):
         for line in ("--nodes=2", "--ntasks-per-node=4", "--partition=gpu", "--account=lab", "--requeue",
                      "--signal=B:USR1@120", f"--output={tmp_path}/slurm-%j.out", "--open-mode=append"):
@@ -87,10 +91,11 @@ def test_dry_run_renders_chained_stages_and_a_job_array(tmp_path):
     assert "slurm/entrypoint.sh batch" in second
     comparison = dry_run(str(RECIPES / "sets" / "demo-bert.yaml"))
     jobs = comparison.split("# ---- job ")[1:]
-    assert [j.split("\n")[0] for j in jobs] == ["1 of 3: sbatch", "2 of 3: sbatch --dependency=afterok:<job 1>",
-                                                "3 of 3: sbatch --dependency=afterok:<job 2>"]
-    assert "#SBATCH --array=0-20\n" in jobs[1] and "    20) " in jobs[1]  # 7 methods x 3 seeds
-    assert "launchers.cli report" in jobs[2] and "--baseline scratch" in jobs[2]
+    assert [j.split("\n")[0] for j in jobs] == ["1 of 5: sbatch"] + [
+        f"{i} of 5: sbatch --dependency=afterok:<job {i - 1}>" for i in range(2, 6)]
+    assert [j.count("launchers.cli data prepare") for j in jobs] == [1, 0, 21, 0, 0]  # the source's, each run's
+    assert "#SBATCH --array=0-20\n" in jobs[3] and "    20) " in jobs[3]  # 7 methods x 3 seeds
+    assert "launchers.cli report" in jobs[4] and "--baseline scratch" in jobs[4]
 
 
 def test_bad_input_fails_before_anything_is_queued(cluster, tmp_path):
@@ -134,12 +139,17 @@ def test_a_job_runs_to_the_end_and_a_preempted_or_killed_one_resumes_exactly(clu
     ids = [done] + [submit(cluster, str(TINY), "--gpus-per-node", "2", *tiny_sets(run, cache, *sets, *more))
                     for run, more in ((part, []), (killed, slow))]
     assert all(out.returncode == 0 for out in ids), [out.stderr for out in ids]
-    (full_id,), (part_id,), (killed_id,) = (job_ids(out.stdout) for out in ids)
+    (data_id, full_id), (_, part_id), (_, killed_id) = (job_ids(out.stdout) for out in ids)
+    assert f"submitted job {full_id} (bert-tiny-cpu) after job {data_id}:" in done.stdout
 
+    info = cluster.wait_job(data_id)  # the data's CPU job, before the training job
+    log = (full / f"slurm-{data_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and "data: building" in log and "train-000000000-" in log, log[-3000:]
     info = cluster.wait_job(full_id)
     log = (full / f"slurm-{full_id}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert "local: healthy" in log and "finished at step 20/20" in log
+    assert "data: building" not in log  # the training job found the data prepared
     assert f"JobId={full_id} " in (cluster.root / "jobcomp.txt").read_text()
 
     part_log = part / f"slurm-{part_id}.out"
@@ -190,7 +200,7 @@ def test_two_nodes_train_through_gloo_across_network_namespaces(cluster, cache, 
     done = submit(cluster, str(TINY), "--partition", "multi", "--nodes", "2", "--gpus-per-node", "1",
                   *tiny_sets(run, cache, "train.steps=6"), env=env)
     assert done.returncode == 0, done.stderr
-    (job,) = job_ids(done.stdout)
+    (_, job) = job_ids(done.stdout)  # the data's job, and the training job after it
     info = cluster.wait_job(job)
     log = (run / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["NodeList"] == "n[1-2]", log[-3000:]
