@@ -10,8 +10,8 @@ the Arrow cache it replaced, measured in the same run on the same generated corp
 - preparation: the Arrow path (one process: datasets.map over 2000-document batches, packing in
   Python, save_to_disk, as launchers/data.py did before), and `prepare` with data.num_proc 1 (the
   tokenizer's own threads) and every core (forked workers); tokens per second of each;
-- reader: a fresh process opens each corpus's prepared data and reads --steps training batches;
-  its peak RSS (ru_maxrss) and anonymous RSS (RssAnon: what is not reclaimable page cache);
+- reader: a fresh process opens each corpus's prepared data and reads --steps training batches
+  of 32 sequences; its peak RSS (VmHWM), and its RSS after, anonymous and file-backed;
 - training: a 2-layer GPT-2 on CPU trained --train-steps steps on each reader's batches; tokens/s;
 - the epoch order: bytes and seconds of numpy's permutation of N sequences, and the time per
   index of Shuffle, which replaces it above launchers.data.PERMUTATION_MAX sequences.
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -71,7 +70,8 @@ def arrow_prepare(recipe, out: Path) -> int:
         return {"input_ids": [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
     tokens = 0
     for split, docs in parts(recipe).items():
-        packed = docs.map(tokenize_and_pack, batched=True, batch_size=2000, remove_columns=docs.column_names)
+        packed = docs.map(tokenize_and_pack, batched=True, batch_size=2000, remove_columns=docs.column_names,
+                          load_from_cache_file=False)  # timed each run: not datasets' cached result
         packed.save_to_disk(str(out / split))
         tokens += len(packed) * seq_len
     return tokens
@@ -92,9 +92,11 @@ class ArrowRows:
 
 
 def rss() -> dict:
+    """This process's peak RSS (VmHWM: ru_maxrss would carry the parent's over the exec), and its
+    RSS now, anonymous and file-backed (mapped pages of files)."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "anon_mib": int(status["RssAnon"].split()[0]) / 1024, "file_mib": int(status["RssFile"].split()[0]) / 1024}
+    return {key: int(status[name].split()[0]) / 1024
+            for key, name in (("peak_mib", "VmHWM"), ("anon_mib", "RssAnon"), ("file_mib", "RssFile"))}
 
 
 def reader(corpus: str, tokenizer: str, cache: str, steps: int) -> dict:

@@ -361,7 +361,8 @@ def _build(recipe: Recipe, work: Path, path: Path, log) -> None:
         shards = {part: [Path(t[1]).name for t in tasks if t[0][0] == part] for part in corpus}
         todo = [t for t in tasks if not Path(t[1] + ".idx").is_file()]
         processes = min(preparation_processes(recipe), len(todo))
-        log(f"data: {len(tasks) - len(todo)} of {len(tasks)} shards already written")
+        if len(todo) < len(tasks):
+            log(f"data: {len(tasks) - len(todo)} of {len(tasks)} shards already written")
     _PREPARING.update(corpus=corpus, tokenizer=tok, sep=sep)
     try:
         for name, tokens in _map(_tokenize_shard, todo, processes):
@@ -387,7 +388,8 @@ def _build(recipe: Recipe, work: Path, path: Path, log) -> None:
 
 def _map(function, tasks: list, processes: int):
     """function(task) for every task, in `processes` forked workers (here when one), as they end.
-    The workers tokenise one document at a time: the tokenizer's own threads off in them."""
+    Each worker tokenises with one thread (the tokenizer's own threads off in them); here, the
+    tokenizer's threads use every core."""
     if processes <= 1:
         yield from map(function, tasks)
         return

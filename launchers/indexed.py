@@ -8,8 +8,8 @@ the dtype's code, the counts), each sequence's length (int32) and byte offset (i
 document boundaries (int64, in sequences). We write one sequence per document, each ending in the
 separator, as Megatron-LM's tools/preprocess_data.py does with --append-eod, so a prepared split
 is a corpus Megatron-LM trains on, and a corpus it prepared is one we read: a split's documents,
-joined, are cut into the recipe's blocks (Blocks) when read, memory-mapped; the reader holds a
-few numbers per group of documents, never per token or per document.
+joined, are cut into the recipe's blocks (Blocks) when read; the reader holds a few numbers per
+group of documents, never per token or per document.
 """
 
 from __future__ import annotations
@@ -96,16 +96,19 @@ class Blocks:
     """The sequences of seq_len tokens cut from indexed datasets (shards, in order): consecutive
     windows (causal LM), or [CLS] + seq_len - 2 tokens + [SEP] (BERT: `cls` and `sep` given), cut
     within each group of `group` consecutive documents of a shard, its remainder dropped. Holds
-    the shards memory-mapped and three numbers per group."""
+    an open file per shard and three numbers per group; a sequence is read with pread, through
+    the page cache but not mapped into this process, so that a rank's RSS stays the same however
+    much of the corpus it has read (a memory map's pages count in it as they are read: 427 MiB
+    after 2000 batches of a 1 GB corpus, docs/benchmarks.md)."""
 
     def __init__(self, prefixes: list[Path], group: int, seq_len: int, cls: int | None = None,
                  sep: int | None = None):
         self.seq_len, self.ends = seq_len, None if cls is None else (cls, sep)
         self.body = seq_len if cls is None else seq_len - 2
-        self.parts, shard, start, count = [], [], [], []
+        self.files, shard, start, count = [], [], [], []
         for i, prefix in enumerate(prefixes):
             tokens, lengths = read(prefix)
-            self.parts.append(tokens)
+            self.files.append((os.open(f"{prefix}.bin", os.O_RDONLY), tokens.dtype))
             if len(lengths):
                 tokens_in = np.add.reduceat(lengths, np.arange(0, len(lengths), group), dtype=np.int64)
                 shard.append(np.full(len(tokens_in), i))
@@ -117,6 +120,10 @@ class Blocks:
     def __len__(self) -> int:
         return int(self.first_block[-1])
 
+    def __del__(self):
+        for fd, _ in getattr(self, "files", []):
+            os.close(fd)
+
     def __getitem__(self, rows) -> np.ndarray:
         """The sequences at `rows` (indices, or a slice) as an int64 array [len(rows), seq_len]."""
         rows = range(*rows.indices(len(self))) if isinstance(rows, slice) else rows
@@ -126,7 +133,8 @@ class Blocks:
                 raise IndexError(f"sequence {row} of {len(self)}")
             g = int(np.searchsorted(self.first_block, row, side="right")) - 1
             begin = int(self.group_start[g]) + (row - int(self.first_block[g])) * self.body
-            body = self.parts[self.group_shard[g]][begin:begin + self.body]
+            fd, dtype = self.files[self.group_shard[g]]
+            body = np.frombuffer(os.pread(fd, self.body * dtype.itemsize, begin * dtype.itemsize), dtype)
             if self.ends is None:
                 out[i] = body
             else:

@@ -256,3 +256,21 @@ def test_the_rendezvous_port_is_held_from_before_the_workers_start_until_they_en
     with socket.socket() as other:  # given back once no worker holds it
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         other.bind(("127.0.0.1", port))
+
+
+def test_a_run_on_a_mixture_resumes_exactly(tmp_path, cache):
+    """data.sources through b2b train: stopped at step 4 and resumed, every loss equals an
+    uninterrupted run's (the mixture's draws are a function of the seed and the sample)."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(f"alpha apple avocado almond {i}\n" for i in range(1500)))
+    b.write_text("".join(f"beta banana berry blueberry {i}\n" for i in range(500)))
+    sets = [f"data.sources=[{{files: [{a}], weight: 2}}, {{files: [{b}], weight: 1}}]", "data.max_documents=null",
+            "train.steps=8", "train.eval_every=4", "optim.warmup_steps=2", "checkpoint.every=4"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert b2b_train(TINY["gpt2"], full, cache, *sets).returncode == 0
+    assert b2b_train(TINY["gpt2"], part, cache, *sets, "train.stop_at=4").returncode == EXIT_STOPPED
+    resumed = b2b_train(TINY["gpt2"], part, cache, *sets, resume="auto")
+    assert resumed.returncode == 0 and "step00000004 at step 4" in resumed.stdout, resumed.stderr[-3000:]
+    x, y = read_scalars(full)["train/loss"], read_scalars(part)["train/loss"]
+    assert sorted(x) == sorted(y) == list(range(1, 9))
+    assert all(abs(x[s] - y[s]) <= 1e-6 for s in x)
