@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from growth.adapters.files import atomic_directory, sha256
+from growth.adapters.files import atomic_directory, disk_full, sha256
 
 from . import indexed
 from .config import FILE_KINDS, TOKENIZER_KINDS, Recipe, RecipeError, SourceConfig
@@ -334,10 +334,14 @@ def prepare(recipe: Recipe, log=print) -> Path:
     work = path.parent / f".{path.name}.partial"
     try:
         _build(recipe, work, path, log)
-    except (OSError, indexed.IndexedError):
+    except (OSError, indexed.IndexedError) as err:
         if (path / "meta.json").is_file():  # another process preparing the same entry finished it meanwhile
             shutil.rmtree(work, ignore_errors=True)
             return path
+        if disk_full(err, path.parent):  # the shards written so far would only hold the space needed
+            shutil.rmtree(work, ignore_errors=True)
+            raise RecipeError(f"{path}: no space left on the device while preparing the data: free space or "
+                              "set data.cache_dir elsewhere") from None
         raise
     return path
 

@@ -129,7 +129,7 @@ def test_tp2_and_tp1_train_alike_and_the_checkpoint_loads_at_another_tp(start, c
     # step's change of the loss (0.04-0.1), so a wrong slice, a wrong reduction or a missed gradient fails.
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
-    assert abs(a[STEPS] - a[1]) > 1e-3  # the runs did train
+    assert max(abs(a[step] - a[1]) for step in a) > 1e-3  # the runs did train (the loss moved)
 
     recipe = config.load(tp2 / "recipe.yaml")
     hf = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
