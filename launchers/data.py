@@ -7,7 +7,7 @@ which exist wherever the project is installed and are fixed for a given Python v
 
 `prepare(recipe)` builds the cache entry once, with every core (`b2b data prepare RECIPE`; `b2b
 train` calls it): the train and validation splits as shards in megatron-core's indexed format
-(.bin/.idx, launchers/indexed.py), read memory-mapped, and tokenizer/. It is keyed by everything
+(.bin/.idx, launchers/indexed.py), read a sequence at a time, and tokenizer/. It is keyed by everything
 that changes its contents, so a second run does not re-tokenise, and a killed preparation resumes
 from its finished shards. Batches are a pure function of (seed, step, rank, micro step): resuming
 at step N reads exactly what the uninterrupted run read, and masks exactly the same tokens.
@@ -85,16 +85,13 @@ def load_corpus(source, what: str = "the corpus", max_documents: int | None = No
     else:
         ds = datasets.Dataset.from_dict({"text": list(python_docs())})
         ds = ds.to_iterable_dataset() if streaming else ds
-    if streaming:
-        ds = ds.select_columns([source.text_field if source.files or source.hub else "text"])
-        ds = ds.rename_column(ds.column_names[0], "text") if ds.column_names[0] != "text" else ds
-        ds = ds.filter(lambda doc: bool(doc["text"] and doc["text"].strip()))
-        return ds.take(max_documents) if max_documents else ds
     field = source.text_field if source.files or source.hub else "text"
-    if field not in ds.column_names:
+    if ds.column_names is not None and field not in ds.column_names:  # (a stream may not know its columns)
         raise RecipeError(f"data.text_field: {field!r} is not a column of {what} ({ds.column_names})")
     ds = ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if streaming:
+        return ds.take(max_documents) if max_documents else ds
     if max_documents:
         ds = ds.select(range(min(max_documents, len(ds))))
     if len(ds) < (1 if what == "data.val_files" else 2):
@@ -125,9 +122,13 @@ def parts(recipe: Recipe) -> dict:
     return out
 
 
+def _files_key(files: list[str]) -> list:
+    return [[str(Path(f).resolve()), sha256([Path(f)])] for f in files]
+
+
 def _source_key(source) -> dict:
     if source.files:
-        key = {"files": [[str(Path(f).resolve()), sha256([Path(f)])] for f in source.files]}
+        key = {"files": _files_key(source.files)}
     elif source.hub:
         key = {"hub": source.hub, "config": source.hub_config}
     else:
@@ -138,7 +139,7 @@ def _source_key(source) -> dict:
 def corpus_key(recipe: Recipe) -> dict:
     """What the prepared documents depend on (a mixture's weights are not: they act when read)."""
     d = recipe.data
-    val = {"val_files": _source_key(SourceConfig(files=d.val_files))["files"]} if d.val_files else {}
+    val = {"val_files": _files_key(d.val_files)} if d.val_files else {}
     streamed = {"streaming": d.shard_documents} if d.streaming else {}  # streamed, the shards define the split
     return {"sources": [_source_key(s) for s in d.sources or [d]], **val, "max_documents": d.max_documents, **streamed}
 
@@ -285,7 +286,8 @@ def _streamed(recipe: Recipe, work: Path, shards: dict):
         corpora.append(("val", SourceConfig(files=d.val_files, text_field=d.text_field)))
     cut = int(d.val_fraction * 2**63)  # seed_for's 63 bits
     for number, (part, source) in enumerate(corpora):
-        docs = iter(load_corpus(source, part, None if part == "val" else d.max_documents, streaming=True))
+        what = "data.val_files" if part == "val" else f"data.sources[{number}]" if d.sources else "the corpus"
+        docs = iter(load_corpus(source, what, None if part == "val" else d.max_documents, streaming=True))
         for first in itertools.count(0, size):
             chunk = [doc["text"] for doc in itertools.islice(docs, size)]
             if not chunk:
@@ -326,14 +328,18 @@ def prepare(recipe: Recipe, log=print) -> Path:
     tokenised by preparation_processes() forked workers, data.shard_documents at a time, into shards in
     megatron-core's indexed format (launchers.indexed), each written whole or not at all in a
     hidden PATH.partial directory, renamed to PATH when every shard is there: a killed preparation
-    resumes with the shards it had finished, and no reader sees a partial entry. The data do not
-    depend on the number of shards or processes: a split is its documents' one token stream."""
+    resumes with the shards it had finished, and no reader sees a partial entry; bad input leaves
+    nothing. The data do not depend on the number of processes, nor (but for a stream) on the
+    shard size: blocks are cut within PACK_DOCS-document groups, which shards never split."""
     path = cache_path(recipe)
     if (path / "meta.json").is_file():
         return path
     work = path.parent / f".{path.name}.partial"
     try:
         _build(recipe, work, path, log)
+    except RecipeError:  # bad input, fixed by a change of the recipe: nothing to resume
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     except (OSError, indexed.IndexedError) as err:
         if (path / "meta.json").is_file():  # another process preparing the same entry finished it meanwhile
             shutil.rmtree(work, ignore_errors=True)
@@ -414,7 +420,7 @@ def _map(function, tasks: list, processes: int):
 
 
 def open_split(root: Path, shards: list[str], seq_len: int, bert_tok=None) -> indexed.Blocks:
-    """A prepared split's sequences, memory-mapped (launchers.indexed.Blocks)."""
+    """A prepared split's sequences (launchers.indexed.Blocks)."""
     ends = () if bert_tok is None else (bert_tok.cls_token_id, bert_tok.sep_token_id)
     return indexed.Blocks([root / name for name in shards], PACK_DOCS, seq_len, *ends)
 

@@ -121,6 +121,9 @@ def _convert(value, tp, key: str):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        given = [o for o in options if o is not type(None)]
+        if len(given) == 1:  # X | None: X's own error, which names the key inside it
+            return _convert(value, given[0], key)
         for option in options:
             if option is not type(None):
                 try:

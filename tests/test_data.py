@@ -398,3 +398,7 @@ def test_a_streamed_corpus_is_prepared_shard_by_shard_without_an_arrow_copy(tmp_
     assert code == 0 and list((tmp_path / "hf-arrow").rglob("*.arrow")), out[-3000:]
     code, out = prepare_apart("data.streaming=true", "data.tokenizer=wordpiece")
     assert code == 2 and "data.streaming: a streamed corpus is read once" in out, out[-3000:]
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    code, out = prepare_apart("data.streaming=true", "data.text_field=text")  # bad input: one line, nothing left
+    assert code == 2 and "data.text_field: 'text' is not a column of the corpus (['body'])" in out, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries
