@@ -261,9 +261,8 @@ def _tokenize_shard(task: tuple) -> tuple[str, int]:
 
 def encode(tok, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, no special tokens: for a fast tokenizer its Rust encode_batch_fast
-    (the same ids as tok(texts), without offsets or attention masks: 18% more tokens/s per core,
-    docs/benchmarks.md), with the truncation or padding a tokenizer.json may carry turned off, as
-    tok(texts) turns them off."""
+    (the same ids as tok(texts), without computing offsets or attention masks), with the
+    truncation or padding a tokenizer.json may carry turned off, as tok(texts) turns them off."""
     backend = tok.backend_tokenizer if tok.is_fast else None
     if backend is None or not hasattr(backend, "encode_batch_fast"):
         return tok(texts, add_special_tokens=False)["input_ids"]
@@ -479,7 +478,8 @@ class Mixture:
     each corpus's count before every block seen so far: numbers per block, not per sample.
 
     Not megatron-core's BlendedDataset: it builds two arrays over every sample of the run
-    (10 bytes each) through its C++ helpers, and importing megatron-core costs every rank 4.5 s."""
+    (10 bytes each) through its C++ helpers, and importing megatron-core costs every rank 4.5 s
+    (launchers/indexed.py)."""
 
     def __init__(self, weights: list[float], seed: int):
         self.p, self.seed = np.asarray(weights, np.float64) / sum(weights), seed

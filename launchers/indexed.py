@@ -1,7 +1,8 @@
 """Megatron-core's indexed dataset format (megatron/core/datasets/indexed_dataset.py), written and
 read here without importing megatron-core (4.5 s and a page of warnings in every rank and every
-preparation worker); tests/test_data.py checks that megatron-core's IndexedDataset reads what we
-write and that we read what its IndexedDatasetBuilder writes.
+preparation worker: `python -X importtime -c "import megatron.core.datasets.indexed_dataset"`);
+tests/test_data.py checks that megatron-core's IndexedDataset reads what we write and that we
+read what its IndexedDatasetBuilder writes.
 
 PREFIX.bin holds the tokens of every sequence back to back; PREFIX.idx a header (magic, version 1,
 the dtype's code, the counts), each sequence's length (int32) and byte offset (int64), and the
@@ -98,8 +99,8 @@ class Blocks:
     within each group of `group` consecutive documents of a shard, its remainder dropped. Holds
     an open file per shard and three numbers per group; a sequence is read with pread, through
     the page cache but not mapped into this process, so that a rank's RSS stays the same however
-    much of the corpus it has read (a memory map's pages count in it as they are read: 427 MiB
-    after 2000 batches of a 1 GB corpus, docs/benchmarks.md)."""
+    much of the corpus it has read (a memory map's pages count in it as they are read:
+    docs/benchmarks.md)."""
 
     def __init__(self, prefixes: list[Path], group: int, seq_len: int, cls: int | None = None,
                  sep: int | None = None):
