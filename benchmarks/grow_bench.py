@@ -8,7 +8,7 @@ Each phase runs in a fresh process so its peak RSS is its own:
   grow: growth.adapters.hf.grow_directory (read source, grow, write safetensors + config)
   save: load the grown state dict, then torch.save it (the time of torch.save alone)
 
-    .venv/bin/python benchmarks/grow_bench.py [--case bert-large|smollm2] [--width fpi] [--workdir DIR]
+    .venv/bin/python benchmarks/grow_bench.py [--case bert-large|smollm2] [--width fpi] [--no-check] [--workdir DIR]
 
 Goal (issue 2): growth time <= 2x the save time, growth peak RSS <= 2x the target's size.
 """
@@ -43,12 +43,12 @@ def phase_source(src: str, case: str) -> dict:
     return {}
 
 
-def phase_grow(src: str, out: str, width: str, case: str) -> dict:
+def phase_grow(src: str, out: str, width: str, case: str, check: str) -> dict:
     from growth.adapters.hf import grow_directory
     _, target, depth = CASES[case]
     start = time.perf_counter()
     grow_directory("smollm2" if case == "smollm2" else src, out, target, width=width, depth=depth, seed=0,
-                   log=lambda *_: None)
+                   log=lambda *_: None, check=check == "check")
     return {"seconds": time.perf_counter() - start, "peak_rss": rss_bytes(peak=True)}
 
 
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--width", default="fpi")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=3, help="grow/save pairs to run (median reported)")
+    ap.add_argument("--no-check", action="store_true", help="b2b grow --no-check: an exact growth is not run "
+                                                            "against its source before it is saved")
     ap.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
@@ -83,7 +85,8 @@ def main() -> None:
         pairs = []
         for _ in range(args.repeat):
             shutil.rmtree(out, ignore_errors=True)
-            pairs.append((run_phase(__file__, "grow", src, out, args.width, args.case),
+            pairs.append((run_phase(__file__, "grow", src, out, args.width, args.case,
+                                    "no-check" if args.no_check else "check"),
                           run_phase(__file__, "save", out, dest)))
     for i, (grow, save) in enumerate(pairs):
         print(f"run {i}: grow {grow['seconds']:.2f} s, save {save['seconds']:.2f} s, "
@@ -91,7 +94,8 @@ def main() -> None:
     grow, save = sorted(pairs, key=lambda p: p[0]["seconds"] / p[1]["seconds"])[len(pairs) // 2]
     gib = 2 ** 30
     source, target, depth = CASES[args.case]
-    print(f"median run: {source} -> {target}, width {args.width}, depth {depth}, {os.cpu_count()} CPUs")
+    print(f"median run: {source} -> {target}, width {args.width}, depth {depth}"
+          f"{', --no-check' if args.no_check else ''}, {os.cpu_count()} CPUs")
     print(f"target state dict: {save['target_bytes'] / gib:.2f} GiB")
     print(f"b2b grow:   {grow['seconds']:.2f} s in-process ({grow['process_seconds']:.2f} s with "
           f"interpreter and imports), peak RSS {grow['peak_rss'] / gib:.2f} GiB")

@@ -3,20 +3,22 @@ that the run also grows its model in the middle) killed with SIGKILL at seeded r
 its whole process group at once, as a node's OOM killer or a scheduler without a grace period
 does; then started again with `--resume auto`, until it finishes.
 
-    python benchmarks/kill_campaign.py --seed 0 --kills 16
+    python benchmarks/kill_campaign.py --seed 0 --kills 21
 
 Each kill targets a phase, the targets drawn in turn from a seeded shuffle of every phase, and
 lands a seeded random moment after the phase is seen from outside, as a user would see it:
 data preparation (the cache removed first; after "data: building"), start-up (imports, engine
 build, resume: a random time before the first step), a training step (after a step's line, in
-the next one), a checkpoint save (a tag newer than 'latest' on disk), the in-run growth (the
-grown checkpoint's directory on disk) and the export of RUN/final (after the last step). The
-table counts where the kill was seen to land.
+the next one), a checkpoint save (a tag newer than 'latest' on disk), the pruning after it ('latest'
+moved, a tag beyond checkpoint.keep not yet removed), the in-run growth (the grown checkpoint
+being written or loaded) and the export of RUN/final (after the last step). The table counts
+where the kill was seen to land.
 
 After every kill: no process of the run is left; 'latest' names a tag that exists and holds
 every rank's files; no DeepSpeed /dev/shm buffer was left. Each restart takes over the killed
 run's lock and removes a half-written tag, each with a one-line warning; a kill loses at most one
-checkpoint interval of steps; a start never hangs. At the end the run has finished, nothing
+checkpoint interval of steps (steps logged after the newest complete checkpoint); a start never
+hangs. At the end the run has finished, nothing
 half-written is left (no partial tag, no grown checkpoint, no hidden temporary directory), and
 every step's loss equals an uninterrupted run's (float32 CPU, 1e-6). Prints the kills by phase
 and the steps lost; exits 1 if any contract broke.
@@ -40,18 +42,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from growth import CheckpointError
-from launchers.checkpoint import RunDir, latest_tag, partial_tags
+from growth.adapters.files import alive
+from launchers.checkpoint import RunDir, latest_tag, partial_tags, tags
 from launchers.events import read_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import harness  # noqa: E402
 
-STEPS, EVERY, BOUNDARIES = 24, 4, (8, 16)
-SETS = [f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=2", "train.eval_every=8",
+STEPS, EVERY, KEEP, BOUNDARIES = 24, 4, 2, (8, 16)
+SETS = [f"train.steps={STEPS}", f"checkpoint.every={EVERY}", f"checkpoint.keep={KEEP}", "train.eval_every=8",
         "optim.warmup_steps=2", "zero.stage=2", "model.layers=4", "progressive.layers=[1, 2]",
         "progressive.steps=[8, 8]", "data.max_documents=800", "data.vocab_size=512", "logging.progress=false"]
-PHASES = ("data", "start", "step", "save", "growth", "export")
+PHASES = ("data", "start", "step", "save", "prune", "growth", "export")
 
 
 class Start:
@@ -86,8 +89,20 @@ class Start:
         return code
 
 
+def pruning(run: Path) -> bool:
+    """'latest' has moved to the newest tag, and a tag beyond checkpoint.keep is still there."""
+    ckpt = RunDir(run).checkpoints
+    try:
+        return len(tags(ckpt)) > KEEP and not partial_tags(ckpt)
+    except CheckpointError:  # 'latest' being replaced
+        return False
+
+
 def growing(run: Path) -> bool:
-    return any(RunDir(run).checkpoints.glob("grown-*"))  # launchers/train.py's in-run stacking
+    """The grown checkpoint of launchers/train.py's in-run stacking on disk: being written (its
+    hidden temporary sibling) or being loaded."""
+    ckpt = RunDir(run).checkpoints  # a killed writer's temporary (.NAME.tmp-HOST-PID) is not growth
+    return any(ckpt.glob("grown-*")) or any(alive(int(p.name.rsplit("-", 1)[1])) for p in ckpt.glob(".grown-*"))
 
 
 def phase(start: Start, run: Path, cache: Path, prepared: bool) -> str:
@@ -96,6 +111,8 @@ def phase(start: Start, run: Path, cache: Path, prepared: bool) -> str:
         return "data"
     if partial_tags(RunDir(run).checkpoints):
         return "save"
+    if pruning(run):
+        return "prune"
     if growing(run):
         return "growth"
     if start.last_step == 0:
@@ -113,12 +130,15 @@ def seen(target: str, start: Start, run: Path, startup: float, began: float) -> 
         return start.last_step % EVERY != 0  # a step's line, mid-interval: the kill lands in a later step
     if target == "save":
         return bool(partial_tags(RunDir(run).checkpoints))
+    if target == "prune":
+        return pruning(run)
     if target == "growth":
         return growing(run)
     return start.last_step == STEPS  # export
 
 
-DELAY = {"data": 1.0, "start": 0.0, "step": 0.2, "save": 0.01, "growth": 0.2, "export": 1.0}  # at most, seconds
+# how long after a phase is seen the kill lands, at most, in seconds
+DELAY = {"data": 1.0, "start": 0.0, "step": 0.2, "save": 0.01, "prune": 0.0, "growth": 0.05, "export": 1.0}
 
 
 def shm_buffers() -> set:
@@ -158,7 +178,8 @@ def newest_step(run: Path) -> int:
 def possible(target: str, run: Path) -> bool:
     """Whether a start from the run's newest complete checkpoint still passes through the phase."""
     step = newest_step(run)
-    return {"growth": step < max(BOUNDARIES), "step": step < STEPS - 1, "save": step < STEPS}.get(target, True)
+    return {"growth": step < max(BOUNDARIES), "step": step < STEPS - 1, "save": step < STEPS,
+            "prune": step < STEPS}.get(target, True)
 
 
 def campaign_run(run: Path, cache: Path, reference: dict, startup: float, targets: list[str], budget: int,
@@ -201,6 +222,8 @@ def campaign_run(run: Path, cache: Path, reference: dict, startup: float, target
             break
         kills += 1
         log.append((killed, max(0, start.last_step - checkpoint)))
+        if log[-1][1] > EVERY:
+            broken.append(f"kill {kills} ({killed}): {log[-1][1]} steps lost, more than one checkpoint interval")
         for _ in range(50):
             if not harness.run_processes(run):
                 break
@@ -219,7 +242,8 @@ def campaign_run(run: Path, cache: Path, reference: dict, startup: float, target
         broken.append(f"losses differ from the uninterrupted run's at steps {differ}")
     if not (RunDir(run).final / "config.json").is_file():
         broken.append("the run did not finish")
-    left = [p.name for p in [*run.glob(".*"), *RunDir(run).checkpoints.glob("grown-*")]] + partial_tags(
+    ckpt = RunDir(run).checkpoints
+    left = [p.name for p in [*run.glob(".*"), *ckpt.glob("grown-*"), *ckpt.glob(".grown-*")]] + partial_tags(
         RunDir(run).checkpoints)
     if left:
         broken.append(f"half-written entries left at the end: {left}")
@@ -247,8 +271,9 @@ class Campaign:
             f"contracts broken: {len(self.broken)}", *(" - " + x.splitlines()[0][:300] for x in self.broken)])
 
 
-def campaign(seed: int, kills: int, root: Path) -> Campaign:
-    """An uninterrupted reference run, then runs killed `kills` times in all, in `root`."""
+def campaign(seed: int, kills: int, root: Path, phases: tuple[str, ...] = PHASES) -> Campaign:
+    """An uninterrupted reference run, then runs killed `kills` times in all, in `root`, aimed at
+    `phases` in turn."""
     rng = random.Random(seed)
     cache = root / "cache"
     began = time.monotonic()
@@ -260,7 +285,7 @@ def campaign(seed: int, kills: int, root: Path) -> Campaign:
         raise RuntimeError("the uninterrupted run failed:\n" + "".join(ref.lines[-40:]))
     c = Campaign(seed, time.monotonic() - began)
     reference = read_scalars(root / "reference")["train/loss"]
-    targets = [PHASES[i % len(PHASES)] for i in range(kills)]
+    targets = [phases[i % len(phases)] for i in range(kills)]
     rng.shuffle(targets)
     shm = shm_buffers()
     while len(c.log) < kills and c.runs < kills + 5:  # a target that never fires ends the campaign
@@ -275,7 +300,7 @@ def campaign(seed: int, kills: int, root: Path) -> Campaign:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kills", type=int, default=16)
+    p.add_argument("--kills", type=int, default=3 * len(PHASES))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         c = campaign(args.seed, args.kills, Path(d))

@@ -98,7 +98,7 @@ def phase_grow(src: str, out: str, mode: str, arch: str) -> dict:
 
             def get(self, name, shard, shards):
                 full = self.full[name]
-                tp = megatron.MCORE_GPT.lookup(name).tp
+                tp = megatron.tp_axis(name)
                 if shard is None or tp is None:
                     return full
                 return full.narrow(tp, shard * full.shape[tp] // shards, full.shape[tp] // shards)

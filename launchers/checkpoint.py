@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from growth import CheckpointError
-from growth.adapters.files import atomic_file, fsync_tree, read_latest
+from growth.adapters.files import atomic_file, disk_full, fsync_tree, read_latest
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again with --resume auto
 STEP_TAG = "step{:08d}"
@@ -200,11 +200,15 @@ class Checkpointer:
             if self.local_rank == 0:
                 fsync_tree(self.dir / tag)
         except (OSError, RuntimeError) as err:  # a full disk or quota mid-save (torch.save: RuntimeError)
-            last = self.latest()
-            raise NotSaved(f"{self.dir / tag}: could not be written ({' '.join(str(err).split())[:200]}): free "
-                           f"space, then continue with --resume auto; "
-                           + (f"the checkpoint {last} is intact" if last else "there is no earlier checkpoint")) \
-                from None
+            # A rank that failed leaves the save's collectives: the others' fail once it exits (gloo).
+            # Out of space, each node's local rank 0 says so, in one line; any other error, each rank.
+            full, last = disk_full(err, self.dir), self.latest()
+            why = "no space left on the device" if full else " ".join(str(err).split())[:200]
+            raise NotSaved(f"{self.dir / tag}: could not be written ({why}): "
+                           + ("free space, then " if full else "") + "continue with --resume auto; "
+                           + (f"the checkpoint {last} is intact" if last else "there is no earlier checkpoint")
+                           + " (the half-written tag is removed at the next start)",
+                           here=self.local_rank == 0 or not full) from None
         self.barrier()
         if self.rank == 0:
             with atomic_file(self.dir / LATEST) as tmp:  # DeepSpeed's pointer, written last

@@ -167,9 +167,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=cmd_grow)
 
-    c = sub.add_parser("convert", help="convert between an HF GPT-2 directory and a megatron-core torch_dist "
-                                       "checkpoint (the direction follows the source)")
-    c.add_argument("src", help="an HF GPT-2 model directory, or a megatron-core GPT checkpoint")
+    c = sub.add_parser("convert", help="convert between an HF GPT-2 or Llama-family (Llama, Mistral, Qwen2) "
+                                       "directory and a megatron-core torch_dist checkpoint (the direction "
+                                       "follows the source)")
+    c.add_argument("src", help="an HF GPT-2 or Llama-family model directory, or a megatron-core GPT checkpoint")
     c.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_convert)

@@ -505,12 +505,13 @@ def check_parallel(recipe: Recipe) -> None:
     _require(not (m.init_from and universal_tag(m.init_from)), "model.init_from",
              f"{m.init_from} is a grown DeepSpeed checkpoint, which loads into HF models only: with {what} "
              "start from an HF directory or a torch_dist checkpoint (b2b grow, or RUN/checkpoints/TAG/dist)")
-    if m.init_from is not None:
-        from growth.adapters.files import read_config
+    for key, source in (("model.init_from", m.init_from), ("model.grow_from", m.grow_from)):
+        if source is not None:  # a grown model keeps its source's RoPE, biases and window
+            from growth.adapters.files import read_config, resolve
 
-        from .megatron import refusal
-        why = refusal(read_config(recipe.start_model))
-        _require(why is None, "model.init_from", f"{m.init_from}: {why} (with {what})")
+            from .megatron import refusal
+            why = refusal(read_config(resolve(source)))
+            _require(why is None, key, f"{source}: {why} (with {what})")
 
 
 # What a starting model named on the command line brings with it: its architecture, its shape

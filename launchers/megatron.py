@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from growth import shape_from_config
-from growth.adapters.megatron import Layout, hf_to_mcore, mcore_to_hf, padded_vocab
+from growth.adapters.megatron import Layout, glu_blocks, hf_to_mcore, mcore_to_hf, padded_vocab
 
 from .config import Recipe, RecipeError
 
@@ -208,10 +208,7 @@ def _gather(t: torch.Tensor, dim: int, glu: bool = False) -> torch.Tensor:
         return t
     parts = [torch.empty_like(t) for _ in range(tp)]
     dist.all_gather(parts, t.contiguous(), group=group)
-    if glu:
-        halves = [part.chunk(2, dim) for part in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-    return torch.cat(parts, dim=dim)
+    return torch.cat(glu_blocks(parts, dim) if glu else parts, dim=dim)
 
 
 def _shard(w: torch.Tensor, dim: int, glu: bool = False) -> torch.Tensor:

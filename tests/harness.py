@@ -196,7 +196,7 @@ def train(recipe: str | Path, out_dir: Path, sets: list[str], procs: int = 2, re
     if code:
         return Done(code, out.getvalue() + logs[0], "".join(logs))
     state = json.loads(run.status.read_text())["state"]
-    return Done(0 if state == "finished" else EXIT_STOPPED, out.getvalue() + logs[0], "")
+    return Done(0 if state == "finished" else EXIT_STOPPED, out.getvalue() + logs[0], err.getvalue())
 
 
 def start_run(run_dir: Path, procs: int = 2, resume: str = "none") -> list[Worker]:

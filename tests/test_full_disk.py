@@ -83,3 +83,26 @@ def test_a_checkpoint_without_room_stops_resumably_and_keeps_the_last_one(small_
     done = harness.train(TINY, run, sets, resume="auto")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout and (run / "final" / "config.json").is_file()
+
+
+def test_a_disk_that_fills_while_both_ranks_write_the_first_checkpoint_stops_resumably(small_fs, tmp_path):
+    """No earlier checkpoint, so no size to check first: the save itself runs out of space on
+    the ranks that write, mid-file. One line, the resumable exit, no 'latest'; the next start
+    removes the half-written tag with a warning and trains from the start."""
+    fs = small_fs("1m")  # a checkpoint is 2.4 MiB
+    run, ckpts = fs / "run", fs / "run" / "checkpoints"
+    sets = [f"data.cache_dir={tmp_path / 'cache'}", *SETS, "train.steps=4", "train.eval_every=0",
+            "optim.warmup_steps=2", "checkpoint.every=2", "checkpoint.keep=1"]
+    full = harness.train(TINY, run, sets)
+    assert full.returncode == EXIT_STOPPED, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, full.stderr[-3000:]
+    assert "could not be written (no space left on the device): free space, then continue with --resume auto; " \
+           "there is no earlier checkpoint" in errors[0]
+    assert not (ckpts / "latest").exists()
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
+    done = harness.train(TINY, run, sets, resume="auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a checkpoint whose save did not finish" in done.stdout + done.stderr
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000004"]

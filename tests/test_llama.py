@@ -46,6 +46,52 @@ def test_integer_ratio_width_growth_preserves_the_logits(cls, bias, tied, width,
         assert max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0]) < 1e-5, (source, target)
 
 
+@pytest.mark.parametrize("cls", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_fpi_off_an_integer_ratio_is_bounded_as_for_layernorm(cls, ids):
+    """Off an integer ratio only RMSNorm's statistic moves (docs/growth.md: LayerNorm's rule and
+    bound): copy counts differ by at most one, and the logits stay within the same bound as
+    test_width's for BERT and GPT-2. Head_dim fixed, so the heads grow by the hidden ratio."""
+    for draw, (source, target) in enumerate([
+            (Shape(2, 24, 6, 40, kv_heads=3), Shape(2, 36, 9, 60, kv_heads=3)),   # 1.5x, groups of 2 -> 3
+            (Shape(1, 16, 4, 30, kv_heads=2), Shape(1, 24, 6, 50, kv_heads=3)),   # 1.5x, KV heads grown
+            (Shape(2, 32, 4, 40, kv_heads=1), Shape(2, 40, 5, 64, kv_heads=1))]):  # 1.25x, one group
+        small = make_model(cls, source, seed=draw)
+        grown, manifest = grow_model(small, target, width="fpi", seed=draw)
+        assert not manifest["exact"]
+        counts = torch.bincount(torch.tensor(manifest["hidden_map"]))
+        assert counts.max() - counts.min() <= 1
+        rel = max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0])
+        assert 0 < rel < 0.5, (source, target, rel)
+
+
+def test_smollm2_grows_into_each_llama_preset_of_its_head_dim_and_is_refused_the_others():
+    """The presets are Llama shapes (heads x head_dim = hidden, whole query groups); from
+    SmolLM2-135M (head_dim 64, groups of 3, 30 layers) growth is planned into the width of each one
+    of head_dim 64, 3 KV heads or more and groups of 3 or more; the others are refused with the
+    reason (fewer KV heads; RoPE fixes head_dim; a target group copies one source group)."""
+    import dataclasses
+
+    from growth import GrowthError
+    from growth.shape import LLAMA_PRESETS, PRESETS
+    source = PRESETS["smollm2-135m"]
+    for name in LLAMA_PRESETS:
+        assert PRESETS[name].hidden % PRESETS[name].heads == 0 and PRESETS[name].heads % PRESETS[name].kv_heads == 0
+        target = dataclasses.replace(PRESETS[name], layers=max(PRESETS[name].layers, source.layers))
+        if name == "smollm2-135m":
+            continue
+        if target.kv_heads < source.kv_heads:
+            with pytest.raises(GrowthError, match="smaller than the source on: kv_heads"):
+                Grower(schema_for("llama"), source, target, width="fpi")
+        elif target.hidden // target.heads != 64:
+            with pytest.raises(GrowthError, match="head_dim"):
+                Grower(schema_for("llama"), source, target, width="fpi")
+        elif target.heads // target.kv_heads < 3:  # SmolLM2's groups of 3 query heads fit no smaller group
+            with pytest.raises(GrowthError, match="cannot hold the source's groups of 3"):
+                Grower(schema_for("llama"), source, target, width="fpi")
+        else:
+            Grower(schema_for("llama"), source, target, width="fpi")
+
+
 def test_the_headless_model_keeps_its_hidden_states(ids):
     source = Shape(2, 24, 6, 40, kv_heads=2)
     small = make_model("LlamaModel", source)

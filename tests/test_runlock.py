@@ -159,3 +159,22 @@ def test_the_slurm_batch_shells_commands(tmp_path):
     assert (run / "lock").exists()
     subprocess.run([sys.executable, "-m", "launchers.runlock", "release", str(run), token], check=True, env=env)
     assert not (run / "lock").exists()
+
+
+def test_a_zombie_holder_is_dead():
+    """A killed holder its parent has not reaped yet (a container's init can take seconds) is a
+    zombie: kill(pid, 0) still finds it, but it holds nothing."""
+    from growth.adapters.files import alive
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        for _ in range(500):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        os.kill(pid, 0)  # still there, as a zombie
+        assert not alive(pid) and alive(os.getpid())
+    finally:
+        os.waitpid(pid, 0)
+    assert not alive(pid)

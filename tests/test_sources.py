@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from growth import Shape
+from growth import shape_from_config
 from growth.adapters.files import resolve
+from growth.shape import PRESETS
 from launchers.cli import main
 
 from conftest import make_model
@@ -57,6 +59,7 @@ def test_smollm2_grows_exactly_twice_as_wide_and_deeper(cache, tmp_path, capsys)
             config["num_key_value_heads"], config["intermediate_size"], config["tie_word_embeddings"],
             config["vocab_size"]) == ("llama", 30, 576, 9, 3, 1536, True, 49152)
     assert "quantization_config" not in config and (source / "tokenizer.json").is_file()
+    assert shape_from_config(config) == PRESETS["smollm2-135m"]  # the preset is the real model's shape
     out = tmp_path / "smollm2-wide"
     capsys.readouterr()
     assert main(["grow", "smollm2", "--to", SMOLLM2_WIDE, "--width", "exact", "--depth", "identity",
@@ -98,6 +101,8 @@ def test_a_gguf_file_of_an_unsupported_architecture_is_one_line(cache, tmp_path,
         assert main(["grow", str(tmp_path / name), "--to", "layers=2", "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("b2b grow: error:") and name in err and len(err.strip().splitlines()) == 1, err
+        if name == "t5.gguf":
+            assert "a GGUF model of architecture 't5'; b2b grows llama, mistral, qwen2, gpt2" in err, err
     assert not (tmp_path / "out").exists() and not list((cache / "gguf").glob("*t5*"))
 
 

@@ -108,11 +108,14 @@ def finish(workers: list) -> None:
 
 
 def test_tp2_and_tp1_train_alike_and_the_checkpoint_loads_at_another_tp(start, capsys):
+    """TP 2 stopped at step 2 and resumed: every loss an uninterrupted TP 2 run's, and TP 1's to
+    float32 rounding; the checkpoint loads at TP 1."""
     root, sets = start
-    tp2, tp1 = root / "tp2", root / "tp1"
-    # the two runs overlap: each worker spends most of its time importing and starting up
+    tp2, tp1, whole = root / "tp2", root / "tp1", root / "tp2-whole"
+    # the runs overlap: each worker spends most of its time importing and starting up
     finish([*train(tp2, *sets, "parallel.tensor=2", "train.stop_at=2"),
-            *train(tp1, *sets, "parallel.tensor=1", "parallel.megatron=true")])
+            *train(tp1, *sets, "parallel.tensor=1", "parallel.megatron=true"),
+            *train(whole, *sets, "parallel.tensor=2")])
     # DeepSpeed's files are per tensor-parallel rank: resuming at another degree is refused before any process starts
     assert prepare_only(tp2, *sets, "parallel.tensor=1", "parallel.megatron=true", resume="auto") == 2
     assert "was saved with parallel.tensor=2, parallel.megatron=false" in capsys.readouterr().err
@@ -121,6 +124,8 @@ def test_tp2_and_tp1_train_alike_and_the_checkpoint_loads_at_another_tp(start, c
 
     a, b = read_scalars(tp2)["train/loss"], read_scalars(tp1)["train/loss"]
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    uninterrupted = read_scalars(whole)["train/loss"]  # the same degree: the resume is exact
+    assert all(abs(a[step] - uninterrupted[step]) <= 1e-6 * abs(uninterrupted[step]) for step in a), (a, uninterrupted)
     # Same data, same weights, same arithmetic up to the order of float32 sums: TP 2 splits the
     # attention heads, FFN and vocabulary, so row-parallel layers add two partial products and the
     # softmax's normaliser is a sum of two partial sums; DP 2 averages gradients over two ranks
@@ -182,7 +187,7 @@ def test_megatron_llama_computes_the_hf_models_logits_and_converts_both_ways_bit
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert AutoConfig.from_pretrained(tmp_path / "back").architectures == [f"{name}ForCausalLM"]
     assert main(["grow", str(tmp_path / "mc"), "--to", "hidden=128", "--out", str(tmp_path / "grown")]) == 2
-    assert not (tmp_path / "grown").exists()  # shard-local growth of Llama checkpoints: not yet, in one line
+    assert not (tmp_path / "grown").exists()  # 8 heads of 16 would grow head_dim, which RoPE fixes: one line
 
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), one_process():
@@ -198,16 +203,18 @@ def test_megatron_llama_computes_the_hf_models_logits_and_converts_both_ways_bit
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "RoPE type 'linear'"),
     ({"attention_bias": True}, "attention_bias (an o_proj bias)"),
 ], ids=["rope scaling", "o_proj bias"])
-def test_a_llama_megatron_cannot_build_alike_is_refused_before_anything_starts(change, message, tmp_path, capsys):
+@pytest.mark.parametrize("key", ["init_from", "grow_from"])
+def test_a_llama_megatron_cannot_build_alike_is_refused_before_anything_starts(change, message, key, tmp_path,
+                                                                               capsys):
     import json
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, intermediate_size=96)).save_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, **change}))
     code = main(["train", str(RECIPES / "llama-tiny-tp.yaml"), "--dry-run", "--procs", "2", "--set",
-                 f"model.init_from={tmp_path / 'm'}", "--set", "data.tokenizer=bpe"])
+                 f"model.{key}={tmp_path / 'm'}", "--set", "data.tokenizer=bpe"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("b2b train: error: model.init_from: ") and message in err, err
+    assert code == 2 and err.startswith(f"b2b train: error: model.{key}: ") and message in err, err
     assert len(err.strip().splitlines()) == 1
 
 

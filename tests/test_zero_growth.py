@@ -227,9 +227,10 @@ def test_with_split_shares_the_moment_rule_is_an_approximation_through_layernorm
         assert error["split"] < 0.1 and error["split"] < 0.6 * error["none"], (cls, tied, error)
 
 
-def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path):
-    """b2b train (ZeRO-1) stops at step 4; its checkpoint is grown to 4x the width with Adam's state,
-    and a ZeRO-3 `b2b train` with model.init_from on it starts where the source stood: its first
+def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path, capsys):
+    """b2b train (ZeRO-1) stops at step 4; its checkpoint is grown to 4x the width with Adam's state
+    (exactly: `b2b verify` of the ZeRO checkpoint against the universal one says so), and a ZeRO-3
+    `b2b train` with model.init_from on it starts where the source stood: its first
     loss is the grown model's own loss on that batch and its lr continues the source's schedule."""
     cache = tmp_path / "cache"
     common = [f"data.cache_dir={cache}", "data.max_documents=300", "data.vocab_size=256", "train.steps=8",
@@ -247,6 +248,9 @@ def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path):
                "--optimizer", "grow", "--schedule", "keep", "--out", grown) == 0
     assert (grown / "tokenizer.json").is_file()
     assert json.loads((grown / "config.json").read_text())["hidden_size"] == 128
+    capsys.readouterr()
+    assert b2b("verify", source / "checkpoints", grown) == 0
+    assert "growth.json says exact: OK" in capsys.readouterr().out
 
     run = tmp_path / "run"
     done = train(run, "zero.stage=3", f"model.init_from={grown}", "train.steps=8")

@@ -60,6 +60,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata class")
 
 
+def _ints(values) -> bool:
+    return all(isinstance(v, int) for v in values)
+
+
 class DistCheckpoint:
     """One torch_dist directory: tensor shapes, chunks, and region reads."""
 
@@ -81,11 +85,16 @@ class DistCheckpoint:
             self.tensors = {key: md for key, md in meta.state_dict_metadata.items() if hasattr(md, "chunks")}
             self.storage = {(index.fqn, tuple(index.offset)): info for index, info in meta.storage_data.items()}
             self.save_id = getattr(meta.storage_meta, "save_id", None)
-            for md in self.tensors.values():
-                tuple(md.size), md.properties.dtype, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
-            for info in self.storage.values():
-                info.relative_path + "", info.offset + info.length
-        except (AttributeError, TypeError) as err:
+            for key, md in self.tensors.items():
+                dims = len(md.size)
+                if not (_ints(md.size) and isinstance(md.properties.dtype, torch.dtype) and all(
+                        len(c.offsets) == len(c.sizes) == dims and _ints(c.offsets) and _ints(c.sizes)
+                        for c in md.chunks)):
+                    raise GrowthError(f"{self.path / '.metadata'}: corrupt ({key}: its shape, dtype or chunks)")
+            for (key, _), info in self.storage.items():
+                if not (isinstance(info.relative_path, str) and _ints((info.offset, info.length))):
+                    raise GrowthError(f"{self.path / '.metadata'}: corrupt ({key}: its data file or byte range)")
+        except (AttributeError, TypeError) as err:  # a field missing, or not what it should be
             raise GrowthError(f"{self.path / '.metadata'}: corrupt ({err})") from None
         for key, md in self.tensors.items():
             for chunk in md.chunks:

@@ -290,14 +290,19 @@ def _remove_orphans(out: Path) -> None:
 
 
 def alive(pid: int) -> bool:
-    """Whether a process of this host has this pid (another user's counts)."""
+    """Whether a process of this host has this pid (another user's counts). A zombie is dead: it
+    only waits for its parent to reap it, which a container's init may do late (killed workers,
+    reparented to it, stayed zombies for seconds here)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc: kill's answer
         return True
-    return True
 
 
 def exchange(a: Path, b: Path) -> bool:

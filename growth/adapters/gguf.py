@@ -29,6 +29,7 @@ def hf_directory(file: Path, log=print) -> Path:
     out = _cached(file)
     if (out / "config.json").is_file():
         return out
+    check_architecture(file)
     log(f"{file.name}: dequantising the GGUF model into {out} (once)")
     with _quiet():
         model, tokenizer = _load(file)
@@ -48,6 +49,7 @@ def config_directory(file: Path) -> Path:
     out = full.with_name(full.name + ".config")
     if (out / "config.json").is_file():
         return out
+    check_architecture(file)
     import transformers
     with _quiet():
         try:
@@ -63,6 +65,26 @@ def config_directory(file: Path) -> Path:
             config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     return out
+
+
+GROWN = ("llama", "mistral", "qwen2", "gpt2")  # GGUF's general.architecture of the models b2b grows
+
+
+def check_architecture(file: Path) -> None:
+    """Refuse, before anything is dequantised or cached, a GGUF file of a model b2b does not grow
+    (its general.architecture, read from the header)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise GrowthError(f"{file}: reading GGUF files needs the gguf package (pip install gguf)") from None
+    try:
+        field = GGUFReader(str(file)).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as err:
+        raise GrowthError(f"{file}: cannot read this GGUF file ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else 'no general.architecture'})") from None
+    if arch not in GROWN:
+        raise GrowthError(f"{file}: a GGUF model of architecture {arch!r}; b2b grows {', '.join(GROWN)}")
 
 
 def _cached(file: Path) -> Path:
@@ -89,10 +111,6 @@ def _quiet():
 
 
 def _load(file: Path):
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF reader)
-    except ImportError:
-        raise GrowthError(f"{file}: reading GGUF files needs the gguf package (pip install gguf)") from None
     import transformers
     try:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)

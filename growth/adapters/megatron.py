@@ -227,6 +227,21 @@ def tensor_region(shape: tuple, layer: int | None, tp_dim: int | None, shard: in
     return tuple(offsets), tuple(sizes)
 
 
+def glu_blocks(shards: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """SwiGLU's fc1 from its tensor-parallel shards, rank r's being [gate_r; up_r] along `dim`: the
+    blocks in the full tensor's order [gate; up], every rank's gate, then every rank's up."""
+    halves = [shard.chunk(2, dim) for shard in shards]
+    return [h[0] for h in halves] + [h[1] for h in halves]
+
+
+def tp_axis(name: str) -> int | None:
+    """The tensor-parallel axis of megatron-core tensor `name` (None: replicated). One table for
+    GPT-2 and the Llama family: the Llama model's tensors are GPT-2's less its biases and positions,
+    each split along the same axis (SwiGLU's fc1 too: its gate and up blocks along axis 0)."""
+    param = MCORE_GPT.lookup(name)
+    return None if param is None else param.tp
+
+
 class DistSource:
     """A torch_dist checkpoint, by megatron module name."""
 
@@ -246,8 +261,7 @@ class DistSource:
 
     def get(self, name: str, shard: int | None, shards: int) -> torch.Tensor:
         key, layer = sharded_key(name)
-        param = MCORE_GPT.lookup(name)
-        region = self.ckpt.read(key, *tensor_region(self.ckpt.shape(key), layer, param.tp, shard, shards))
+        region = self.ckpt.read(key, *tensor_region(self.ckpt.shape(key), layer, tp_axis(name), shard, shards))
         return region[0] if layer is not None else region
 
 
@@ -282,10 +296,9 @@ class LegacySource:
         for name, w in self.models[0][1].items():
             if name.endswith("_extra_state") or not torch.is_tensor(w):
                 continue
-            param = MCORE_GPT.lookup(name)
-            shape = list(w.shape)
-            if param is not None and param.tp is not None:
-                shape[param.tp] *= self.tp
+            shape, axis = list(w.shape), tp_axis(name)
+            if axis is not None:
+                shape[axis] *= self.tp
             self.shapes[name], self.dtypes[name] = tuple(shape), w.dtype
         self.format = f"Megatron-LM legacy (TP {self.tp})"
 
@@ -302,16 +315,15 @@ class LegacySource:
         """The full tensor (shard None), or block `shard` of `shards`: a rank's shard, or for
         SwiGLU's fc1 (a rank's file holds [gate_r; up_r]) one half of one (megatron's torch_dist order:
         every rank's gate, then every rank's up)."""
-        param = MCORE_GPT.lookup(name)
-        if param.tp is None:
+        axis = tp_axis(name)
+        if axis is None:
             return self.models[0][1][name]
         glu = self.glu and name.endswith("mlp.linear_fc1.weight")
         parts = [m[name] for _, m in self.models]
         if glu:
-            halves = [part.chunk(2, param.tp) for part in parts]
-            parts = [h[0] for h in halves] + [h[1] for h in halves]
+            parts = glu_blocks(parts, axis)
         if shard is None:
-            return torch.cat(parts, dim=param.tp)
+            return torch.cat(parts, dim=axis)
         if shards != len(parts):
             raise GrowthError(f"a legacy checkpoint grows at its saved TP degree ({self.tp}), "
                               f"not {shards // (1 + glu)}")

@@ -1,5 +1,6 @@
-"""`b2b verify`: run a source and a grown model (HF directories or megatron-core checkpoints) on
-the same inputs and compare outputs.
+"""`b2b verify`: run a source and a grown model (HF directories, megatron-core checkpoints, DeepSpeed
+ZeRO checkpoints and the universal checkpoints grown from them) on the same inputs and compare
+outputs.
 
 Logits are compared where the model has a head; a headless model's hidden states are
 mapped back to the source's units through the hidden map (every map keeps source unit j
@@ -24,23 +25,26 @@ HEADED = ("logits", "prediction_logits", "seq_relationship_logits")
 
 
 def load_model(path: Path):
-    """The model at `path` (an HF directory, or a megatron-core checkpoint read as the HF model of its
-    config.json), its config, and the directory holding its tokenizer."""
+    """The model at `path`, its config, and the directory holding its tokenizer: an HF directory; a
+    megatron-core checkpoint read as the HF model of its config.json; a DeepSpeed ZeRO checkpoint
+    (a run's checkpoint directory or one of its tags: the fp32 master weights, assembled from the
+    rank files) or a grown universal checkpoint, each as the HF model of the config.json beside it."""
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    from .deepspeed import ZeroCheckpoint, find_config, is_checkpoint, read_universal, universal_tag
     from .megatron import hf_weights, open_source
+    if universal_tag(path) is not None:
+        return _from_state(read_config(path), read_universal(path), path), read_config(path), path
+    if is_checkpoint(path):
+        ckpt = ZeroCheckpoint(path)
+        where = find_config(ckpt)
+        cfg = read_config(where)
+        return _from_state(cfg, {name: ckpt.read(name, "fp32") for name in ckpt.shapes}, path), cfg, where
     source = open_source(path)
     if source is not None:
         cfg, state = hf_weights(source)
-        name = model_class(cfg, path)
-        model = getattr(transformers, name)(transformers.AutoConfig.for_model(**cfg))
-        loaded = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()  # the embedding itself
-        if loaded.unexpected_keys or set(loaded.missing_keys) - tied:
-            raise GrowthError(f"{path}: the checkpoint does not make a {name} of its config.json (missing "
-                              f"{sorted(set(loaded.missing_keys) - tied)}, unexpected {loaded.unexpected_keys})")
-        return model.eval(), cfg, source.config_dir
+        return _from_state(cfg, state, path), cfg, source.config_dir
     cfg = read_config(path)
     name = model_class(cfg, path)
     try:
@@ -48,6 +52,27 @@ def load_model(path: Path):
     except (OSError, RuntimeError, ValueError) as err:
         raise GrowthError(f"{path}: could not load the model ({str(err).splitlines()[0]})") from None
     return model.eval(), cfg, path
+
+
+def _from_state(cfg: dict, state: dict[str, torch.Tensor], path: Path):
+    """The HF model of `cfg` holding `state` (every parameter, a tied one under either name)."""
+    import transformers
+    name = model_class(cfg, path)
+    model = getattr(transformers, name)(transformers.AutoConfig.for_model(**cfg))
+    try:
+        loaded = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape that is not the config's
+        raise GrowthError(f"{path}: the checkpoint does not make a {name} of its config.json "
+                          f"({' '.join(str(err).split())[:300]})") from None
+    own = model.state_dict()
+    names_of: dict[int, list[str]] = {}  # a tied tensor (an output embedding, BERT's decoder bias) has two names
+    for key, value in own.items():
+        names_of.setdefault(value.data_ptr(), []).append(key)
+    missing = [k for k in loaded.missing_keys if not any(n in state for n in names_of[own[k].data_ptr()])]
+    if loaded.unexpected_keys or missing:
+        raise GrowthError(f"{path}: the checkpoint does not make a {name} of its config.json (missing "
+                          f"{missing}, unexpected {loaded.unexpected_keys})")
+    return model.eval()
 
 
 def sample_inputs(path: Path, cfg: dict, text: str | None) -> torch.Tensor:
