@@ -45,12 +45,7 @@ class Shape:
         return f"layers={self.layers},hidden={self.hidden},heads={self.heads}{kv},ffn={self.ffn}"
 
 
-PRESETS = {
-    "bert-base": Shape(12, 768, 12, 3072),
-    "bert-large": Shape(24, 1024, 16, 4096),
-    "gpt-half": Shape(12, 512, 8, 2048),
-    "gpt-base": Shape(12, 768, 12, 3072),
-    # Llama-family shapes (grouped-query attention): LLAMA_PRESETS
+LLAMA_PRESETS = {  # Llama-family shapes (grouped-query attention)
     "smollm2-135m": Shape(30, 576, 9, 1536, kv_heads=3),
     "smollm2-360m": Shape(32, 960, 15, 2560, kv_heads=5),
     "smollm2-1.7b": Shape(24, 2048, 32, 8192, kv_heads=32),
@@ -60,8 +55,13 @@ PRESETS = {
     "qwen2.5-0.5b": Shape(24, 896, 14, 4864, kv_heads=2),
     "qwen2.5-1.5b": Shape(28, 1536, 12, 8960, kv_heads=2),
 }
-LLAMA_PRESETS = ("smollm2-135m", "smollm2-360m", "smollm2-1.7b", "tinyllama-1.1b", "llama-3.2-1b", "llama-3.2-3b",
-                 "qwen2.5-0.5b", "qwen2.5-1.5b")
+PRESETS = {
+    "bert-base": Shape(12, 768, 12, 3072),
+    "bert-large": Shape(24, 1024, 16, 4096),
+    "gpt-half": Shape(12, 512, 8, 2048),
+    "gpt-base": Shape(12, 768, 12, 3072),
+    **LLAMA_PRESETS,
+}
 
 # HF model types of the Llama family: causal LMs with RMSNorm, SwiGLU, RoPE and grouped-query
 # attention, whose HF module names and config keys are the same.

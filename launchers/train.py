@@ -567,18 +567,8 @@ def main(argv=None) -> int:
         return 2
     finally:
         if dist.is_initialized():
-            rank = dist.get_rank()
             dist.destroy_process_group()
-            remove_shm_buffer(rank)
     return 0
-
-
-def remove_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU all-reduce creates a 64 MiB /dev/shm file per rank when LOCAL_SIZE is set
-    (b2b does not set it; DeepSpeed's launcher does) and never unlinks it: remove this rank's once
-    the group is gone."""
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}"
-    Path("/dev/shm", f"{name}_{rank}").unlink(missing_ok=True)
 
 
 def die_with_parent() -> None:

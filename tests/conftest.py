@@ -105,26 +105,6 @@ def ids():
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
 
 
-def deepspeed_shm_buffers() -> set[Path]:
-    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-
-
-def pytest_sessionstart(session):
-    """DeepSpeed's CPU shared-memory all-reduce leaves a 64 MiB /dev/shm file per rank and launch
-    (deepspeed/ops/csrc/cpu/comm/shm.cpp never unlinks it): remember those there before the tests.
-    Only the main process does this: pytest-xdist's workers run beside each other, and one must not
-    remove the buffers of another's live launch."""
-    if not hasattr(session.config, "workerinput"):
-        session.config.shm_before = deepspeed_shm_buffers()
-
-
-def pytest_sessionfinish(session):
-    """... and remove those the test session created, once every worker has finished."""
-    if not hasattr(session.config, "workerinput"):
-        for path in deepspeed_shm_buffers() - session.config.shm_before:
-            path.unlink(missing_ok=True)
-
-
 # The longest test files first (seconds summed over their tests, `pytest -n 2 --dist loadfile
 # --no-loadscope-reorder --durations=0`, 2026-12-04): pytest-xdist's loadfile hands out files in
 # this order, so the two workers finish together instead of one running a long file alone at the

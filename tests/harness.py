@@ -27,6 +27,7 @@ import io
 import json
 import multiprocessing
 import os
+import pickle
 import random
 import runpy
 import shutil
@@ -298,3 +299,50 @@ def killed_writer(argv: list, out: Path, seed: int, kills: int, previous: bool =
     b2b_process(*argv, "--out", out, *rerun)
     assert fingerprint(out) == expected
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # the killed writers' siblings removed
+
+
+# -- damaged megatron checkpoints (tests/test_megatron_growth.py, tests/test_megatron_llama.py) ------
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/b2b-pwned",))
+
+
+def damaged_megatron_source(kind: str, d: Path, tmp: Path, indivisible: str) -> tuple[Path, list]:
+    """A damaged copy of tests/megatron_worker.py's saved checkpoints in `d` (DIR/source, the
+    torch_dist one, or DIR/legacy), and extra b2b grow arguments; `indivisible`: a target whose
+    heads --tp 4 does not divide."""
+    if kind in ("missing rank", "mixed saves"):
+        src = tmp / "legacy"
+        shutil.copytree(d / "legacy", src)
+        rank1 = src / "iter_0000007" / "mp_rank_01"
+        if kind == "missing rank":
+            shutil.rmtree(rank1)
+            (src / "iter_0000007" / "mp_rank_02").mkdir()  # the count says 2 ranks, rank 1 is absent
+            (src / "iter_0000007" / "mp_rank_02" / "model_optim_rng.pt").write_bytes(b"")
+        else:
+            import torch
+            state = torch.load(rank1 / "model_optim_rng.pt", weights_only=False)  # the test's own file
+            state["iteration"] = 8
+            torch.save(state, rank1 / "model_optim_rng.pt")
+        return src, []
+    src = tmp / "source"
+    shutil.copytree(d / "source", src)
+    if kind == "truncated shard":
+        data = (src / "__1_0.distcp").read_bytes()
+        (src / "__1_0.distcp").write_bytes(data[:len(data) // 2])
+    elif kind == "corrupt shard":  # found while writing: the error still comes out as one line
+        data = bytearray((src / "__1_0.distcp").read_bytes())
+        data[:64] = bytes(64)
+        (src / "__1_0.distcp").write_bytes(bytes(data))
+    elif kind == "missing shard file":
+        (src / "__1_0.distcp").unlink()
+    elif kind == "pickled code":
+        (src / ".metadata").write_bytes(pickle.dumps(Evil()))
+    elif kind == "no config":
+        (src / "config.json").unlink()
+    elif kind == "tp does not divide heads":
+        return src, ["--tp", "4", "--to", indivisible]
+    elif kind == "smaller target":
+        return src, ["--to", "hidden=32"]
+    return src, []

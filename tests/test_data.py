@@ -18,6 +18,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from growth import Shape
@@ -105,15 +107,18 @@ def test_dynamic_masking_80_10_10(cache):
     assert torch.equal(out["input_ids"][~chosen], ids[~chosen])
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "qwen2"])
 def test_analytic_forward_flops_equal_torchs_flop_counter(arch):
-    shape, vocab, seq, batch = Shape(2, 64, 4, 96, kv_heads=2 if arch == "llama" else None), 300, 32, 2
+    shape, vocab, seq, batch = Shape(2, 64, 4, 96, kv_heads=None if arch in ("bert", "gpt2") else 2), 300, 32, 2
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                        intermediate_size=96)) if arch == "bert" else \
         GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_inner=96,
                                    bos_token_id=0, eos_token_id=0)) if arch == "gpt2" else \
         LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=96, attn_implementation="eager")) \
+        if arch == "llama" else \
+        Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, intermediate_size=96, attn_implementation="eager"))
     ids = torch.randint(0, vocab, (batch, seq))
     with FlopCounterMode(display=False) as counter:

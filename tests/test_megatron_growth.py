@@ -6,8 +6,6 @@ reproduce the source's logits; a stacked growth equals the in-memory growth of t
 model; no read spans more than one shard of a tensor-parallel tensor; bad input writes nothing."""
 
 import json
-import os
-import pickle
 import random
 import shutil
 from pathlib import Path
@@ -163,48 +161,6 @@ def test_hf_megatron_round_trip_is_bit_exact(run, tmp_path):
         assert torch.equal(a, b), key
 
 
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("touch /tmp/b2b-pwned",))
-
-
-def _break(kind: str, d: Path, tmp: Path) -> tuple[Path, list]:
-    """A damaged copy of a source, and extra b2b grow arguments."""
-    if kind in ("missing rank", "mixed saves"):
-        src = tmp / "legacy"
-        shutil.copytree(d / "legacy", src)
-        rank1 = src / "iter_0000007" / "mp_rank_01"
-        if kind == "missing rank":
-            shutil.rmtree(rank1)
-            (src / "iter_0000007" / "mp_rank_02").mkdir()  # the count says 2 ranks, rank 1 is absent
-            (src / "iter_0000007" / "mp_rank_02" / "model_optim_rng.pt").write_bytes(b"")
-        else:
-            state = torch.load(rank1 / "model_optim_rng.pt", weights_only=False)
-            state["iteration"] = 8
-            torch.save(state, rank1 / "model_optim_rng.pt")
-        return src, []
-    src = tmp / "source"
-    shutil.copytree(d / "source", src)
-    if kind == "truncated shard":
-        data = (src / "__1_0.distcp").read_bytes()
-        (src / "__1_0.distcp").write_bytes(data[:len(data) // 2])
-    elif kind == "corrupt shard":  # found while writing: the error still comes out as one line
-        data = bytearray((src / "__1_0.distcp").read_bytes())
-        data[:64] = bytes(64)
-        (src / "__1_0.distcp").write_bytes(bytes(data))
-    elif kind == "missing shard file":
-        (src / "__1_0.distcp").unlink()
-    elif kind == "pickled code":
-        (src / ".metadata").write_bytes(pickle.dumps(Evil()))
-    elif kind == "no config":
-        (src / "config.json").unlink()
-    elif kind == "tp does not divide heads":
-        return src, ["--tp", "4", "--to", "layers=2,hidden=192,heads=6,ffn=512"]
-    elif kind == "smaller target":
-        return src, ["--to", "hidden=32"]
-    return src, []
-
-
 @pytest.mark.parametrize("kind, message", [
     ("missing rank", "missing"), ("mixed saves", "different saves"), ("truncated shard", "truncated"),
     ("corrupt shard", "corrupt"),
@@ -212,7 +168,7 @@ def _break(kind: str, d: Path, tmp: Path) -> tuple[Path, list]:
     ("tp does not divide heads", "does not divide"), ("smaller target", "smaller")])
 def test_bad_input_is_one_error_and_writes_nothing(run, tmp_path, capsys, kind, message):
     d, _, _, _ = run
-    src, extra = _break(kind, d, tmp_path)
+    src, extra = harness.damaged_megatron_source(kind, d, tmp_path, "layers=2,hidden=192,heads=6,ffn=512")
     args = extra if "--to" in extra else ["--to", WIDER, *extra]
     out = tmp_path / "out"
     assert b2b("grow", src, *args, "--out", out) == 2

@@ -112,6 +112,7 @@ def test_growth_reads_one_shard_at_a_time(run):
     (["--to", WIDER, "--tp", "8"], "does not divide the source query groups (4)"),
     (["--to", "layers=2,hidden=80,heads=10,kv_heads=5,ffn=120"], "does not divide the target query groups (5)"),
     (["--to", "layers=2,hidden=128,heads=8,ffn=192"], "head_dim 8 -> 16"),
+    (["--to", WIDER, "--width", "direct", "--tp", "2"], "--width direct is not available for tensor-parallel"),
 ])
 def test_bad_input_is_one_error_and_writes_nothing(run, tmp_path, capsys, args, message):
     d, _, _ = run
@@ -119,3 +120,15 @@ def test_bad_input_is_one_error_and_writes_nothing(run, tmp_path, capsys, args, 
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind, message", [("mixed saves", "different saves"), ("truncated shard", "truncated"),
+                                           ("missing rank", "missing")])
+def test_damaged_llama_checkpoints_are_one_error_and_write_nothing(run, tmp_path, capsys, kind, message):
+    d, _, _ = run
+    src, extra = harness.damaged_megatron_source(kind, d, tmp_path, WIDER)
+    out = tmp_path / "out"
+    assert b2b("grow", src, "--to", WIDER, *extra, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -10,8 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from growth import Shape
-from growth import shape_from_config
+from growth import Shape, shape_from_config
 from growth.adapters.files import resolve
 from growth.shape import PRESETS
 from launchers.cli import main

@@ -239,3 +239,26 @@ def test_bad_parallel_recipes_fail_before_anything_starts(case, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("b2b train: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_llama_tp_recipe_trains_from_scratch_and_exports_the_model_it_trained(tmp_path):
+    """recipes/llama-tiny-tp.yaml as a user runs it, without a start model: megatron-core's Llama
+    (4 query heads in 2 groups, one group a rank) trains at TP 2, writes its torch_dist checkpoint
+    from both ranks, and exports an HF LlamaForCausalLM whose loss on the validation batches is the
+    run's last val/loss."""
+    run = tmp_path / "run"
+    done = harness.train(RECIPES / "llama-tiny-tp.yaml", run, [
+        f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256", "train.steps=4",
+        "optim.warmup_steps=1", "train.eval_every=4", "checkpoint.every=4", "logging.progress=false",
+        "model.dropout=0.0"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    scalars = read_scalars(run)
+    assert sorted(scalars["train/loss"]) == [1, 2, 3, 4]
+    assert len(list((run / "checkpoints" / "step00000004" / "dist").glob("*.distcp"))) == 2
+    recipe = config.load(run / "recipe.yaml")
+    hf = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 2
+    data = Batches(cache_path(recipe), recipe, rank=0, world=1)
+    with torch.no_grad():
+        losses = [hf(**batch).loss.item() for batch in data.val_batches(recipe.train.eval_batches)]
+    assert abs(sum(losses) / len(losses) - scalars["val/loss"][4]) <= 1e-4, (losses, scalars["val/loss"])

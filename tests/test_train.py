@@ -24,7 +24,7 @@ import harness
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TINY = {"bert": RECIPES / "bert-tiny-cpu.yaml", "gpt2": RECIPES / "gpt-tiny-cpu.yaml",
-        "llama": RECIPES / "llama-tiny-cpu.yaml"}
+        "llama": RECIPES / "llama-tiny-cpu.yaml", "qwen2": RECIPES / "llama-tiny-cpu.yaml"}  # + model.arch=qwen2
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,12 @@ def b2b_train(recipe, out_dir, cache, *sets, resume="none"):
                                            "logging.progress=false", *sets], resume=resume)
 
 
-# each architecture, each way ZeRO shards
-@pytest.mark.parametrize("arch,stage", [("bert", 2), ("bert", 3), ("gpt2", 2), ("gpt2", 3), ("llama", 2)])
+# each architecture, each way ZeRO shards (Qwen2: the Llama recipe with q/k/v biases)
+@pytest.mark.parametrize("arch,stage", [("bert", 2), ("bert", 3), ("gpt2", 2), ("gpt2", 3), ("llama", 2),
+                                        ("qwen2", 3)])
 def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
     sets = [f"zero.stage={stage}", "train.steps=12", "train.eval_every=6", "optim.warmup_steps=2",
-            "checkpoint.every=4", "checkpoint.keep=2"]
+            "checkpoint.every=4", "checkpoint.keep=2", f"model.arch={arch}"]
     full, part = tmp_path / "full", tmp_path / "part"
     done = b2b_train(TINY[arch], full, cache, *sets)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -101,10 +102,10 @@ def test_trains_checkpoints_and_resumes_exactly(arch, stage, tmp_path, cache):
     auto = AutoModelForMaskedLM if arch == "bert" else AutoModelForCausalLM
     final = auto.from_pretrained(full / "final").config
     assert final.num_hidden_layers == 2 and final.model_type == arch
-    if arch == "llama":  # grouped-query attention, tied, and the analytic FLOPs of SwiGLU and GQA
+    if arch in ("llama", "qwen2"):  # grouped-query attention, tied, and the analytic FLOPs of SwiGLU and GQA
         assert (final.num_attention_heads, final.num_key_value_heads, final.tie_word_embeddings) == (4, 2, True)
         flops = train_flops_per_token(recipe.shape, recipe.data.seq_len, len(AutoTokenizer.from_pretrained(
-            full / "final")), "llama")
+            full / "final")), arch)
         assert a["train/flops"][1] == pytest.approx(tokens * flops, rel=1e-6)
 
 

@@ -31,7 +31,8 @@ SOURCES = {
     "gpt2-z1-bf16": ("gpt2", 1, "bf16", "adamw", True),
     "gpt2-z2-fp32": ("gpt2", 2, "fp32", "adamw", False),
     "gpt2-z3-bf16": ("gpt2", 3, "bf16", "adamw", True),
-    "llama-z3-fp32": ("llama", 3, "fp32", "adamw", True),  # grouped-query attention: 2 heads, 1 KV head
+    "llama-z1-bf16": ("llama", 1, "bf16", "adamw", False),  # grouped-query attention: 2 heads, 1 KV head
+    "llama-z3-fp32": ("llama", 3, "fp32", "adamw", True),
     "bert-z2-sgd": ("bert", 2, "fp32", "sgd", True),
 }
 STEPS = 3

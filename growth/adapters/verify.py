@@ -35,7 +35,8 @@ def load_model(path: Path):
     from .deepspeed import ZeroCheckpoint, find_config, is_checkpoint, read_universal, universal_tag
     from .megatron import hf_weights, open_source
     if universal_tag(path) is not None:
-        return _from_state(read_config(path), read_universal(path), path), read_config(path), path
+        cfg = read_config(path)
+        return _from_state(cfg, read_universal(path), path), cfg, path
     if is_checkpoint(path):
         ckpt = ZeroCheckpoint(path)
         where = find_config(ckpt)
