@@ -86,6 +86,9 @@ class DataConfig:
     num_proc: int | None = None  # preparation processes (default: every core this process may use)
     streaming: bool = False  # read the corpora as streams (no Arrow copy of a hub corpus); needs a given tokenizer
     shard_documents: int = 10_000  # documents per prepared shard (a multiple of 2000): the unit of work and resume
+    indexed: list[str] | None = None  # a corpus tokenised already (by data.tokenizer) in megatron-core's indexed
+    # format, each PREFIX of PREFIX.bin/.idx (Megatron-LM's preprocess_data.py output): read in place
+    val_indexed: list[str] | None = None  # held-out validation data in that format (else data.val_files)
 
 
 @dataclass
@@ -361,6 +364,7 @@ def validate(recipe: Recipe) -> Recipe:
     _require(not (d.streaming and trains), "data.streaming",
              "a streamed corpus is read once, so the tokenizer is not trained on it: name one (data.tokenizer: a "
              "directory, or train one first with b2b tokenizer --files ...)")
+    _check_indexed(d, trains)
     _require(d.shard_documents > 0 and d.shard_documents % 2000 == 0, "data.shard_documents",
              f"{d.shard_documents}: must be a positive multiple of 2000 (the documents sequences are cut within)")
     _require(0.0 < recipe.objective.mask_prob < 1.0 or m.arch != "bert", "objective.mask_prob",
@@ -432,6 +436,29 @@ def validate(recipe: Recipe) -> Recipe:
              "must be positive")
     check_perf(recipe)
     return recipe
+
+
+def _check_indexed(d: DataConfig, trains: bool) -> None:
+    """data.indexed / data.val_indexed: a corpus tokenised already, read in place."""
+    _require(d.indexed != [], "data.indexed", "empty list: name prefixes (PREFIX.bin, PREFIX.idx), or drop the key")
+    _require(d.val_indexed != [], "data.val_indexed", "empty list: name prefixes, or drop the key")
+    _require(d.val_indexed is None or d.indexed is not None, "data.val_indexed",
+             "validation data in the indexed format go with data.indexed (the training data in that format)")
+    if d.indexed is None:
+        return
+    _require(d.files is None and d.hub is None and d.sources is None, "data.indexed",
+             "data.indexed replaces data.files, data.hub and data.sources: set one of them")
+    _require(not d.streaming, "data.streaming", "data.indexed are read in place, not streamed: drop data.streaming")
+    _require(d.max_documents is None, "data.max_documents", "does not apply to data.indexed (each is read whole)")
+    _require(not trains, "data.tokenizer", "data.indexed are already tokenised: name the tokenizer that made them "
+             "(a tokenizer or model directory, or an alias)")
+    _require(d.val_indexed is not None or d.val_files is not None, "data.indexed",
+             "name held-out validation data: data.val_indexed (the same format) or data.val_files (text)")
+    _require(d.val_indexed is None or d.val_files is None, "data.val_indexed", "set it or data.val_files, not both")
+    for key, prefixes in (("data.indexed", d.indexed), ("data.val_indexed", d.val_indexed or [])):
+        for prefix in prefixes:
+            for suffix in (".bin", ".idx"):
+                _require(Path(prefix + suffix).is_file(), key, f"{prefix}{suffix}: no such file")
 
 
 def check_perf(recipe: Recipe) -> None:

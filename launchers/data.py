@@ -105,6 +105,9 @@ def parts(recipe: Recipe) -> dict:
     data.val_fraction of each corpus's documents."""
     import datasets
     d = recipe.data
+    val = SourceConfig(files=d.val_files, text_field=d.text_field)
+    if d.indexed:  # tokenised already: only a validation text to prepare
+        return {"val": load_corpus(val, "data.val_files")} if d.val_files else {}
     sources = d.sources or [d]
     out, held = {}, []
     for i, source in enumerate(sources):
@@ -117,7 +120,6 @@ def parts(recipe: Recipe) -> dict:
             split = corpus.train_test_split(test_size=d.val_fraction, seed=SPLIT_SEED)
             out[name] = split["train"]
             held.append(split["test"])
-    val = SourceConfig(files=d.val_files, text_field=d.text_field)
     out["val"] = load_corpus(val, "data.val_files") if d.val_files else datasets.concatenate_datasets(held)
     return out
 
@@ -136,10 +138,19 @@ def _source_key(source) -> dict:
     return {**key, "text_field": source.text_field}
 
 
+def _indexed_key(prefix: str) -> list:
+    """An indexed dataset's identity: its path, its index's hash (the documents' lengths) and its
+    tokens' size (hashing a corpus's .bin would read all of it)."""
+    return [str(Path(prefix).resolve()), sha256([Path(f"{prefix}.idx")]), Path(f"{prefix}.bin").stat().st_size]
+
+
 def corpus_key(recipe: Recipe) -> dict:
     """What the prepared documents depend on (a mixture's weights are not: they act when read)."""
     d = recipe.data
     val = {"val_files": _files_key(d.val_files)} if d.val_files else {}
+    if d.indexed:
+        return {"indexed": [_indexed_key(p) for p in d.indexed], **val,
+                "val_indexed": [_indexed_key(p) for p in d.val_indexed or []]}
     streamed = {"streaming": d.shard_documents} if d.streaming else {}  # streamed, the shards define the split
     return {"sources": [_source_key(s) for s in d.sources or [d]], **val, "max_documents": d.max_documents, **streamed}
 
@@ -372,6 +383,7 @@ def _build(recipe: Recipe, work: Path, path: Path, log) -> None:
         processes = min(preparation_processes(recipe), len(todo))
         if len(todo) < len(tasks):
             log(f"data: {len(tasks) - len(todo)} of {len(tasks)} shards already written")
+    shards.update(_in_place(recipe, tok))
     _PREPARING.update(corpus=corpus, tokenizer=tok, sep=sep)
     try:
         for name, tokens in _map(_tokenize_shard, todo, processes):
@@ -393,6 +405,25 @@ def _build(recipe: Recipe, work: Path, path: Path, log) -> None:
     os.rename(work, path)
     train = " + ".join(str(n) for part, n in blocks.items() if part != "val")
     log(f"data: {train} train and {blocks['val']} validation sequences of {d.seq_len} tokens, vocabulary {len(tok)}")
+
+
+def _in_place(recipe: Recipe, tok) -> dict[str, list[str]]:
+    """data.indexed (the train part) and data.val_indexed (val), by absolute prefix: read where they
+    are, once checked to be indexed datasets whose token ids the tokenizer has (one pass over
+    each, in the preparation job)."""
+    d, out = recipe.data, {}
+    for part, key, prefixes in (("train", "data.indexed", d.indexed), ("val", "data.val_indexed", d.val_indexed)):
+        for prefix in prefixes or []:
+            try:
+                tokens, _ = indexed.read(Path(prefix))
+            except indexed.IndexedError as err:
+                raise RecipeError(f"{key}: {err}") from None
+            top = int(tokens.max()) if len(tokens) else -1
+            if top >= len(tok):
+                raise RecipeError(f"{key}: {prefix} holds token id {top}, but data.tokenizer "
+                                  f"({tokenizer_source(recipe)}) has {len(tok)} tokens: it was tokenised by another")
+            out.setdefault(part, []).append(str(Path(prefix).resolve()))
+    return out
 
 
 def _map(function, tasks: list, processes: int):
@@ -419,7 +450,8 @@ def _map(function, tasks: list, processes: int):
 
 
 def open_split(root: Path, shards: list[str], seq_len: int, bert_tok=None) -> indexed.Blocks:
-    """A prepared split's sequences (launchers.indexed.Blocks)."""
+    """A prepared split's sequences (launchers.indexed.Blocks): its shards, named in `root` or by
+    absolute prefix (data.indexed)."""
     ends = () if bert_tok is None else (bert_tok.cls_token_id, bert_tok.sep_token_id)
     return indexed.Blocks([root / name for name in shards], PACK_DOCS, seq_len, *ends)
 

@@ -26,7 +26,10 @@ from growth import Shape
 from launchers import config
 from launchers.cli import main
 from launchers.data import BERT_SPECIALS, Batches, cache_path, mask_tokens, prepare, python_docs, train_tokenizer
+from launchers.events import read_scalars
 from launchers.model import forward_flops_per_token
+
+import harness
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -407,3 +410,81 @@ def test_a_streamed_corpus_is_prepared_shard_by_shard_without_an_arrow_copy(tmp_
     code, out = prepare_apart("data.streaming=true", "data.text_field=text")  # bad input: one line, nothing left
     assert code == 2 and "data.text_field: 'text' is not a column of the corpus (['body'])" in out, out[-3000:]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries
+
+
+def megatron_corpus(tmp_path, tok, texts, name="corpus"):
+    """`texts` tokenised by `tok` and written by megatron-core's own IndexedDatasetBuilder, one
+    document each followed by the end-of-document token, as Megatron-LM's preprocess_data.py
+    --append-eod writes them: PREFIX.bin/.idx."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    prefix = tmp_path / name
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    docs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    for doc in docs:
+        builder.add_item(torch.tensor(doc))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+    return prefix, docs
+
+
+def test_a_corpus_megatron_lm_prepared_is_trained_on_as_it_is(cache, tmp_path, capsys):
+    """data.indexed names megatron-core indexed datasets (Megatron-LM's preprocess_data.py output)
+    and data.tokenizer the tokenizer that made them: nothing is tokenised again, the sequences are
+    the documents' tokens cut as for a corpus prepared here, validation comes from data.val_files,
+    and b2b train trains on them."""
+    import numpy as np
+    texts = python_docs()[:1200]
+    tok = train_tokenizer(iter(texts), "bpe", 512)
+    tok.save_pretrained(tmp_path / "tok")
+    prefix, docs = megatron_corpus(tmp_path, tok, texts[:1000])
+    (tmp_path / "val.txt").write_text("\n".join(t.replace("\n", " ") for t in texts[1000:]))
+    sets = [f"data.indexed=[{prefix}]", f"data.tokenizer={tmp_path / 'tok'}",
+            f"data.val_files=[{tmp_path / 'val.txt'}]",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=32", "logging.progress=false"]
+    assert main(["data", "prepare", str(RECIPES / "gpt-tiny-cpu.yaml"), *sum((["--set", s] for s in sets), [])]) == 0
+    out = capsys.readouterr().out
+    assert "data: val-" in out and "data: train" not in out  # only the validation text is tokenised
+    recipe = config.load(RECIPES / "gpt-tiny-cpu.yaml", sets)
+    data = Batches(cache_path(recipe), recipe, rank=0, world=1)
+    stream = np.concatenate(docs)
+    assert len(data.train) == len(stream) // 32  # 1000 documents: one group, cut into whole sequences
+    assert data.train[[0, 5]].tolist() == [stream[:32].tolist(), stream[160:192].tolist()]
+    assert not list((cache_path(recipe)).glob("train*"))  # read in place, not copied
+    val_prefix, val_docs = megatron_corpus(tmp_path, tok, texts[1000:], "val")  # validation in that format too
+    other = config.load(RECIPES / "gpt-tiny-cpu.yaml", [*sets[:2], *sets[3:], f"data.val_indexed=[{val_prefix}]"])
+    assert main(["data", "prepare", str(RECIPES / "gpt-tiny-cpu.yaml"),
+                 *sum((["--set", s] for s in [*sets[:2], *sets[3:], f"data.val_indexed=[{val_prefix}]"]), [])]) == 0
+    val = Batches(cache_path(other), other, rank=0, world=1).val
+    assert val[[0]].tolist() == [np.concatenate(val_docs)[:32].tolist()] and cache_path(other) != cache_path(recipe)
+
+    done = harness.train(RECIPES / "gpt-tiny-cpu.yaml", tmp_path / "run",
+                         [*sets, "train.steps=4", "optim.warmup_steps=2", "train.eval_every=4"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    scalars = read_scalars(tmp_path / "run")
+    assert sorted(scalars["train/loss"]) == [1, 2, 3, 4] and 4 in scalars["val/loss"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (["data.indexed=[{d}/nope]"], "{d}/nope.bin: no such file"),
+    (["data.val_files=null"], "name held-out validation data"),
+    (["data.tokenizer=bpe"], "already tokenised"),
+    (["data.files=[{d}/val.txt]"], "data.indexed replaces data.files"),
+    (["data.tokenizer={d}/small"], "token id"),
+])
+def test_bad_indexed_data_is_one_line_and_writes_nothing(change, message, tmp_path, capsys):
+    texts = python_docs()[:300]
+    tok = train_tokenizer(iter(texts), "bpe", 512)
+    tok.save_pretrained(tmp_path / "tok")
+    train_tokenizer(iter(texts), "bpe", 300).save_pretrained(tmp_path / "small")
+    prefix, _ = megatron_corpus(tmp_path, tok, texts[:200])
+    (tmp_path / "val.txt").write_text("\n".join(t.replace("\n", " ") for t in texts[200:]))
+    sets = [f"data.indexed=[{prefix}]", f"data.tokenizer={tmp_path / 'tok'}",
+            f"data.val_files=[{tmp_path / 'val.txt'}]",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=32",
+            *(c.format(d=tmp_path) for c in change)]
+    capsys.readouterr()
+    code = main(["data", "prepare", str(RECIPES / "gpt-tiny-cpu.yaml"), *sum((["--set", s] for s in sets), [])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message.format(d=tmp_path) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())

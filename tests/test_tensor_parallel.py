@@ -249,7 +249,7 @@ def test_the_llama_tp_recipe_trains_from_scratch_and_exports_the_model_it_traine
     run = tmp_path / "run"
     done = harness.train(RECIPES / "llama-tiny-tp.yaml", run, [
         f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256", "train.steps=4",
-        "optim.warmup_steps=1", "train.eval_every=4", "checkpoint.every=4", "logging.progress=false",
+        "optim.warmup_steps=2", "train.eval_every=4", "checkpoint.every=4", "logging.progress=false",
         "model.dropout=0.0"])
     assert done.returncode == 0, done.stderr[-3000:]
     scalars = read_scalars(run)
