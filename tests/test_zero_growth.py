@@ -113,6 +113,33 @@ def test_sharded_growth_equals_consolidating_first(name, width, symmetry, source
     assert all(torch.load(zero / n / "step.pt", weights_only=True) == STEPS for n in got)  # Adam's step, kept
 
 
+def test_a_llama_b2b_train_saved_at_zero3_grows_as_consolidating_first(tmp_path, capsys):
+    """A tiny Llama (4 query heads, 2 KV heads, tied) trained by `b2b train` at ZeRO-3: `b2b grow`
+    of its checkpoint equals DeepSpeed's zero_to_fp32 followed by the in-memory growth, bit for bit,
+    and `b2b verify` of the checkpoint against the grown one says the growth is exact."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
+
+    from growth import parse_target, shape_from_config
+    run = tmp_path / "run"
+    done = harness.train(RECIPES / "llama-tiny-cpu.yaml", run, [
+        f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=300", "data.vocab_size=256", "zero.stage=3",
+        "train.steps=2", "optim.warmup_steps=2", "checkpoint.every=2", "train.eval_every=0",
+        "logging.progress=false"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpts, to = run / "checkpoints", "layers=2,hidden=128,heads=8,kv_heads=4,ffn=344"
+    assert b2b("grow", ckpts, "--to", to, "--width", "exact", "--optimizer", "grow", "--out", tmp_path / "grown") == 0
+    cfg = read_config(ckpts / "step00000002")
+    source = shape_from_config(cfg)
+    full = to_torch_tensor(get_fp32_state_dict_from_zero_checkpoint(str(ckpts), "step00000002"))
+    expected, _ = grow_state_dict(full, schema_for("llama"), source, parse_target(to, source), width="exact",
+                                  tied=True)
+    got = read_universal(tmp_path / "grown")
+    assert got and all(torch.equal(got[n], expected[n]) for n in got)
+    capsys.readouterr()
+    assert b2b("verify", ckpts, tmp_path / "grown") == 0
+    assert "growth.json says exact: OK" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ADAM)
 def test_reading_matches_the_live_engine(name, sources):
     """Each parameter read from the rank files equals what the engine held when it saved."""
