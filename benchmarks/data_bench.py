@@ -15,7 +15,7 @@ the Arrow cache it replaced, measured in the same run on the same generated corp
   of 32 sequences; its peak RSS (VmHWM), and its RSS after, anonymous and file-backed;
 - training: a 2-layer GPT-2 on CPU trained --train-steps steps on each reader's batches; tokens/s;
 - the epoch order: bytes and seconds of numpy's permutation of N sequences, and the time per
-  index of Shuffle, which replaces it above launchers.data.PERMUTATION_MAX sequences.
+  index of Shuffle, which replaces it above launchers.batches.PERMUTATION_MAX sequences.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launchers import config  # noqa: E402
-from launchers.data import Batches, Shuffle, cache_path, parts, prepare, python_docs, train_tokenizer  # noqa: E402
+from launchers.batches import Batches, Shuffle  # noqa: E402
+from launchers.data import cache_path, parts, prepare, python_docs, train_tokenizer  # noqa: E402
 
 
 def make_corpus(path: Path, mb: int, seed: int = 0) -> Path:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_bench.py [--steps 60] [--warmup 10] [--repeats 2] [--zero 0]
 
 Both sides train the same BERT (built by launchers.model from the same recipe and seed) on the
-same batches (launchers.data) in fp32 with AdamW, gradient clipping and a warmup/decay schedule.
+same batches (launchers.batches) in fp32 with AdamW, gradient clipping and a warmup/decay schedule.
 The bare loop is plain PyTorch in this process; `b2b train` runs one worker through the DeepSpeed
 launcher, and its tokens/s are read back from its TensorBoard events (perf/tokens_per_s: the
 step's forward, backward and optimizer step, as timed by the trainer). Each side reports the
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launchers import config  # noqa: E402
-from launchers.data import Batches, prepare, quiet_libraries  # noqa: E402
+from launchers.batches import Batches  # noqa: E402
+from launchers.data import prepare, quiet_libraries  # noqa: E402
 from launchers.events import read_scalars  # noqa: E402
 from launchers.model import build_model  # noqa: E402
 from launchers.train import param_groups  # noqa: E402

@@ -83,7 +83,8 @@ def init_loss(recipe_path: str, sets: list[str]) -> float:
     import torch
 
     from launchers import config
-    from launchers.data import Batches, prepare
+    from launchers.batches import Batches
+    from launchers.data import prepare
     from launchers.model import build_model
     recipe = config.load(recipe_path, sets[1::2])
     batches = Batches(prepare(recipe), recipe, 0, 1)

@@ -53,8 +53,9 @@ from growth.adapters.deepspeed import universal_tag
 from growth.adapters.files import atomic_directory, read_json
 
 from . import config, ds_config
+from .batches import Batches
 from .checkpoint import EXIT_STOPPED, RECIPE, STEP_TAG, Checkpointer, NotSaved, RunDir, TrainState, resume_tag
-from .data import Batches, cache_path, prepare, quiet_libraries, seed_for
+from .data import cache_path, prepare, quiet_libraries, seed_for
 from .model import (
     StepPlan,
     apply_perf,

@@ -24,8 +24,9 @@ from transformers import (
 
 from growth import Shape
 from launchers import config
+from launchers.batches import Batches, mask_tokens
 from launchers.cli import main
-from launchers.data import BERT_SPECIALS, Batches, cache_path, mask_tokens, prepare, python_docs, train_tokenizer
+from launchers.data import BERT_SPECIALS, cache_path, prepare, python_docs, train_tokenizer
 from launchers.events import read_scalars
 from launchers.model import forward_flops_per_token
 
@@ -261,7 +262,7 @@ def test_a_killed_preparation_resumes_from_its_finished_shards(tmp_path):
     import signal
     import time
 
-    from launchers.data import Batches
+    from launchers.batches import Batches
 
     from harness import b2b_process
     sets = ["data.tokenizer=minilm", "data.max_documents=12000", "logging.progress=false"]
@@ -344,13 +345,13 @@ def test_an_epoch_too_large_for_a_permutation_array_is_shuffled_per_index(cache,
     """Shuffle, the order of an epoch of more than PERMUTATION_MAX sequences, is a permutation
     (seeded, nothing held per element); with it, batches still read every sample once per epoch
     and a fresh reader reads what the first one read."""
-    from launchers import data as data_module
-    from launchers.data import Shuffle
+    from launchers import batches
+    from launchers.batches import Shuffle
     for n in (1, 2, 1000, 4097):
         order = Shuffle(n, [0, 0])
         assert sorted(order[i] for i in range(n)) == list(range(n))
     assert [Shuffle(1000, [0, 0])[i] for i in range(20)] != [Shuffle(1000, [0, 1])[i] for i in range(20)]
-    monkeypatch.setattr(data_module, "PERMUTATION_MAX", 10)
+    monkeypatch.setattr(batches, "PERMUTATION_MAX", 10)
     recipe = tiny("gpt2", cache, "batch.micro=1")
     data = Batches(prepare(recipe), recipe, rank=0, world=1)
     n = len(data.train)

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from launchers import config
+from launchers.batches import Batches
 from launchers.cli import main
-from launchers.data import Batches, cache_path, prepare, train_tokenizer
+from launchers.data import cache_path, prepare, train_tokenizer
 from launchers.events import read_scalars
 from launchers.megatron import GPT, build_model, initialize, load_dist
 

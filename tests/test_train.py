@@ -15,8 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from launchers import config
+from launchers.batches import Batches
 from launchers.checkpoint import EXIT_STOPPED
-from launchers.data import Batches, cache_path
+from launchers.data import cache_path
 from launchers.events import read_scalars
 from launchers.model import train_flops_per_token
 

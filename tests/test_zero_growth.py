@@ -294,7 +294,8 @@ def test_b2b_train_starts_from_a_grown_checkpoint(tmp_path, capsys):
     assert offline["hidden"] == pytest.approx(scalars["growth/copy_cosine/hidden"][8], abs=1e-6)
 
     from launchers import config
-    from launchers.data import Batches, cache_path
+    from launchers.batches import Batches
+    from launchers.data import cache_path
     recipe = config.load(run / "recipe.yaml")
     model = hf_model(grown, read_universal(grown))
     with torch.no_grad():
