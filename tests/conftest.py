@@ -81,6 +81,21 @@ def max_rel(a, b):
     return ((a.double() - b.double()).abs().max() / a.double().abs().max()).item()
 
 
+def check_fpi_off_an_integer_ratio(cls: str, growths, ids) -> None:
+    """FPI off an integer hidden ratio moves only the norms' statistics (docs/growth.md): for each
+    (source, target), copy counts differ by at most one and the logits stay within the documented
+    bound (0.5 relative), without being preserved."""
+    from growth.adapters.hf import grow_model
+    for draw, (source, target) in enumerate(growths):
+        small = make_model(cls, source, seed=draw)
+        grown, manifest = grow_model(small, target, width="fpi", seed=draw)
+        assert not manifest["exact"]
+        counts = torch.bincount(torch.tensor(manifest["hidden_map"]))
+        assert counts.max() - counts.min() <= 1
+        rel = max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0])
+        assert 0 < rel < 0.5, (source, target, rel)
+
+
 def random_growth(rng: random.Random, integer_hidden: bool = True, max_layers: int = 3):
     """A source shape and a wider target: hidden ratio integer (or not), heads and FFN free."""
     # hidden >= 8: a LayerNorm over 2 or 4 units is too ill-conditioned for a 1e-5 float32 check

@@ -11,7 +11,7 @@ from growth import Grower, Shape, schema_for
 from growth.adapters.hf import grow_model
 from launchers.cli import main
 
-from conftest import make_model, max_rel, model_outputs
+from conftest import check_fpi_off_an_integer_ratio, make_model, max_rel, model_outputs
 
 FAMILIES = [("LlamaForCausalLM", False), ("LlamaForCausalLM", True), ("MistralForCausalLM", False),
             ("Qwen2ForCausalLM", False)]  # (class, Llama's attention and MLP biases); Qwen2 has q/k/v biases
@@ -51,17 +51,10 @@ def test_fpi_off_an_integer_ratio_is_bounded_as_for_layernorm(cls, ids):
     """Off an integer ratio only RMSNorm's statistic moves (docs/growth.md: LayerNorm's rule and
     bound): copy counts differ by at most one, and the logits stay within the same bound as
     test_width's for BERT and GPT-2. Head_dim fixed, so the heads grow by the hidden ratio."""
-    for draw, (source, target) in enumerate([
-            (Shape(2, 24, 6, 40, kv_heads=3), Shape(2, 36, 9, 60, kv_heads=3)),   # 1.5x, groups of 2 -> 3
-            (Shape(1, 16, 4, 30, kv_heads=2), Shape(1, 24, 6, 50, kv_heads=3)),   # 1.5x, KV heads grown
-            (Shape(2, 32, 4, 40, kv_heads=1), Shape(2, 40, 5, 64, kv_heads=1))]):  # 1.25x, one group
-        small = make_model(cls, source, seed=draw)
-        grown, manifest = grow_model(small, target, width="fpi", seed=draw)
-        assert not manifest["exact"]
-        counts = torch.bincount(torch.tensor(manifest["hidden_map"]))
-        assert counts.max() - counts.min() <= 1
-        rel = max_rel(model_outputs(small, ids)[0], model_outputs(grown, ids)[0])
-        assert 0 < rel < 0.5, (source, target, rel)
+    check_fpi_off_an_integer_ratio(cls, [
+        (Shape(2, 24, 6, 40, kv_heads=3), Shape(2, 36, 9, 60, kv_heads=3)),   # 1.5x, groups of 2 -> 3
+        (Shape(1, 16, 4, 30, kv_heads=2), Shape(1, 24, 6, 50, kv_heads=3)),   # 1.5x, KV heads grown
+        (Shape(2, 32, 4, 40, kv_heads=1), Shape(2, 40, 5, 64, kv_heads=1))], ids)  # 1.25x, one group
 
 
 def test_smollm2_grows_into_each_llama_preset_of_its_head_dim_and_is_refused_the_others():
