@@ -41,6 +41,16 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+HOLD = """
+import sys, time
+from pathlib import Path
+from launchers import runlock
+with runlock.held(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
 def submit(cluster, *args, env=None):
     return subprocess.run([sys.executable, "-m", "launchers.cli", "submit", *args], capture_output=True,
                           text=True, env=env or cluster.env, timeout=120)
@@ -109,6 +119,16 @@ def test_bad_input_fails_before_anything_is_queued(cluster, tmp_path):
     assert no_sbatch.returncode == 2 and "sbatch: not found" in no_sbatch.stderr
     bad_recipe = submit(cluster, *base, "--set", "train.steps=0")
     assert bad_recipe.returncode == 2 and "train.steps" in bad_recipe.stderr
+    held = tmp_path / "held"  # a directory a live run holds: the job would only fail when it started
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(held)], stdout=subprocess.PIPE, text=True,
+                              env=cluster.env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = submit(cluster, str(TINY), "--set", f"out_dir={held}")
+        assert busy.returncode == 2 and f"is in use by process {holder.pid} on " in busy.stderr, busy.stderr
+    finally:
+        holder.kill()
+        holder.wait()
     assert cluster.run("squeue", "-h").stdout.strip() == ""
     assert not (tmp_path / "run").exists()
 
