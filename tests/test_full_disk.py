@@ -1,7 +1,8 @@
 """A full disk (issue 20, item 3), on a small filesystem the test mounts (a size-limited tmpfs,
 unmounted after): growth, the data cache and a checkpoint that run out of space each end in one
 clear line, leave nothing half-written, and a checkpoint's run keeps its previous checkpoint and
-the resumable exit code, then resumes once there is room."""
+the resumable exit code, then resumes once there is room; a checkpoint that one rank alone
+cannot write stops both ranks the same way, without a hang."""
 
 import os
 import subprocess
@@ -106,3 +107,22 @@ def test_a_disk_that_fills_while_both_ranks_write_the_first_checkpoint_stops_res
     assert done.returncode == 0, done.stderr[-3000:]
     assert "a checkpoint whose save did not finish" in done.stdout + done.stderr
     assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000004"]
+
+
+def test_a_checkpoint_one_rank_cannot_write_stops_both_resumably(tmp_path):
+    """Rank 1 alone fails to write its optimizer shard (its file's path taken by a directory): it
+    leaves the save's collectives, and rank 0, waiting in DeepSpeed's closing barrier, fails as
+    soon as it exits (gloo: the connection resets) instead of hanging. Both exit 75, each saying
+    why in one line; 'latest' never names the tag."""
+    from launchers.workers import wait
+    run = tmp_path / "run"
+    sets = [f"data.cache_dir={tmp_path / 'cache'}", *SETS, "train.steps=8", "train.eval_every=0",
+            "optim.warmup_steps=2", "checkpoint.every=4", "zero.stage=2", f"out_dir={run}"]
+    assert main(["train", str(TINY), "--procs", "2", "--prepare-only", *sum((["--set", s] for s in sets), [])]) == 0
+    (run / "checkpoints" / "step00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").mkdir(parents=True)
+    workers = harness.start_run(run, 2)
+    assert wait(workers, timeout=300) == EXIT_STOPPED and [w.poll() for w in workers] == [EXIT_STOPPED] * 2
+    errors = [[line for line in (run / f"rank{r}.log").read_text().splitlines() if "error" in line] for r in (0, 1)]
+    assert len(errors[0]) == len(errors[1]) == 1, errors
+    assert "Is a directory" in errors[1][0] and "could not be written" in errors[0][0]
+    assert not (run / "checkpoints" / "latest").exists()
