@@ -95,28 +95,36 @@ def load_corpus(source, what: str = "the corpus", max_documents: int | None = No
     return ds
 
 
+def _corpora(d) -> list[tuple[str, object, str]]:
+    """The training corpora of recipe.data `d`: (part, source, the name errors give it) each."""
+    if d.sources:
+        return [(f"train.{i}", source, f"data.sources[{i}]") for i, source in enumerate(d.sources)]
+    return [("train", d, "the corpus")]
+
+
+def _val_source(d) -> SourceConfig:
+    """data.val_files as a corpus (their text field is data.text_field)."""
+    return SourceConfig(files=d.val_files, text_field=d.text_field)
+
+
 def parts(recipe: Recipe) -> dict:
     """The documents to prepare, by part: 'train' (for a mixture, 'train.0', 'train.1', ...: each
     of data.sources in order) and 'val': data.val_files, held out whole, or else a fixed-seed
     data.val_fraction of each corpus's documents."""
     import datasets
     d = recipe.data
-    val = SourceConfig(files=d.val_files, text_field=d.text_field)
     if d.indexed:  # tokenised already: only a validation text to prepare
-        return {"val": load_corpus(val, "data.val_files")} if d.val_files else {}
-    sources = d.sources or [d]
+        return {"val": load_corpus(_val_source(d), "data.val_files")} if d.val_files else {}
     out, held = {}, []
-    for i, source in enumerate(sources):
-        what = f"data.sources[{i}]" if d.sources else "the corpus"
+    for name, source, what in _corpora(d):
         corpus = load_corpus(source, what, d.max_documents)
-        name = f"train.{i}" if d.sources else "train"
         if d.val_files:
             out[name] = corpus
         else:
             split = corpus.train_test_split(test_size=d.val_fraction, seed=SPLIT_SEED)
             out[name] = split["train"]
             held.append(split["test"])
-    out["val"] = load_corpus(val, "data.val_files") if d.val_files else datasets.concatenate_datasets(held)
+    out["val"] = load_corpus(_val_source(d), "data.val_files") if d.val_files else datasets.concatenate_datasets(held)
     return out
 
 
@@ -287,12 +295,9 @@ def _streamed(recipe: Recipe, work: Path, shards: dict):
     and records every shard's name in `shards` (by part) as it goes."""
     import itertools
     d, size = recipe.data, recipe.data.shard_documents
-    corpora = [(f"train.{i}" if d.sources else "train", s) for i, s in enumerate(d.sources or [d])]
-    if d.val_files:
-        corpora.append(("val", SourceConfig(files=d.val_files, text_field=d.text_field)))
+    corpora = _corpora(d) + ([("val", _val_source(d), "data.val_files")] if d.val_files else [])
     cut = int(d.val_fraction * 2**63)  # seed_for's 63 bits
-    for number, (part, source) in enumerate(corpora):
-        what = "data.val_files" if part == "val" else f"data.sources[{number}]" if d.sources else "the corpus"
+    for number, (part, source, what) in enumerate(corpora):
         docs = iter(load_corpus(source, what, None if part == "val" else d.max_documents, streaming=True))
         for first in itertools.count(0, size):
             chunk = [doc["text"] for doc in itertools.islice(docs, size)]

@@ -221,7 +221,8 @@ def set_jobs(path: str, sets: list[str], res: Resources, part: Partition) -> lis
     # need these results: `b2b run SET` runs them afterwards, skipping what finished here. Their
     # data's job waits for the source, whose tokenizer a grown model's data may use
     runs = [(s.target, run_dir, [*sets, *run_sets]) for run_dir, run_sets in e.first]
-    jobs.append(prepare_job(f"{s.name}-data", runs, out / "slurm-%j.out", res, part, after=[1] if s.source else []))
+    trained = [len(jobs) - 1] if s.source else []  # the source's training job
+    jobs.append(prepare_job(f"{s.name}-data", runs, out / "slurm-%j.out", res, part, after=trained))
     jobs.append(train_job(f"{s.name}-methods", runs, out / "slurm-%A_%a.out", res, part, after=[len(jobs) - 1]))
     r = s.report
     args = [*(str(d) for _, d, _ in runs), "--smooth", str(r.smooth), "--baseline", r.baseline,
