@@ -2,15 +2,18 @@
 throughput, for megatron-core's indexed format (launchers/data.py, launchers/indexed.py) against
 the Arrow cache it replaced, measured in the same run on the same generated corpus.
 
-    python benchmarks/data_bench.py --dir runs/data-bench --mb 1024 --small-mb 10 --out docs/data_bench.json
+    python benchmarks/data_bench.py --dir runs/data-bench --mb 1024 --small-mb 10 --repeats 3 --out docs/data_bench.json
 
 - corpus: JSON lines of documents made from the offline corpus's docstrings (sentences of random
   docstrings, seeded), --mb and --small-mb megabytes; a byte-level BPE tokenizer (8192) trained
   once on the offline corpus, so tokenizer training is in no timing;
-- preparation: the Arrow path (one process: datasets.map over 2000-document batches, packing in
-  Python, save_to_disk, as launchers/data.py did before), and `prepare` with data.num_proc 1 (the
-  tokenizer's own threads) and every core (forked workers); tokens per second of each; and the
-  tokenizer alone (its encode calls only, every core), the ceiling of any preparation here;
+- preparation, each timing in a fresh process pinned to its cores, --repeats times in a rotating
+  order (the spread between runs is part of the figure): the Arrow path (one process:
+  datasets.map over 2000-document batches, packing in Python, save_to_disk, as launchers/data.py
+  did before), and `prepare` with data.num_proc 1 (the tokenizer's own threads) and every core
+  (forked workers); `prepare` on one core, for the scaling with cores; and the tokenizer alone
+  (its encode calls only, every core), the ceiling of any preparation here; tokens per second
+  of each, and each run's ratio to the Arrow path of its own repeat;
 - reader: a fresh process opens each corpus's prepared data and reads --steps training batches
   of 32 sequences; its peak RSS (VmHWM), and its RSS after, anonymous and file-backed;
 - training: a 2-layer GPT-2 on CPU trained --train-steps steps on each reader's batches; tokens/s;
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -107,6 +111,48 @@ def tokenizer_alone(recipe) -> dict:
     return {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
 
 
+def timed_preparation(kind: str, corpus: str, tokenizer: str, cache: str, procs: int) -> dict:
+    """In a fresh process (its cores set by the caller before the tokenizer's threads start): one
+    preparation of `corpus` from nothing, by `kind` (arrow, indexed or the tokenizer alone)."""
+    recipe = recipe_for(Path(corpus), Path(tokenizer), Path(cache), f"data.num_proc={procs}")
+    if kind == "tokenizer":
+        return tokenizer_alone(recipe)
+    subprocess.run(["rm", "-rf", cache], check=True)
+    start = time.perf_counter()
+    if kind == "arrow":
+        tokens = arrow_prepare(recipe, Path(cache))
+    else:
+        meta = json.loads((prepare(recipe, log=lambda *_: None) / "meta.json").read_text())
+        tokens = sum(meta["sequences"].values()) * recipe.data.seq_len
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
+
+
+def preparations(root: Path, corpus: Path, tokenizer: Path, cores: int, repeats: int) -> dict:
+    """Every preparation timed `repeats` times, each repeat in another order; per kind, its runs, and
+    per repeat its ratio to that repeat's Arrow path; the scaling from one core to every core."""
+    kinds = [("arrow", "arrow", 1, cores), ("indexed, num_proc 1", "indexed", 1, cores),
+             (f"indexed, num_proc {cores}", "indexed", cores, cores), ("indexed, 1 core", "indexed", 1, 1),
+             ("tokenizer alone", "tokenizer", 1, cores)]
+    kinds = list({name: k for name, *k in kinds}.items())  # on one core, num_proc 1 and every core are one row
+    runs: dict[str, list] = {name: [] for name, _ in kinds}
+    for repeat in range(repeats):
+        for name, (kind, procs, on) in kinds[repeat % len(kinds):] + kinds[:repeat % len(kinds)]:
+            cache = root / ("cache-arrow" if kind == "arrow" else f"cache-{procs}-on-{on}")
+            pin = ",".join(map(str, sorted(os.sched_getaffinity(0))[:on]))
+            out = subprocess.run(["taskset", "-c", pin, sys.executable, __file__, "--prepare", kind, str(corpus),
+                                  str(tokenizer), str(cache), str(procs)],
+                                 capture_output=True, text=True, check=True).stdout
+            runs[name].append(json.loads(out.splitlines()[-1]))
+            print(f"repeat {repeat + 1}, {name} ({on} core{'s' * (on > 1)}): {runs[name][-1]}", flush=True)
+    ratios = {name: [round(r["tokens_per_s"] / a["tokens_per_s"], 3) for r, a in zip(rs, runs["arrow"])]
+              for name, rs in runs.items()}
+    one = ratios.get("indexed, 1 core")
+    return {"runs": runs, "speedup": ratios,
+            "speedup_median": {name: statistics.median(r) for name, r in ratios.items()},
+            "scaling": one and [round(r / o, 3) for r, o in zip(ratios[f"indexed, num_proc {cores}"], one)]}
+
+
 def rss() -> dict:
     """This process's peak RSS (VmHWM: ru_maxrss would carry the parent's over the exec), and its
     RSS now, anonymous and file-backed (mapped pages of files)."""
@@ -151,52 +197,40 @@ def main() -> None:
     p.add_argument("--small-mb", type=int, default=10)
     p.add_argument("--steps", type=int, default=2000, help="batches the reader reads")
     p.add_argument("--train-steps", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3, help="times each preparation is timed")
     p.add_argument("--out", help="write the figures here (JSON)")
     p.add_argument("--reader", nargs=4, metavar=("CORPUS", "TOKENIZER", "CACHE", "STEPS"), help=argparse.SUPPRESS)
+    p.add_argument("--prepare", nargs=5, metavar=("KIND", "CORPUS", "TOKENIZER", "CACHE", "PROCS"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.reader:
         print(json.dumps(reader(*args.reader[:3], int(args.reader[3]))))
         return
     from launchers.data import quiet_libraries
     quiet_libraries()
+    if args.prepare:
+        print(json.dumps(timed_preparation(*args.prepare[:4], int(args.prepare[4]))))
+        return
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = root / "tokenizer"
     if not tokenizer.is_dir():
         train_tokenizer(iter(python_docs()), "bpe", 8192).save_pretrained(str(tokenizer))
-    figures = {"cores": len(os.sched_getaffinity(0)), "preparation": {}, "reader": {}}
+    figures = {"cores": len(os.sched_getaffinity(0)), "reader": {}}
     corpora = {mb: make_corpus(root / f"corpus-{mb}mb.jsonl", mb) for mb in (args.small_mb, args.mb)}
     big = corpora[args.mb]
     parts(recipe_for(big, tokenizer, root / "warm"))  # datasets' JSON-to-Arrow conversion, cached: in no timing
-    runs = [("arrow", None)] + [(f"indexed, num_proc {n}", n) for n in sorted({1, figures["cores"]})]
-    for name, procs in runs:
-        cache = root / f"cache-{procs or 'arrow'}"
-        subprocess.run(["rm", "-rf", str(cache)], check=True)
-        recipe = recipe_for(big, tokenizer, cache, f"data.num_proc={procs or 1}")
-        start = time.perf_counter()
-        if procs is None:
-            tokens = arrow_prepare(recipe, cache)
-        else:
-            meta = json.loads((prepare(recipe, log=lambda *_: None) / "meta.json").read_text())
-            tokens = sum(meta["sequences"].values()) * recipe.data.seq_len
-        seconds = time.perf_counter() - start
-        figures["preparation"][name] = {"seconds": round(seconds, 1), "tokens": tokens,
-                                        "tokens_per_s": round(tokens / seconds)}
-        print(f"prepare {args.mb} MB, {name}: {tokens} tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s",
-              flush=True)
-    figures["tokenizer_alone"] = tokenizer_alone(recipe_for(big, tokenizer, root / "warm"))
-    print(f"the tokenizer alone: {figures['tokenizer_alone']}", flush=True)
-    base = figures["preparation"]["arrow"]["tokens_per_s"]
-    figures["speedup"] = {k: round(v["tokens_per_s"] / base, 2) for k, v in
-                          [*figures["preparation"].items(), ("tokenizer alone", figures["tokenizer_alone"])]}
+    figures["preparation"] = preparations(root, big, tokenizer, figures["cores"], args.repeats)
+    print(f"x the Arrow path: {figures['preparation']['speedup']}; scaling {figures['preparation']['scaling']}",
+          flush=True)
     for mb, corpus in corpora.items():
-        cache = root / f"cache-{figures['cores']}"
+        cache = root / f"cache-{figures['cores']}-on-{figures['cores']}"
         prepare(recipe_for(corpus, tokenizer, cache), log=lambda *_: None)
         out = subprocess.run([sys.executable, __file__, "--reader", str(corpus), str(tokenizer), str(cache),
                               str(args.steps)], capture_output=True, text=True, check=True).stdout
         figures["reader"][f"{mb} MB"] = json.loads(out.splitlines()[-1])
         print(f"reader, {mb} MB corpus: {figures['reader'][f'{mb} MB']}", flush=True)
-    recipe = recipe_for(big, tokenizer, root / f"cache-{figures['cores']}", "batch.micro=16")
+    recipe = recipe_for(big, tokenizer, root / f"cache-{figures['cores']}-on-{figures['cores']}", "batch.micro=16")
     indexed = Batches(cache_path(recipe), recipe, rank=0, world=1)
     arrow = Batches(cache_path(recipe), recipe, rank=0, world=1)
     arrow.sources = [ArrowRows(root / "cache-arrow" / "train")]
