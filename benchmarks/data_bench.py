@@ -97,6 +97,15 @@ class ArrowRows:
         return self.rows[rows]["input_ids"].astype(np.int64)
 
 
+def rate(tokens: int, seconds: float) -> dict:
+    return {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
+
+
+def indexed_cache(root: Path, procs: int, cores: int) -> Path:
+    """Where `prepare` with `procs` processes on `cores` cores writes its cache."""
+    return root / f"cache-{procs}-on-{cores}"
+
+
 def tokenizer_alone(recipe) -> dict:
     """The tokenizer by itself over the corpus's training texts: its Rust encode_batch_fast with its
     own threads (every core), 2000 documents a call, only the calls timed. No preparation on this
@@ -108,7 +117,7 @@ def tokenizer_alone(recipe) -> dict:
         start = time.perf_counter()
         tokens += sum(len(e) for e in backend.encode_batch_fast(batch["text"], add_special_tokens=False))
         seconds += time.perf_counter() - start
-    return {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
+    return rate(tokens, seconds)
 
 
 def timed_preparation(kind: str, corpus: str, tokenizer: str, cache: str, procs: int) -> dict:
@@ -125,7 +134,7 @@ def timed_preparation(kind: str, corpus: str, tokenizer: str, cache: str, procs:
         meta = json.loads((prepare(recipe, log=lambda *_: None) / "meta.json").read_text())
         tokens = sum(meta["sequences"].values()) * recipe.data.seq_len
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
+    return rate(tokens, seconds)
 
 
 def preparations(root: Path, corpus: Path, tokenizer: Path, cores: int, repeats: int) -> dict:
@@ -138,7 +147,8 @@ def preparations(root: Path, corpus: Path, tokenizer: Path, cores: int, repeats:
     runs: dict[str, list] = {name: [] for name, _ in kinds}
     for repeat in range(repeats):
         for name, (kind, procs, on) in kinds[repeat % len(kinds):] + kinds[:repeat % len(kinds)]:
-            cache = root / ("cache-arrow" if kind == "arrow" else f"cache-{procs}-on-{on}")
+            cache = indexed_cache(root, procs, on) if kind == "indexed" else \
+                root / ("cache-arrow" if kind == "arrow" else "warm")  # the tokenizer alone writes nothing
             pin = ",".join(map(str, sorted(os.sched_getaffinity(0))[:on]))
             out = subprocess.run(["taskset", "-c", pin, sys.executable, __file__, "--prepare", kind, str(corpus),
                                   str(tokenizer), str(cache), str(procs)],
@@ -147,10 +157,10 @@ def preparations(root: Path, corpus: Path, tokenizer: Path, cores: int, repeats:
             print(f"repeat {repeat + 1}, {name} ({on} core{'s' * (on > 1)}): {runs[name][-1]}", flush=True)
     ratios = {name: [round(r["tokens_per_s"] / a["tokens_per_s"], 3) for r, a in zip(rs, runs["arrow"])]
               for name, rs in runs.items()}
-    one = ratios.get("indexed, 1 core")
+    every, one = ratios[f"indexed, num_proc {cores}"], ratios["indexed, 1 core"]
     return {"runs": runs, "speedup": ratios,
             "speedup_median": {name: statistics.median(r) for name, r in ratios.items()},
-            "scaling": one and [round(r / o, 3) for r, o in zip(ratios[f"indexed, num_proc {cores}"], one)]}
+            "scaling": [round(r / o, 3) for r, o in zip(every, one)]}
 
 
 def rss() -> dict:
@@ -223,14 +233,14 @@ def main() -> None:
     figures["preparation"] = preparations(root, big, tokenizer, figures["cores"], args.repeats)
     print(f"x the Arrow path: {figures['preparation']['speedup']}; scaling {figures['preparation']['scaling']}",
           flush=True)
+    cache = indexed_cache(root, figures["cores"], figures["cores"])  # the default preparation's
     for mb, corpus in corpora.items():
-        cache = root / f"cache-{figures['cores']}-on-{figures['cores']}"
         prepare(recipe_for(corpus, tokenizer, cache), log=lambda *_: None)
         out = subprocess.run([sys.executable, __file__, "--reader", str(corpus), str(tokenizer), str(cache),
                               str(args.steps)], capture_output=True, text=True, check=True).stdout
         figures["reader"][f"{mb} MB"] = json.loads(out.splitlines()[-1])
         print(f"reader, {mb} MB corpus: {figures['reader'][f'{mb} MB']}", flush=True)
-    recipe = recipe_for(big, tokenizer, root / f"cache-{figures['cores']}-on-{figures['cores']}", "batch.micro=16")
+    recipe = recipe_for(big, tokenizer, cache, "batch.micro=16")
     indexed = Batches(cache_path(recipe), recipe, rank=0, world=1)
     arrow = Batches(cache_path(recipe), recipe, rank=0, world=1)
     arrow.sources = [ArrowRows(root / "cache-arrow" / "train")]
