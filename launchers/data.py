@@ -427,22 +427,36 @@ def _in_place(recipe: Recipe, tok) -> dict[str, list[str]]:
     return out
 
 
-def _map(function, tasks: list, processes: int):
+def _map(function, tasks, processes: int):
     """function(task) for every task, in `processes` forked workers (here when one), as they end.
     Each worker tokenises with one thread (the tokenizer's own threads off in them); here, the
-    tokenizer's threads use every core."""
+    tokenizer's threads use every core. A new task is handed out as each one ends, at most
+    2 x processes of them out at once (a stream's tasks carry their documents): no worker waits
+    for another's task to end."""
     if processes <= 1:
         yield from map(function, tasks)
         return
-    import itertools
     import multiprocessing
+    import queue
     parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the forked workers (and no fork warning)
     try:
         with multiprocessing.get_context("fork").Pool(processes) as pool:
-            tasks = iter(tasks)  # a window at a time: a stream's tasks carry their documents
-            while window := list(itertools.islice(tasks, 2 * processes)):
-                yield from pool.imap_unordered(function, window)
+            ended, out = queue.SimpleQueue(), 0  # each task's result, or its exception, as it ends
+
+            def collect():
+                result = ended.get()
+                if isinstance(result, BaseException):
+                    raise result
+                return result
+            for task in tasks:
+                if out == 2 * processes:
+                    yield collect()
+                    out -= 1
+                pool.apply_async(function, (task,), callback=ended.put, error_callback=ended.put)
+                out += 1
+            for _ in range(out):
+                yield collect()
     finally:
         if parallelism is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
