@@ -76,8 +76,12 @@ def load_corpus(source, what: str = "the corpus", max_documents: int | None = No
     if source.files:
         ds = datasets.load_dataset(FILE_KINDS[Path(source.files[0]).suffix], data_files=list(source.files),
                                    split="train", streaming=streaming)
-    elif source.hub:
-        ds = datasets.load_dataset(source.hub, source.hub_config, split="train", streaming=streaming)
+    elif source.hub:  # (offline, HF_HUB_OFFLINE=1: from the cache `datasets` kept of an earlier load)
+        try:
+            ds = datasets.load_dataset(source.hub, source.hub_config, split="train", streaming=streaming)
+        except (OSError, ValueError) as err:  # not found, not reachable, not cached, no such config
+            raise RecipeError(f"{what}: hub dataset {source.hub!r}: cannot load it "
+                              f"({str(err).splitlines()[0]})") from None
     else:
         ds = datasets.Dataset.from_dict({"text": list(python_docs())})
         ds = ds.to_iterable_dataset() if streaming else ds
@@ -450,11 +454,11 @@ def _map(function, tasks, processes: int):
                     raise result
                 return result
             for task in tasks:
-                if out == 2 * processes:
-                    yield collect()
-                    out -= 1
                 pool.apply_async(function, (task,), callback=ended.put, error_callback=ended.put)
                 out += 1
+                if out == 2 * processes:  # the next task is taken once one has ended
+                    yield collect()
+                    out -= 1
             for _ in range(out):
                 yield collect()
     finally:

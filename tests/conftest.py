@@ -5,6 +5,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads it once
+
 import pytest
 import torch
 import transformers
@@ -27,7 +29,6 @@ from transformers import (
 
 from growth import Shape
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # each xdist worker its share of the cores, not all of them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 transformers.logging.set_verbosity_error()

@@ -306,6 +306,38 @@ def test_a_killed_preparation_resumes_from_its_finished_shards(tmp_path):
         len(e) for e in expected]
 
 
+def _nap(task: tuple) -> tuple:
+    seconds, name = task
+    if seconds < 0:
+        raise ValueError(f"task {name} failed")
+    import time
+    time.sleep(seconds)
+    return name, os.getpid()
+
+
+def test_preparation_workers_take_a_task_as_each_one_ends(monkeypatch):
+    """launchers.data._map, in 2 forked workers: a worker takes the next task when its own ends, not
+    when every task handed out with it has ended, so a slow shard holds up no other; no more than
+    2 x processes tasks are taken from the stream ahead of the results (a streamed shard carries
+    its documents); a task's error is raised here."""
+    from launchers.data import _map
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    taken, out, done = [], [], []
+
+    def stream(tasks):
+        for task in tasks:
+            taken.append(task)
+            out.append(len(taken) - len(done))  # taken, not yet ended
+            yield task
+    for name, pid in _map(_nap, stream([(3.0, "slow")] + [(0.05, f"quick-{i}") for i in range(9)]), 2):
+        done.append((name, pid))
+    assert [name for name, _ in done] == [f"quick-{i}" for i in range(9)] + ["slow"]
+    assert len({pid for _, pid in done[:9]}) == 1 != len({pid for _, pid in done})  # the other worker took them all
+    assert max(out) == 4 and "TOKENIZERS_PARALLELISM" not in os.environ
+    with pytest.raises(ValueError, match="task bad failed"):
+        list(_map(_nap, [(0.05, "good"), (-1, "bad"), (0.05, "after")], 2))
+
+
 def test_a_mixture_draws_its_corpora_by_weight_each_in_its_own_order_and_resumes_exactly(tmp_path):
     """data.sources: two corpora weighted 3:1. Over 4,800 samples (past the first block of
     draws) the share of each is 3/4 and 1/4 within binomial error; the small corpus cycles its
@@ -427,6 +459,46 @@ def megatron_corpus(tmp_path, tok, texts, name="corpus"):
         builder.end_document()
     builder.finalize(f"{prefix}.idx")
     return prefix, docs
+
+
+def test_a_hub_corpus_is_read_offline_from_the_datasets_cache(tmp_path, monkeypatch, capsys):
+    """data.hub with HF_HUB_OFFLINE=1 (the tests' setting): the corpus comes from the cache that
+    `datasets` keeps of a hub dataset it has loaded, HF_DATASETS_CACHE/ORG___NAME/default/0.0.0/
+    COMMIT (here written by its json builder from a local file); prepared whole and streamed, its
+    sequences are those of the same file given as data.files. A hub id that is not there is one
+    line, naming it."""
+    import datasets
+    from datasets.packaged_modules.json.json import Json
+
+    from launchers.batches import Batches
+    texts = [" ".join(python_docs()[i:i + 3]) for i in range(0, 1200, 3)]
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    builder = Json(data_files={"train": [str(source)]}, dataset_name="tiny-corpus", hash="0" * 40,
+                   cache_dir=str(tmp_path / "built"))
+    builder.download_and_prepare()
+    hub_cache = tmp_path / "datasets" / "tiny-org___tiny-corpus" / "default" / "0.0.0"
+    hub_cache.mkdir(parents=True)
+    os.rename(builder.cache_dir, hub_cache / ("0" * 40))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    sequences = {}
+    for corpus in (f"data.files=[{source}]", "data.hub=tiny-org/tiny-corpus"):
+        for streaming in ("false", "true"):
+            recipe = tiny("bert", tmp_path / "cache", corpus, "data.tokenizer=minilm", "data.text_field=body",
+                          f"data.streaming={streaming}", "data.max_documents=null")
+            batches = Batches(prepare(recipe, log=lambda *_: None), recipe, 0, 1)
+            sequences[corpus.split("=")[0], streaming] = batches.train[:], batches.val[:]
+    for streaming in ("false", "true"):
+        files, hub = sequences["data.files", streaming], sequences["data.hub", streaming]
+        assert len(hub[0]) > 0 and all((a == b).all() for a, b in zip(files, hub))
+    assert not (sequences["data.hub", "false"][0] == sequences["data.hub", "true"][0][:1]).all()
+    argv = ["data", "prepare", str(RECIPES / "bert-tiny-cpu.yaml"), "--set", "data.hub=tiny-org/no-such-corpus",
+            "--set", "data.tokenizer=minilm", "--set", f"data.cache_dir={tmp_path / 'missing'}"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "hub dataset 'tiny-org/no-such-corpus': cannot load it" in err
+    assert list((tmp_path / "missing").iterdir()) == []
 
 
 def test_a_corpus_megatron_lm_prepared_is_trained_on_as_it_is(cache, tmp_path, capsys):
